@@ -1,0 +1,1048 @@
+"""SkinCLIP-VL: frozen CLIP perception, LoRA-adapted causal-LM reasoning, Focal Pooling grounding.
+
+Read top-down: outputs → Focal Pooling → projector → the frozen bases (CLIP tower, decoder) →
+``SkinClipVLPreTrainedModel`` → ``SkinClipVLModel`` → ``SkinClipVLProcessor``.
+
+Sequence fed to the decoder (one row per image)::
+
+    [ V_proj (image tokens) ][ prompt (left-padded) ][ CLS ][ rationale (right-padded) ]
+
+The CLS token sits after the prompt and before the rationale, so under causal attention its hidden state
+(and the class logits read from it) never sees the rationale. Padding sits in the middle and at the end;
+``attention_mask`` hides it and ``position_ids = cumsum(attention_mask) - 1`` keeps positions contiguous.
+
+A checkpoint holds only what training changed (projector, Focal Pooling, CLS, heads, logit scale, LoRA) in
+``model.safetensors`` and the LoRA config in ``lora/``; the bases are named in ``config.json`` and loaded
+from their own repos or paths when the model is built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+try:
+    from .configuration_skinclip import SkinClipVLConfig
+except ImportError:  # a checkout, rather than Hub remote code
+    from configuration_skinclip import SkinClipVLConfig
+
+logger = logging.get_logger(__name__)
+
+TRAINED_WEIGHTS_NAME = "model.safetensors"
+LORA_SUBFOLDER = "lora"
+LORA_CONFIG_NAME = "adapter_config.json"
+REPORT_TOKENIZER_SUBFOLDER = "report_tokenizer"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SkinClipVLOutput(ModelOutput):
+    """Output of [`SkinClipVLModel.forward`].
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): class logits read from the CLS token.
+        lm_loss (`torch.FloatTensor` of shape `()`, *optional*): causal-LM loss on rationale tokens only
+            (mean over the rationale tokens of the batch); present when `rationale_ids` are given.
+        v_global (`torch.FloatTensor` of shape `(batch_size, alignment_dim)`): the Focal-Pooling descriptor in
+            the alignment space, L2-normalised.
+        t_global (`torch.FloatTensor` of shape `(batch_size, alignment_dim)`, *optional*): the ground-truth report
+            embedding in the alignment space, L2-normalised; present when `report_ids` are given.
+        logit_scale (`torch.FloatTensor` of shape `()`): `exp(logit_scale)` clamped at `config.logit_scale_max`.
+        focal_attention (`torch.FloatTensor` of shape `(batch_size, num_patches)`): Focal-Pooling attention over
+            the image patches (sums to 1); reshape to `model.patch_grid` for a map.
+        hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            the decoder's last hidden states, when `output_hidden_states=True`.
+    """
+
+    logits: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    v_global: torch.FloatTensor | None = None
+    t_global: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+    focal_attention: torch.FloatTensor | None = None
+    hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class SkinClipVLPrediction(ModelOutput):
+    """Output of [`SkinClipVLModel.predict`].
+
+    Args:
+        probs (`torch.FloatTensor` of shape `(batch_size, num_labels)`): class probabilities (temperature-scaled
+            when the checkpoint carries a fitted `calibration_temperature`).
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): raw class logits.
+        attention_map (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`): focal attention on
+            the patch grid.
+        rationale_ids (`torch.LongTensor` of shape `(batch_size, generated_length)`, *optional*): generated
+            rationale tokens (eos and padding included), when generation was asked for.
+    """
+
+    probs: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    attention_map: torch.FloatTensor | None = None
+    rationale_ids: torch.LongTensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Focal Pooling and projector
+# --------------------------------------------------------------------------------------------------------
+
+
+class FocalPooling(nn.Module):
+    r"""Attention pooling of the patches with one learnable query (paper Eq. 1-2).
+
+    ``alpha = softmax((q_focal W_q)(P W_k)^T / sqrt(d))`` and ``v_global = sum_i alpha_i (p_i W_v)``. The
+    query is shared by all images, so ``alpha`` depends on the image content, not on fixed positions; it is
+    the grounding map.
+
+    Args:
+        input_dim: width of the projected patches `p_i` (the decoder's hidden size).
+        focal_dim: width of the query/key/value projections.
+        fusion_layers: optional Transformer-encoder layers over `[v_global; P W_v]` (paper Fig. 2); 0 = off.
+    """
+
+    def __init__(self, input_dim: int, focal_dim: int, fusion_layers: int = 0):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, input_dim) * input_dim**-0.5)
+        self.q_proj = nn.Linear(input_dim, focal_dim, bias=False)
+        self.k_proj = nn.Linear(input_dim, focal_dim, bias=False)
+        self.v_proj = nn.Linear(input_dim, focal_dim, bias=False)
+        self.scale = focal_dim**-0.5
+        self.fusion = None
+        if fusion_layers > 0:
+            layer = nn.TransformerEncoderLayer(
+                focal_dim, nhead=max(1, focal_dim // 64), dim_feedforward=2 * focal_dim, batch_first=True, norm_first=True
+            )
+            self.fusion = nn.TransformerEncoder(layer, num_layers=fusion_layers)
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """patches `(batch, num_patches, input_dim)` → (v_global `(batch, focal_dim)`, alpha `(batch, num_patches)`)."""
+        query = self.q_proj(self.query)  # (1, focal_dim)
+        keys = self.k_proj(patches)  # (batch, num_patches, focal_dim)
+        values = self.v_proj(patches)
+        attention = torch.softmax((keys @ query.transpose(0, 1)).squeeze(-1) * self.scale, dim=-1)
+        v_global = torch.einsum("bn,bnd->bd", attention, values)
+        if self.fusion is not None:
+            v_global = self.fusion(torch.cat([v_global[:, None], values], dim=1))[:, 0]
+        return v_global, attention
+
+    def patch_values(self, patches: torch.Tensor) -> torch.Tensor:
+        """`p_i W_v` for every patch, `(batch, num_patches, focal_dim)`: the per-region terms of v_global."""
+        return self.v_proj(patches)
+
+
+def build_projector(projector_type: str, vision_dim: int, decoder_dim: int) -> nn.Module:
+    if projector_type == "linear":
+        return nn.Linear(vision_dim, decoder_dim)
+    return nn.Sequential(nn.Linear(vision_dim, decoder_dim), nn.GELU(), nn.Linear(decoder_dim, decoder_dim))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Frozen bases
+# --------------------------------------------------------------------------------------------------------
+
+
+class ClipTower(nn.Module):
+    """The frozen CLIP model (transformers or open_clip) behind one interface.
+
+    ``patch_tokens`` gives the tokens of one transformer block (prefix tokens such as CLS first),
+    ``text_embeds`` the projected text embedding of the report. All weights are frozen.
+    """
+
+    def __init__(self, vision_config, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.backend = vision_config.backend
+        self.feature_layer = vision_config.feature_layer
+        if self.backend == "hf":
+            from transformers import AutoModel
+
+            self.model = AutoModel.from_pretrained(
+                vision_config.model_name_or_path, revision=vision_config.revision, dtype=dtype
+            ).to(device)
+            model_config = self.model.config
+            if not hasattr(self.model, "vision_model") or not hasattr(self.model, "get_text_features"):
+                raise ValueError(
+                    f"vision_config.model_name_or_path={vision_config.model_name_or_path!r} is a {type(self.model).__name__}, "
+                    "not a CLIP-style model with vision and text towers"
+                )
+            self.hidden_size = model_config.vision_config.hidden_size
+            image_size, patch_size = model_config.vision_config.image_size, model_config.vision_config.patch_size
+            self.grid = (image_size // patch_size, image_size // patch_size)
+            self.text_dim = getattr(model_config, "projection_dim", None) or model_config.text_config.hidden_size
+        else:
+            import open_clip
+
+            name = vision_config.model_name_or_path
+            has_schema = name.startswith(("hf-hub:", "local-dir:"))
+            self.model = open_clip.create_model(
+                name, pretrained=None if has_schema else vision_config.pretrained, device=device
+            ).to(dtype)
+            visual = self.model.visual
+            if not hasattr(visual, "forward_intermediates"):
+                raise ValueError(f"open_clip model {name!r} has no forward_intermediates(): not a ViT tower")
+            self.hidden_size = visual.transformer.width
+            self.grid = tuple(visual.grid_size)
+            self.text_dim = self.model.text_projection.shape[-1] if self.model.text_projection is not None else None
+            if self.text_dim is None:
+                self.text_dim = visual.output_dim
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def train(self, mode: bool = True):
+        # Frozen tower: keep dropout and friends off even when the wrapper model trains.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(batch, 3, H, W)` → `(batch, num_prefix + num_patches, hidden_size)` (prefix tokens first)."""
+        dtype = next(self.model.parameters()).dtype
+        if self.backend == "hf":
+            outputs = self.model.vision_model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+            return outputs.hidden_states[self.feature_layer]
+        outputs = self.model.visual.forward_intermediates(
+            pixel_values.to(dtype),
+            indices=[self.feature_layer],
+            output_fmt="NLC",
+            intermediates_only=True,
+            output_extra_tokens=True,
+        )
+        prefix = outputs.get("image_intermediates_prefix")
+        patches = outputs["image_intermediates"][0]
+        return torch.cat([prefix[0], patches], dim=1) if prefix else patches
+
+    def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Report tokens → projected text embedding `(batch, text_dim)` (not normalised)."""
+        if self.backend == "hf":
+            outputs = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+            return outputs if torch.is_tensor(outputs) else outputs.pooler_output
+        return self.model.encode_text(input_ids)
+
+
+def _bnb_config(decoder_config):
+    from transformers import BitsAndBytesConfig
+
+    if decoder_config.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_DTYPES[decoder_config.compute_dtype],
+        )
+    if decoder_config.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_decoder(decoder_config, device: torch.device | str) -> nn.Module:
+    """Load the causal LM; for a vision-language checkpoint keep only its language stack and LM head.
+
+    Qwen2.5-VL is not a ``AutoModelForCausalLM`` type: it is loaded as image-text-to-text and its own vision
+    tower is dropped (SkinCLIP-VL sees images through the frozen CLIP tower). With no image tokens its
+    mRoPE reduces to ordinary 1-D RoPE, so 1-D ``position_ids`` suffice.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    dtype = _DTYPES[decoder_config.compute_dtype]
+    base_config = AutoConfig.from_pretrained(decoder_config.model_name_or_path, revision=decoder_config.revision)
+    auto_class = (
+        AutoModelForCausalLM if base_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
+    )
+    quantization = _bnb_config(decoder_config)
+    device = torch.device(device)
+    device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    language_model = auto_class.from_pretrained(
+        decoder_config.model_name_or_path,
+        revision=decoder_config.revision,
+        dtype=dtype,
+        quantization_config=quantization,
+        device_map=device_map,
+        attn_implementation=decoder_config.attn_implementation,
+    )
+    inner = getattr(language_model, "model", None)
+    if inner is not None and getattr(inner, "visual", None) is not None:
+        del inner.visual
+        inner.visual = None
+    language_model.requires_grad_(False)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts the small non-quantised tensors (norms, embeddings) to fp32 for stable training; gradient
+        # checkpointing is switched on later, by the trainer, through SkinClipVLModel.
+        language_model = prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=False)
+    return language_model
+
+
+def attach_lora(language_model: nn.Module, decoder_config):
+    """Inject LoRA adapters into the decoder's language stack (never the CLIP tower or the LM head)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    text_stack = language_model.get_decoder()
+    targets = list(decoder_config.lora_target_modules)
+    found = {name.rsplit(".", 1)[-1] for name, _ in text_stack.named_modules()}
+    missing = [target for target in targets if target not in found]
+    if missing:
+        raise ValueError(
+            f"decoder {decoder_config.model_name_or_path!r} ({type(text_stack).__name__}) has no module named "
+            f"{missing} for LoRA; set decoder_config.lora_target_modules to attention projections it has"
+        )
+    lora_config = LoraConfig(
+        r=decoder_config.lora_r,
+        lora_alpha=decoder_config.lora_alpha,
+        lora_dropout=decoder_config.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        base_model_name_or_path=decoder_config.model_name_or_path,
+        revision=decoder_config.revision,
+    )
+    inject_adapter_in_model(lora_config, text_stack)
+    for name, param in text_stack.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return lora_config
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pretrained model base
+# --------------------------------------------------------------------------------------------------------
+
+
+class SkinClipVLPreTrainedModel(PreTrainedModel):
+    config_class = SkinClipVLConfig
+    base_model_prefix = "skinclip"
+    main_input_name = "prompt_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = []
+
+    def _init_weights(self, module):
+        # Only this model's own new modules: the bases arrive trained and must stay as loaded.
+        if isinstance(module, FocalPooling):
+            nn.init.normal_(module.query, std=module.query.shape[-1] ** -0.5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------
+
+
+class SkinClipVLModel(SkinClipVLPreTrainedModel):
+    r"""SkinCLIP-VL: diagnosis (CLS head), alignment embeddings (Focal Pooling), rationale (LoRA decoder).
+
+    Building the model loads both frozen bases from `config.vision_config.model_name_or_path` and
+    `config.decoder_config.model_name_or_path` onto `device` (default: this process's GPU, else CPU).
+    """
+
+    # Names of this model's own trained modules (saved next to the LoRA tensors).
+    _own_modules = ("projector", "focal_pooling", "classifier", "image_alignment", "text_alignment")
+    _own_parameters = ("cls_token", "logit_scale")
+
+    def __init__(self, config: SkinClipVLConfig, device: torch.device | str | None = None):
+        super().__init__(config)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = _DTYPES[config.decoder_config.compute_dtype]
+        self.vision = ClipTower(config.vision_config, dtype=dtype, device=device)
+        self.language_model = load_decoder(config.decoder_config, device=device)
+        self.lora_config = attach_lora(self.language_model, config.decoder_config)
+        hidden_size = self.language_model.get_input_embeddings().embedding_dim
+
+        self.projector = build_projector(config.projector_type, self.vision.hidden_size, hidden_size)
+        self.focal_pooling = FocalPooling(hidden_size, config.focal_dim, config.focal_fusion_layers)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)
+        self.classifier = nn.Sequential(nn.Dropout(config.classifier_dropout), nn.Linear(hidden_size, config.num_labels))
+        self.image_alignment = nn.Linear(config.focal_dim, config.alignment_dim)
+        text_dim = self.vision.text_dim if config.text_encoder == "clip" else hidden_size
+        self.text_alignment = nn.Linear(text_dim, config.alignment_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
+        # Post-hoc temperature for `predict` (fitted on validation data by evaluate_skinclip.py); 1 = off.
+        self.register_buffer("calibration_temperature", torch.tensor(1.0), persistent=False)
+        for module_name in self._own_modules:
+            getattr(self, module_name).to(device)
+        self.cls_token.data = self.cls_token.data.to(device)
+        self.logit_scale.data = self.logit_scale.data.to(device)
+        self.calibration_temperature = self.calibration_temperature.to(device)
+
+    # ---- structure -------------------------------------------------------------------------------------
+
+    @property
+    def text_stack(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        return self.vision.grid
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changes: own modules, CLS, logit scale and LoRA tensors (never base weights)."""
+        own_prefixes = tuple(f"{name}." for name in self._own_modules)
+        return {
+            name: tensor
+            for name, tensor in self.state_dict().items()
+            if name.startswith(own_prefixes) or name in self._own_parameters or ".lora_" in name
+        }
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and total parameter counts (4-bit weights count as stored elements × 2)."""
+
+        def numel(param):
+            # bitsandbytes packs two 4-bit values per uint8 element.
+            return param.numel() * 2 if param.dtype == torch.uint8 else param.numel()
+
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        lora = sum(p.numel() for n, p in self.named_parameters() if ".lora_" in n)
+        return {
+            "trainable": trainable,
+            "lora": lora,
+            "heads": trainable - lora,
+            "total": sum(numel(p) for p in self.parameters()),
+        }
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        # Only the decoder recomputes: the CLIP tower runs without gradients anyway. Non-reentrant
+        # checkpointing needs no input that requires grad (the decoder's inputs come from the projector).
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.language_model.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.language_model.is_gradient_checkpointing
+
+    # ---- encoders --------------------------------------------------------------------------------------
+
+    def encode_image(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image → (projected tokens `(batch, num_tokens, hidden)`, projected patches `(batch, num_patches, hidden)`).
+
+        ``vision_features`` are precomputed frozen CLIP tokens `(batch, num_tokens, vision_hidden)` (a cache
+        that skips the tower when augmentation is off); otherwise ``pixel_values`` `(batch, 3, H, W)`.
+        """
+        if vision_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or precomputed vision_features")
+            with torch.no_grad():
+                vision_features = self.vision.patch_tokens(pixel_values)
+        if vision_features.shape[-1] != self.vision.hidden_size:
+            raise ValueError(
+                f"vision_features have width {vision_features.shape[-1]}, the CLIP tower gives {self.vision.hidden_size}"
+            )
+        projected = self.projector(vision_features.to(self.projector_dtype))
+        return projected, projected[:, -self.vision.num_patches :]
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return self.cls_token.dtype
+
+    def encode_report(self, report_ids: torch.Tensor, report_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Report tokens → normalised t_global `(batch, alignment_dim)`."""
+        if self.config.text_encoder == "clip":
+            with torch.no_grad():
+                text = self.vision.text_embeds(report_ids, report_attention_mask)
+        else:
+            mask = report_attention_mask if report_attention_mask is not None else torch.ones_like(report_ids)
+            embeds = self.language_model.get_input_embeddings()(report_ids)
+            hidden = self.text_stack(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask)
+            ).last_hidden_state
+            weights = mask.to(hidden.dtype)[..., None]
+            text = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return F.normalize(self.text_alignment(text.to(self.projector_dtype)), dim=-1)
+
+    def _alignment_image_embedding(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v_focal, attention = self.focal_pooling(patches)
+        return F.normalize(self.image_alignment(v_focal), dim=-1), attention
+
+    # ---- decoder ---------------------------------------------------------------------------------------
+
+    def _decoder_inputs(
+        self,
+        image_tokens: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_attention_mask: torch.Tensor,
+        rationale_ids: torch.Tensor | None = None,
+        rationale_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Build `[image][prompt][CLS][rationale]` embeddings and mask; returns (embeds, mask, cls_index)."""
+        embed = self.language_model.get_input_embeddings()
+        dtype = embed.weight.dtype if embed.weight.is_floating_point() else self.projector_dtype
+        batch = image_tokens.shape[0]
+        parts = [image_tokens.to(dtype), embed(prompt_ids).to(dtype), self.cls_token.expand(batch, -1, -1).to(dtype)]
+        ones = torch.ones(batch, image_tokens.shape[1], dtype=prompt_attention_mask.dtype, device=prompt_ids.device)
+        masks = [ones, prompt_attention_mask, ones[:, :1]]
+        if rationale_ids is not None:
+            if rationale_attention_mask is None:
+                rationale_attention_mask = torch.ones_like(rationale_ids)
+            parts.append(embed(rationale_ids).to(dtype))
+            masks.append(rationale_attention_mask.to(prompt_attention_mask.dtype))
+        cls_index = image_tokens.shape[1] + prompt_ids.shape[1]
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1), cls_index
+
+    def forward(
+        self,
+        prompt_ids: torch.LongTensor,
+        prompt_attention_mask: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        rationale_ids: torch.LongTensor | None = None,
+        rationale_attention_mask: torch.LongTensor | None = None,
+        report_ids: torch.LongTensor | None = None,
+        report_attention_mask: torch.LongTensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> SkinClipVLOutput:
+        r"""
+        Args:
+            prompt_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): the metadata prompt, LEFT-padded.
+            prompt_attention_mask (`torch.LongTensor` of shape `(batch_size, prompt_length)`): 1 = token, 0 = pad.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): CLIP-preprocessed images.
+            vision_features (`torch.FloatTensor` of shape `(batch_size, num_tokens, vision_hidden)`): precomputed
+                frozen CLIP tokens, instead of `pixel_values`.
+            rationale_ids (`torch.LongTensor` of shape `(batch_size, rationale_length)`): rationale tokens ending in
+                eos, RIGHT-padded; enables `lm_loss`.
+            rationale_attention_mask (`torch.LongTensor` of shape `(batch_size, rationale_length)`).
+            report_ids (`torch.LongTensor` of shape `(batch_size, report_length)`): ground-truth report tokens for
+                t_global (CLIP tokenizer when `config.text_encoder == "clip"`).
+            report_attention_mask (`torch.LongTensor` of shape `(batch_size, report_length)`).
+        """
+        if kwargs:
+            unknown = sorted(k for k in kwargs if k not in ("labels", "num_items_in_batch", "return_dict"))
+            if unknown:
+                raise TypeError(f"SkinClipVLModel.forward got unexpected inputs {unknown}")
+        if prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones_like(prompt_ids)
+        image_tokens, patches = self.encode_image(pixel_values, vision_features)
+        v_global, focal_attention = self._alignment_image_embedding(patches)
+
+        embeds, mask, cls_index = self._decoder_inputs(
+            image_tokens, prompt_ids, prompt_attention_mask, rationale_ids, rationale_attention_mask
+        )
+        if rationale_ids is None:
+            # Classification only: the sequence ends at CLS, nothing after it is computed.
+            embeds, mask = embeds[:, : cls_index + 1], mask[:, : cls_index + 1]
+        hidden = self.text_stack(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+        ).last_hidden_state
+        logits = self.classifier(hidden[:, cls_index].to(self.projector_dtype))
+
+        lm_loss = None
+        if rationale_ids is not None:
+            rationale_mask = (
+                rationale_attention_mask if rationale_attention_mask is not None else torch.ones_like(rationale_ids)
+            ).bool()
+            # Hidden state at CLS predicts rationale token 0, at rationale token t predicts token t+1. The LM
+            # head runs only on these positions: its vocabulary-wide logits are the largest tensor of a step.
+            predicting = hidden[:, cls_index : cls_index + rationale_ids.shape[1]][rationale_mask]
+            token_logits = self.language_model.get_output_embeddings()(predicting)
+            lm_loss = F.cross_entropy(token_logits.float(), rationale_ids[rationale_mask])
+
+        t_global = self.encode_report(report_ids, report_attention_mask) if report_ids is not None else None
+        logit_scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        return SkinClipVLOutput(
+            logits=logits,
+            lm_loss=lm_loss,
+            v_global=v_global,
+            t_global=t_global,
+            logit_scale=logit_scale,
+            focal_attention=focal_attention,
+            hidden_states=hidden if output_hidden_states else None,
+        )
+
+    # ---- inference -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(
+        self,
+        prompt_ids: torch.LongTensor,
+        prompt_attention_mask: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        max_new_tokens: int = 0,
+        **generation_kwargs,
+    ) -> SkinClipVLPrediction:
+        """Class probabilities and the focal attention map; with `max_new_tokens > 0`, also a rationale.
+
+        Generation reuses the classification pass: the prefix ending at CLS is run once with a KV cache.
+        """
+        if max_new_tokens > 0:
+            return self.generate_rationale(
+                prompt_ids, prompt_attention_mask, pixel_values, vision_features, max_new_tokens, **generation_kwargs
+            )
+        outputs = self.forward(prompt_ids, prompt_attention_mask, pixel_values, vision_features)
+        return SkinClipVLPrediction(
+            probs=torch.softmax(outputs.logits.float() / self.calibration_temperature, dim=-1),
+            logits=outputs.logits,
+            attention_map=outputs.focal_attention.reshape(-1, *self.patch_grid),
+        )
+
+    @torch.no_grad()
+    def generate_rationale(
+        self,
+        prompt_ids: torch.LongTensor,
+        prompt_attention_mask: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SkinClipVLPrediction:
+        """Greedy (or sampled) rationale generation with a KV cache, batched; also returns the diagnosis.
+
+        Written here rather than through `generate()` because the prefix mixes image embeddings, padding in
+        the middle and the CLS token, whose positions `generate()` would recompute differently.
+        """
+        if prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones_like(prompt_ids)
+        lm_config = self.language_model.config
+        eos_token_id = eos_token_id if eos_token_id is not None else _first(lm_config.eos_token_id)
+        pad_token_id = pad_token_id if pad_token_id is not None else (_first(lm_config.pad_token_id) or eos_token_id)
+        image_tokens, patches = self.encode_image(pixel_values, vision_features)
+        _, focal_attention = self._alignment_image_embedding(patches)
+        embeds, mask, cls_index = self._decoder_inputs(image_tokens, prompt_ids, prompt_attention_mask)
+        positions = _positions(mask)
+        outputs = self.text_stack(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        logits = self.classifier(outputs.last_hidden_state[:, cls_index].to(self.projector_dtype))
+        cache, hidden = outputs.past_key_values, outputs.last_hidden_state[:, -1]
+        embed, lm_head = self.language_model.get_input_embeddings(), self.language_model.get_output_embeddings()
+        batch = prompt_ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+        next_position = positions[:, -1:] + 1
+        generated = []
+        for _ in range(max_new_tokens):
+            token_logits = lm_head(hidden).float()
+            tokens = _sample(token_logits, do_sample, temperature, top_p, generator)
+            tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+            generated.append(tokens)
+            finished |= tokens == eos_token_id
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            outputs = self.text_stack(
+                inputs_embeds=embed(tokens[:, None]).to(embeds.dtype),
+                attention_mask=mask,
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, hidden = outputs.past_key_values, outputs.last_hidden_state[:, -1]
+            next_position = next_position + 1
+        rationale_ids = torch.stack(generated, dim=1) if generated else prompt_ids.new_zeros(batch, 0)
+        return SkinClipVLPrediction(
+            probs=torch.softmax(logits.float() / self.calibration_temperature, dim=-1),
+            logits=logits,
+            attention_map=focal_attention.reshape(-1, *self.patch_grid),
+            rationale_ids=rationale_ids,
+        )
+
+    @torch.no_grad()
+    def word_grounding(
+        self,
+        word_ids: torch.LongTensor,
+        word_attention_mask: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+    ) -> torch.FloatTensor:
+        """Word-region maps (paper Fig. 4): `(batch, num_words, grid_height, grid_width)`, each map sums to 1.
+
+        Each patch's value `p_i W_v` is taken into the alignment space the way `v_global` is, and compared
+        with each word's embedding from the report encoder: the per-patch terms of the alignment score, whose
+        gradient (paper Eq. 7) is what trains the focal attention. Softmax over patches at the learned
+        logit scale turns the similarities into a map.
+        """
+        _, patches = self.encode_image(pixel_values, vision_features)
+        patch_embeds = F.normalize(self.image_alignment(self.focal_pooling.patch_values(patches)), dim=-1)
+        word_embeds = self.encode_report(word_ids, word_attention_mask)  # (num_words, alignment_dim)
+        similarity = torch.einsum("bnd,wd->bwn", patch_embeds, word_embeds)
+        scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        maps = torch.softmax(similarity * scale, dim=-1)
+        return maps.reshape(maps.shape[0], maps.shape[1], *self.patch_grid)
+
+    # ---- save / load -----------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Write config, the two code files, the trained tensors (safetensors) and `lora/adapter_config.json`.
+
+        Extra keyword arguments of `PreTrainedModel.save_pretrained` (`state_dict`, `safe_serialization`,
+        `max_shard_size`, ...) are accepted for Trainer compatibility; the trained tensors are always taken
+        from the model and always written as safetensors.
+        """
+        from safetensors.torch import save_file
+        from transformers.dynamic_module_utils import custom_object_save
+
+        save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise ValueError(f"save_directory {save_directory} is a file")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        is_main_process = kwargs.pop("is_main_process", True)
+        if not is_main_process:
+            return
+        self.config.architectures = [type(self).__name__]
+        custom_object_save(self, save_directory, config=self.config)
+        self.config.save_pretrained(save_directory)
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.trained_state_dict().items()}
+        save_file(tensors, str(save_directory / TRAINED_WEIGHTS_NAME), metadata={"format": "pt"})
+        self.lora_config.save_pretrained(str(save_directory / LORA_SUBFOLDER))
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            repo_id = kwargs.pop("repo_id", None) or save_directory.name
+            api = HfApi(token=kwargs.pop("token", None))
+            api.create_repo(repo_id, private=kwargs.pop("private", None), exist_ok=True)
+            api.upload_folder(
+                repo_id=repo_id, folder_path=str(save_directory), commit_message=kwargs.pop("commit_message", None)
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        config: SkinClipVLConfig | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        device: torch.device | str | None = None,
+        **kwargs,
+    ) -> "SkinClipVLModel":
+        """Rebuild the whole model: bases from their own ids or paths, then the trained tensors of the checkpoint.
+
+        Works for a local directory or a Hub repo (`revision` pins it). A `config` passed explicitly must agree
+        with the checkpoint's on labels, decoder and vision tower.
+        """
+        from safetensors.torch import load_file
+
+        if model_args:
+            raise TypeError(f"unexpected positional arguments {model_args}")
+        device_map = kwargs.pop("device_map", None)
+        if device is None and isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
+            device = device_map
+        for ignored in ("trust_remote_code", "torch_dtype", "dtype", "local_files_only", "_from_auto", "adapter_kwargs",
+                        "_commit_hash", "code_revision", "subfolder", "force_download", "proxies", "use_safetensors"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise TypeError(f"SkinClipVLModel.from_pretrained got unexpected arguments {sorted(kwargs)}")
+        files = _resolve_checkpoint_files(
+            pretrained_model_name_or_path,
+            ["config.json", TRAINED_WEIGHTS_NAME, f"{LORA_SUBFOLDER}/{LORA_CONFIG_NAME}"],
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+        )
+        saved_config = SkinClipVLConfig.from_json_file(files["config.json"])
+        if config is None:
+            config = saved_config
+        else:
+            _check_same_bases(config, saved_config, pretrained_model_name_or_path)
+        lora_saved = json.loads(Path(files[f"{LORA_SUBFOLDER}/{LORA_CONFIG_NAME}"]).read_text())
+        decoder = config.decoder_config
+        if (lora_saved.get("r"), lora_saved.get("lora_alpha")) != (decoder.lora_r, decoder.lora_alpha) or sorted(
+            lora_saved.get("target_modules") or []
+        ) != sorted(decoder.lora_target_modules):
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: lora/{LORA_CONFIG_NAME} (r={lora_saved.get('r')}, "
+                f"alpha={lora_saved.get('lora_alpha')}, targets={lora_saved.get('target_modules')}) disagrees with "
+                f"config.decoder_config (r={decoder.lora_r}, alpha={decoder.lora_alpha}, "
+                f"targets={decoder.lora_target_modules})"
+            )
+        model = cls(config, device=device)
+        model.load_trained_tensors(load_file(files[TRAINED_WEIGHTS_NAME]), source=str(pretrained_model_name_or_path))
+        model.eval()
+        return model
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load own-module and LoRA tensors; any missing, unexpected or mis-shaped tensor is an error."""
+        expected = self.trained_state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: trained tensors do not match this model "
+                f"(missing {len(missing)}: {missing[:5]}; unexpected {len(unexpected)}: {unexpected[:5]}). "
+                "Was it saved with another decoder, LoRA setting or transformers/peft naming?"
+            )
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{tuple(expected[name].shape)} (labels, decoder or vision tower differ from the config?)"
+                )
+        result = self.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{source}: unexpected keys {result.unexpected_keys[:5]}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Processor
+# --------------------------------------------------------------------------------------------------------
+
+
+class SkinClipVLProcessor:
+    """Turns images, metadata sentences, reports and rationales into `SkinClipVLModel` inputs.
+
+    Holds the decoder tokenizer (prompt and rationale), the report tokenizer (the CLIP tokenizer, or the
+    decoder's with `text_encoder="decoder"`) and the CLIP image preprocessing. `from_pretrained` prefers the
+    copies saved in a checkpoint and falls back to the bases named in its config.
+    """
+
+    def __init__(self, config: SkinClipVLConfig, tokenizer, image_processor, report_tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.report_tokenizer = report_tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike | None = None, config: SkinClipVLConfig | None = None,
+                        revision: str | None = None) -> "SkinClipVLProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        if config is None:
+            if path_or_repo is None:
+                raise ValueError("pass a checkpoint path/repo or a SkinClipVLConfig")
+            config = SkinClipVLConfig.from_pretrained(path_or_repo, revision=revision)
+        local = Path(path_or_repo) if path_or_repo is not None and Path(path_or_repo).is_dir() else None
+        vision, decoder = config.vision_config, config.decoder_config
+
+        def has(sub: str) -> bool:
+            return local is not None and (local / sub).is_file()
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(local) if has("tokenizer_config.json") else decoder.model_name_or_path,
+            revision=None if has("tokenizer_config.json") else decoder.revision,
+        )
+        if vision.backend == "hf":
+            image_processor = AutoImageProcessor.from_pretrained(
+                str(local) if has("preprocessor_config.json") else vision.model_name_or_path,
+                revision=None if has("preprocessor_config.json") else vision.revision,
+            )
+        else:
+            image_processor = _open_clip_transform(vision)
+        if config.text_encoder == "decoder":
+            report_tokenizer = tokenizer
+        elif vision.backend == "hf":
+            saved = f"{REPORT_TOKENIZER_SUBFOLDER}/tokenizer_config.json"
+            report_tokenizer = AutoTokenizer.from_pretrained(
+                str(local / REPORT_TOKENIZER_SUBFOLDER) if has(saved) else vision.model_name_or_path,
+                revision=None if has(saved) else vision.revision,
+            )
+        else:
+            import open_clip
+
+            report_tokenizer = open_clip.get_tokenizer(vision.model_name_or_path)
+        return cls(config, tokenizer, image_processor, report_tokenizer)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        save_directory = Path(save_directory)
+        self.tokenizer.save_pretrained(str(save_directory))
+        if hasattr(self.image_processor, "save_pretrained"):
+            self.image_processor.save_pretrained(str(save_directory))
+        if self.report_tokenizer is not self.tokenizer and hasattr(self.report_tokenizer, "save_pretrained"):
+            self.report_tokenizer.save_pretrained(str(save_directory / REPORT_TOKENIZER_SUBFOLDER))
+
+    # ---- pieces ---------------------------------------------------------------------------------------
+
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images (any mode) → `(batch, 3, H, W)` CLIP-normalised pixels."""
+        rgb = [image.convert("RGB") for image in images]
+        if callable(self.image_processor) and not hasattr(self.image_processor, "save_pretrained"):
+            return torch.stack([self.image_processor(image) for image in rgb])
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def prompt_texts(self, metadata_texts: Sequence[str]) -> list[str]:
+        return [self.config.prompt_template.format(metadata=(text or "").strip()) for text in metadata_texts]
+
+    def tokenize_prompts(self, metadata_texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and mask `(batch, prompt_length)`; long metadata is cut from its start side."""
+        encoded = [
+            self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.config.max_prompt_tokens :]
+            for text in self.prompt_texts(metadata_texts)
+        ]
+        return _pad(encoded, self.tokenizer.pad_token_id, left=True)
+
+    def tokenize_rationales(self, rationales: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded rationale ids ending in eos, and mask `(batch, rationale_length)`."""
+        budget = self.config.max_rationale_tokens - 1
+        encoded = [
+            self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][:budget] + [self.tokenizer.eos_token_id]
+            for text in rationales
+        ]
+        return _pad(encoded, self.tokenizer.pad_token_id, left=False)
+
+    def tokenize_reports(self, reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Report tokens for t_global `(batch, report_length)`, tokenised for the report encoder."""
+        if self.report_tokenizer is self.tokenizer:
+            return self.tokenize_rationales(reports)
+        if not hasattr(self.report_tokenizer, "pad_token_id"):  # open_clip's tokenizer pads to its context
+            ids = self.report_tokenizer(list(reports))
+            return ids, (ids != 0).long()
+        encoded = self.report_tokenizer(
+            list(reports), padding=True, truncation=True, max_length=self.config.max_report_tokens, return_tensors="pt"
+        )
+        return encoded["input_ids"], encoded["attention_mask"]
+
+    def __call__(
+        self,
+        images: Sequence[Any] | None = None,
+        metadata_texts: Sequence[str] | None = None,
+        reports: Sequence[str] | None = None,
+        rationales: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if metadata_texts is None:
+            metadata_texts = [""] * len(images)
+        batch: dict[str, torch.Tensor] = {}
+        if images is not None:
+            if len(images) != len(metadata_texts):
+                raise ValueError(f"{len(images)} images but {len(metadata_texts)} metadata texts")
+            batch["pixel_values"] = self.preprocess_images(images)
+        batch["prompt_ids"], batch["prompt_attention_mask"] = self.tokenize_prompts(metadata_texts)
+        if reports is not None:
+            batch["report_ids"], batch["report_attention_mask"] = self.tokenize_reports(reports)
+        if rationales is not None:
+            batch["rationale_ids"], batch["rationale_attention_mask"] = self.tokenize_rationales(rationales)
+        return batch
+
+    def decode(self, rationale_ids: torch.Tensor) -> list[str]:
+        """Generated ids → text, cut at the first eos."""
+        texts = []
+        for row in rationale_ids.tolist():
+            if self.tokenizer.eos_token_id in row:
+                row = row[: row.index(self.tokenizer.eos_token_id)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Contiguous positions that skip padding wherever it sits: `cumsum(mask) - 1`, clamped at 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if not sequence:
+            continue
+        span = slice(length - len(sequence), length) if left else slice(0, len(sequence))
+        ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _open_clip_transform(vision_config):
+    import open_clip
+
+    name = vision_config.model_name_or_path
+    has_schema = name.startswith(("hf-hub:", "local-dir:"))
+    _, _, transform = open_clip.create_model_and_transforms(
+        name, pretrained=None if has_schema else vision_config.pretrained, load_weights=False
+    )
+    return transform
+
+
+def _resolve_checkpoint_files(path_or_repo, filenames, revision=None, token=None, cache_dir=None) -> dict[str, str]:
+    """Local directory or Hub repo → local paths of `filenames`; names every missing file."""
+    local = Path(path_or_repo)
+    if local.is_dir():
+        missing = [name for name in filenames if not (local / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{local} is not a complete SkinCLIP-VL checkpoint: missing {missing} "
+                f"(expected {filenames}; was it written by SkinClipVLModel.save_pretrained?)"
+            )
+        return {name: str(local / name) for name in filenames}
+    from huggingface_hub import hf_hub_download
+
+    resolved = {}
+    for name in filenames:
+        try:
+            resolved[name] = hf_hub_download(
+                str(path_or_repo), name, revision=revision, token=token, cache_dir=cache_dir
+            )
+        except Exception as error:  # the hub raises several types; the message is what matters
+            raise FileNotFoundError(f"could not get {name} from {path_or_repo!r} (revision {revision}): {error}") from error
+    return resolved
+
+
+def _check_same_bases(config: SkinClipVLConfig, saved: SkinClipVLConfig, source) -> None:
+    differences = []
+    if config.id2label != saved.id2label:
+        differences.append(f"labels {config.class_names} vs checkpoint {saved.class_names}")
+    if config.decoder_config.model_name_or_path != saved.decoder_config.model_name_or_path:
+        differences.append(
+            f"decoder {config.decoder_config.model_name_or_path!r} vs checkpoint {saved.decoder_config.model_name_or_path!r}"
+        )
+    if (config.vision_config.backend, config.vision_config.model_name_or_path) != (
+        saved.vision_config.backend,
+        saved.vision_config.model_name_or_path,
+    ):
+        differences.append(
+            f"vision tower {config.vision_config.model_name_or_path!r} vs checkpoint {saved.vision_config.model_name_or_path!r}"
+        )
+    if differences:
+        raise ValueError(f"config does not match checkpoint {source}: " + "; ".join(differences))
+
+
+SkinClipVLModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "FocalPooling",
+    "SkinClipVLModel",
+    "SkinClipVLOutput",
+    "SkinClipVLPrediction",
+    "SkinClipVLPreTrainedModel",
+    "SkinClipVLProcessor",
+]
