@@ -32,3 +32,40 @@ def shared_data() -> Path:
     if not (path / "MANIFEST.json").is_file():
         pytest.skip(f"real sample data not found at {path}; set SKINCLIP_SHARED_DATA")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory) -> dict:
+    """Tiny random CLIP (transformers and open_clip) and decoders (Qwen2, Qwen2.5-VL, GPT-2), saved locally."""
+    from tiny_bases import build_tiny_bases
+
+    root = tmp_path_factory.mktemp("tiny-bases")
+    return build_tiny_bases(root, decoder_architectures=("qwen2", "qwen2_5_vl", "gpt2"), open_clip=True)
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny_bases):
+    """Factory of small `SkinClipVLConfig`s over the tiny bases; keyword arguments override fields."""
+    from configuration_skinclip import SkinClipVLConfig
+
+    def factory(decoder="qwen2", vision="clip", class_names=("MEL", "NV", "BCC"), decoder_overrides=None, **overrides):
+        decoder_config = dict(
+            model_name_or_path=tiny_bases[f"decoder-{decoder}"],
+            quantization="none",
+            compute_dtype="float32",
+            lora_r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+        )
+        decoder_config.update(decoder_overrides or {})
+        settings = dict(
+            vision_config=dict(backend="open_clip" if vision == "open_clip" else "hf", model_name_or_path=tiny_bases[vision]),
+            decoder_config=decoder_config,
+            focal_dim=16,
+            alignment_dim=8,
+            id2label=dict(enumerate(class_names)),
+        )
+        settings.update(overrides)
+        return SkinClipVLConfig(**settings)
+
+    return factory

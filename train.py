@@ -1,0 +1,311 @@
+"""Train SkinCLIP-VL with the CFA loss.
+
+    accelerate launch train.py configs/isic2019.yaml
+    python train.py configs/demo.yaml                      # tiny random bases, generated data, 2-core CPU
+    python train.py configs/demo.yaml --num_train_epochs=2 --output_dir=outputs/demo2   # override any field
+
+Arguments come from the YAML file through ``HfArgumentParser`` (``ModelArguments``, ``DataArguments`` and
+``CFATrainingArguments``); ``--field=value`` after the file overrides it (values are read as YAML).
+At the end the script evaluates on the validation and test splits, writes ``test_metrics.json`` and
+``test_predictions.csv``, and saves the final checkpoint (trained tensors, LoRA config, code, tokenizer,
+image processor, model card) in ``output_dir``; Trainer's ``push_to_hub`` options share it on the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from transformers import HfArgumentParser, set_seed
+
+from configuration_skinclip import SkinClipVLConfig
+from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from trainer_cfa import CFATrainer, CFATrainingArguments, SkinClipVLCollator, compute_classification_metrics
+
+logger = logging.getLogger("skinclip.train")
+
+REQUIRED_COLUMNS = ("image", "label", "metadata_text", "report")
+
+
+@dataclass
+class ModelArguments:
+    """Which bases to build on and the sizes of what training creates (see `SkinClipVLConfig`)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a SkinCLIP-VL checkpoint (dir or Hub id) instead of new heads."}
+    )
+    vision_backend: str = field(default="hf", metadata={"help": "'hf' (transformers CLIP) or 'open_clip'."})
+    vision_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP id/path (open_clip name)."})
+    vision_pretrained: str | None = field(default=None, metadata={"help": "open_clip pretrained tag."})
+    vision_revision: str | None = field(default=None, metadata={"help": "Hub revision of the CLIP model."})
+    vision_feature_layer: int = field(default=-2, metadata={"help": "CLIP block whose tokens are used."})
+    decoder_model: str = field(default="Qwen/Qwen2.5-VL-7B-Instruct", metadata={"help": "Decoder id/path."})
+    decoder_revision: str | None = field(default=None, metadata={"help": "Hub revision of the decoder."})
+    quantization: str = field(default="nf4", metadata={"help": "'nf4', 'int8' or 'none'."})
+    compute_dtype: str = field(default="bfloat16", metadata={"help": "'bfloat16', 'float16' or 'float32'."})
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    projector_type: str = field(default="linear")
+    focal_dim: int = field(default=1024)
+    alignment_dim: int = field(default=512)
+    text_encoder: str = field(default="clip", metadata={"help": "'clip' (frozen CLIP text tower) or 'decoder'."})
+    focal_fusion_layers: int = field(default=0)
+    max_prompt_tokens: int = field(default=64)
+    max_rationale_tokens: int = field(default=128)
+    tiny_bases_dir: str | None = field(
+        default=None,
+        metadata={"help": "Build tiny RANDOM bases here (if absent) and use them instead of the ids above (demo/CI)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "A DatasetDict saved by datasets_scripts (save_to_disk directory)."}
+    )
+    demo_dataset: bool = field(default=False, metadata={"help": "Generate the demo dataset into dataset_path."})
+    demo_num_per_class: int = field(default=24)
+    demo_image_size: int = field(default=64)
+    train_split: str = field(default="train")
+    eval_split: str = field(default="validation")
+    test_split: str | None = field(default="test")
+    train_fraction: float = field(default=1.0, metadata={"help": "Stratified subsample of train (0.12 = paper's 12%)."})
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, CFATrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, CFATrainingArguments))
+    if not argv or not argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_args_into_dataclasses(args=argv)
+    config_path = Path(argv[0])
+    if not config_path.is_file():
+        raise FileNotFoundError(f"training config {config_path} does not exist")
+    values = yaml.safe_load(config_path.read_text()) or {}
+    for override in argv[1:]:
+        if not override.startswith("--") or "=" not in override:
+            raise ValueError(f"override {override!r} must look like --field=value")
+        key, value = override[2:].split("=", 1)
+        values[key] = yaml.safe_load(value)
+    return parser.parse_dict(values, allow_extra_keys=False)
+
+
+def load_training_data(data_args: DataArguments, seed: int):
+    from datasets import load_from_disk
+
+    if data_args.demo_dataset:
+        from datasets_scripts.demo import build_demo_dataset
+
+        target = Path(data_args.dataset_path or "outputs/demo-data")
+        if not (target / "dataset_dict.json").is_file():
+            build_demo_dataset(
+                num_per_class=data_args.demo_num_per_class,
+                image_size=data_args.demo_image_size,
+                seed=seed,
+                output_dir=str(target),
+            )
+        data_args.dataset_path = str(target)
+    if not data_args.dataset_path:
+        raise ValueError("set dataset_path (a DatasetDict from datasets_scripts) or demo_dataset: true")
+    dataset = load_from_disk(data_args.dataset_path)
+    for split in filter(None, (data_args.train_split, data_args.eval_split, data_args.test_split)):
+        if split not in dataset:
+            raise ValueError(f"{data_args.dataset_path} has no split {split!r} (it has {list(dataset)})")
+        missing = [column for column in REQUIRED_COLUMNS if column not in dataset[split].column_names]
+        if missing:
+            raise ValueError(f"{data_args.dataset_path} split {split!r} lacks required column(s) {missing}")
+    if not 0.0 < data_args.train_fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {data_args.train_fraction}")
+    if data_args.train_fraction < 1.0:
+        from datasets_scripts.splits import subsample_train
+
+        dataset[data_args.train_split] = subsample_train(
+            dataset[data_args.train_split], data_args.train_fraction, seed=seed
+        )
+    return dataset
+
+
+def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClipVLConfig:
+    vision_model, decoder_model = model_args.vision_model, model_args.decoder_model
+    if model_args.tiny_bases_dir:
+        from tiny_bases import build_tiny_bases
+
+        paths = build_tiny_bases(model_args.tiny_bases_dir, open_clip=model_args.vision_backend == "open_clip")
+        vision_model = paths["open_clip"] if model_args.vision_backend == "open_clip" else paths["clip"]
+        decoder_model = paths["decoder-qwen2"]
+    return SkinClipVLConfig(
+        vision_config=dict(
+            backend=model_args.vision_backend,
+            model_name_or_path=vision_model,
+            pretrained=model_args.vision_pretrained,
+            revision=model_args.vision_revision,
+            feature_layer=model_args.vision_feature_layer,
+        ),
+        decoder_config=dict(
+            model_name_or_path=decoder_model,
+            revision=model_args.decoder_revision,
+            quantization=model_args.quantization,
+            compute_dtype=model_args.compute_dtype,
+            lora_r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            lora_target_modules=model_args.lora_target_modules,
+        ),
+        projector_type=model_args.projector_type,
+        focal_dim=model_args.focal_dim,
+        alignment_dim=model_args.alignment_dim,
+        text_encoder=model_args.text_encoder,
+        focal_fusion_layers=model_args.focal_fusion_layers,
+        max_prompt_tokens=model_args.max_prompt_tokens,
+        max_rationale_tokens=model_args.max_rationale_tokens,
+        id2label=dict(enumerate(class_names)),
+    )
+
+
+def write_predictions(path: Path, image_ids, labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(probs, columns=class_names)
+    frame.insert(0, "label", [class_names[i] for i in labels])
+    frame.insert(0, "image_id", list(image_ids))
+    frame.to_csv(path, index=False)
+
+
+def write_model_card(output_dir: Path, config: SkinClipVLConfig, metrics: dict, data_args: DataArguments,
+                     parameter_counts: dict) -> None:
+    base_models = [config.vision_config.model_name_or_path, config.decoder_config.model_name_or_path]
+    header = {
+        "library_name": "transformers",
+        "pipeline_tag": "image-classification",
+        "tags": ["skinclip-vl", "dermatology", "vision-language", "lora", "custom_code"],
+        "base_model": [m for m in base_models if not Path(m).exists() and not m.startswith("local-dir:")],
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=False).strip(),
+        "---",
+        "",
+        "# SkinCLIP-VL checkpoint",
+        "",
+        "Diagnosis over " + ", ".join(config.class_names) + ", a written rationale and a focal-attention map.",
+        "This repository holds only the trained tensors (projector, Focal Pooling, CLS token, heads, logit scale,",
+        "LoRA); the frozen bases are loaded from their own repositories:",
+        "",
+        f"- vision: `{config.vision_config.model_name_or_path}` ({config.vision_config.backend})",
+        f"- decoder: `{config.decoder_config.model_name_or_path}` ({config.decoder_config.quantization}, "
+        f"LoRA r={config.decoder_config.lora_r}, alpha={config.decoder_config.lora_alpha})",
+        "",
+        "```python",
+        "from transformers import AutoModel",
+        "model = AutoModel.from_pretrained('<this repo>', trust_remote_code=True, revision='<pinned commit>')",
+        "```",
+        "",
+        f"Trainable parameters: {parameter_counts['trainable']:,} (LoRA {parameter_counts['lora']:,}).",
+        f"Training data: `{data_args.dataset_path}` (train fraction {data_args.train_fraction}).",
+        "",
+        "## Evaluation",
+        "",
+        "| split | metric | value |",
+        "|---|---|---|",
+    ]
+    for split, values in metrics.items():
+        for name, value in values.items():
+            if isinstance(value, (int, float)):
+                lines.append(f"| {split} | {name} | {value:.4f} |")
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "A research model, not a medical device: it must not be used for diagnosis without clinical oversight.",
+        "Its calibration holds only for data like its evaluation data.",
+    ]
+    (output_dir / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+    dataset = load_training_data(data_args, training_args.seed)
+    class_names = dataset[data_args.train_split].features["label"].names
+
+    if model_args.model_name_or_path:
+        model = SkinClipVLModel.from_pretrained(model_args.model_name_or_path)
+        class_names_saved = model.config.class_names
+        if class_names_saved != class_names:
+            raise ValueError(f"checkpoint classes {class_names_saved} differ from the dataset's {class_names}")
+        config = model.config
+        processor = SkinClipVLProcessor.from_pretrained(model_args.model_name_or_path)
+    else:
+        config = build_config(model_args, class_names)
+        model = SkinClipVLModel(config)
+        processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    counts = model.parameter_counts()
+    logger.info("parameters: %s", counts)
+
+    train_labels = np.asarray(dataset[data_args.train_split]["label"])
+    class_counts = np.bincount(train_labels, minlength=len(class_names)).tolist()
+    collator = SkinClipVLCollator(
+        processor,
+        with_report=training_args.lambda_align > 0,
+        with_rationale=training_args.lambda_gen > 0,
+        augment=training_args.augment,
+        seed=training_args.seed,
+    )
+    eval_collator = SkinClipVLCollator(
+        processor, with_report=training_args.lambda_align > 0, with_rationale=training_args.lambda_gen > 0
+    )
+    trainer = CFATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset[data_args.train_split],
+        eval_dataset=dataset[data_args.eval_split] if data_args.eval_split else None,
+        data_collator=collator,
+        processing_class=processor,
+        compute_metrics=compute_classification_metrics,
+        class_counts=class_counts,
+    )
+    # Evaluation must not augment: the Trainer uses one collator, so swap it for evaluation.
+    trainer.get_eval_dataloader = _with_collator(trainer, trainer.get_eval_dataloader, eval_collator)
+    trainer.get_test_dataloader = _with_collator(trainer, trainer.get_test_dataloader, eval_collator)
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    output_dir = Path(training_args.output_dir)
+    metrics: dict[str, dict] = {}
+    for split in filter(None, (data_args.eval_split, data_args.test_split)):
+        result = trainer.predict(dataset[split], metric_key_prefix=split)
+        metrics[split] = {k.removeprefix(f"{split}_"): v for k, v in result.metrics.items()}
+        if trainer.is_world_process_zero():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            probs = torch.softmax(torch.as_tensor(result.predictions, dtype=torch.float64), -1).numpy()
+            ids = dataset[split]["image_id"] if "image_id" in dataset[split].column_names else range(len(probs))
+            write_predictions(output_dir / f"{split}_predictions.csv", ids, result.label_ids.astype(int), probs, class_names)
+            (output_dir / f"{split}_metrics.json").write_text(json.dumps(metrics[split], indent=2))
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        write_model_card(output_dir, config, metrics, data_args, counts)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(commit_message="SkinCLIP-VL checkpoint")
+    return metrics
+
+
+def _with_collator(trainer, make_loader, collator):
+    def loader(*args, **kwargs):
+        original = trainer.data_collator
+        trainer.data_collator = collator
+        try:
+            return make_loader(*args, **kwargs)
+        finally:
+            trainer.data_collator = original
+
+    return loader
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""The Consistency-aware Focal Alignment (CFA) loss and the Trainer that optimises it.
+
+``L = L_focal + lambda_align * L_align + lambda_cal * L_cal + lambda_gen * L_gen``
+
+- ``L_focal``: alpha-balanced multi-class focal loss ``-alpha_y (1 - p_y)^gamma log p_y`` (Lin et al.).
+- ``L_align``: symmetric InfoNCE between v_global and t_global: open_clip's ``ClipLoss``, which also
+  gathers negatives from every process with gradient (``gather_with_grad``).
+- ``L_cal``: multi-class Brier score ``mean_i sum_k (p_ik - y_ik)^2``.
+- ``L_gen``: causal-LM loss on the rationale tokens only (computed inside the model).
+
+Each term is a small function or module, tested against its reference in tests/test_trainer_cfa.py;
+``CFALoss`` composes them with named weights; ``CFATrainer`` logs every term separately.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, gather_features
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+# --------------------------------------------------------------------------------------------------------
+# Loss terms
+# --------------------------------------------------------------------------------------------------------
+
+
+def focal_loss(
+    logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, alpha: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over the batch of ``-alpha_y (1 - p_y)^gamma log p_y``; `logits` `(batch, C)`, `labels` `(batch,)`.
+
+    With ``gamma=0`` and ``alpha=None`` (all ones) this is exactly cross-entropy.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    log_p_true = log_probs.gather(1, labels[:, None]).squeeze(1)
+    loss = -((1.0 - log_p_true.exp()).clamp(min=0) ** gamma) * log_p_true
+    if alpha is not None:
+        loss = alpha.to(loss.device, loss.dtype)[labels] * loss
+    return loss.mean()
+
+
+def brier_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-class Brier score ``mean_i sum_k (p_ik - y_ik)^2`` (paper Eq. 8)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    one_hot = F.one_hot(labels, num_classes=probs.shape[-1]).to(probs.dtype)
+    return ((probs - one_hot) ** 2).sum(-1).mean()
+
+
+def class_balanced_alpha(class_counts: Sequence[int]) -> torch.Tensor:
+    """Inverse-frequency alpha normalised to mean 1 (so the loss scale matches unweighted focal loss).
+
+    Classes absent from the training data get the largest weight seen rather than infinity.
+    """
+    counts = torch.as_tensor(class_counts, dtype=torch.float)
+    inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+    inverse = torch.where(counts > 0, inverse, inverse.max())
+    return inverse * len(counts) / inverse.sum()
+
+
+class AlignmentLoss(nn.Module):
+    """Symmetric InfoNCE over the global batch (open_clip ``ClipLoss``).
+
+    ``focal_modulation=True`` implements the paper's Eq. (4) reading: each sample's alignment term is weighted
+    by its detached focal factor ``(1 - p_y)^gamma``, so easy samples stop dominating the alignment. This
+    needs per-sample terms, which ``ClipLoss`` does not expose, so that path computes them here with the
+    same gathered negatives (local samples against all gathered features).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, focal_modulation: bool = False, gamma: float = 2.0):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+        self.focal_modulation, self.gamma = focal_modulation, gamma
+        self.clip_loss = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        class_logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
+        if not self.focal_modulation:
+            return self.clip_loss(image_embeds, text_embeds, logit_scale)
+        all_image, all_text = gather_features(
+            image_embeds, text_embeds, local_loss=True, gather_with_grad=True, rank=self.rank, world_size=self.world_size
+        )
+        targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + self.rank * image_embeds.shape[0]
+        per_sample = 0.5 * (
+            F.cross_entropy(logit_scale * image_embeds @ all_text.T, targets, reduction="none")
+            + F.cross_entropy(logit_scale * text_embeds @ all_image.T, targets, reduction="none")
+        )
+        p_true = torch.softmax(class_logits.detach().float(), -1).gather(1, labels[:, None]).squeeze(1)
+        weights = (1.0 - p_true).clamp(min=0) ** self.gamma
+        return (weights * per_sample).mean()
+
+
+class CFALoss(nn.Module):
+    """``L_focal + lambda_align L_align + lambda_cal L_cal + lambda_gen L_gen`` with every term returned."""
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: torch.Tensor | None = None,
+        lambda_align: float = 0.5,
+        lambda_cal: float = 1.0,
+        lambda_gen: float = 0.5,
+        focal_modulation: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("alpha", alpha.float() if alpha is not None else None, persistent=False)
+        self.lambda_align, self.lambda_cal, self.lambda_gen = lambda_align, lambda_cal, lambda_gen
+        self.alignment = AlignmentLoss(rank, world_size, focal_modulation, gamma)
+
+    def forward(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = outputs.logits
+        terms = {"focal": focal_loss(logits, labels, self.gamma, self.alpha)}
+        total = terms["focal"]
+        if self.lambda_align:
+            if outputs.t_global is None:
+                raise ValueError("lambda_align > 0 needs report_ids in the batch (the ground-truth report text)")
+            terms["align"] = self.alignment(outputs.v_global, outputs.t_global, outputs.logit_scale, logits, labels)
+            total = total + self.lambda_align * terms["align"]
+        if self.lambda_cal:
+            terms["cal"] = brier_loss(logits, labels)
+            total = total + self.lambda_cal * terms["cal"]
+        if self.lambda_gen:
+            if outputs.lm_loss is None:
+                raise ValueError("lambda_gen > 0 needs rationale_ids in the batch")
+            terms["gen"] = outputs.lm_loss
+            total = total + self.lambda_gen * terms["gen"]
+        return total, terms
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data collator
+# --------------------------------------------------------------------------------------------------------
+
+
+class SkinClipVLCollator:
+    """Dataset rows (``image``, ``metadata_text``, ``report``, ``label``) → a model batch with ``labels``.
+
+    The ground-truth ``report`` is both the alignment text (t_global) and the rationale target of the LM;
+    each is tokenised only when its loss weight is non-zero. ``augment`` applies dermoscopy-safe flips and
+    right-angle rotations (lesions have no canonical orientation) before CLIP preprocessing.
+    """
+
+    def __init__(self, processor, with_report: bool = True, with_rationale: bool = True, augment: bool = False,
+                 seed: int = 0):
+        self.processor = processor
+        self.with_report, self.with_rationale, self.augment = with_report, with_rationale, augment
+        self.rng = random.Random(seed)
+
+    def _augment(self, image):
+        from PIL import Image
+
+        image = image.convert("RGB")
+        if self.rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        turns = self.rng.randrange(4)
+        return image.rotate(90 * turns, expand=True) if turns else image
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [row["image"] for row in features]
+        if self.augment:
+            images = [self._augment(image) for image in images]
+        reports = [row["report"] for row in features]
+        batch = self.processor(
+            images,
+            [row.get("metadata_text") or "" for row in features],
+            reports=reports if self.with_report else None,
+            rationales=reports if self.with_rationale else None,
+        )
+        batch["labels"] = torch.tensor([int(row["label"]) for row in features], dtype=torch.long)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------
+
+
+def compute_classification_metrics(eval_prediction) -> dict[str, float]:
+    """Trainer ``compute_metrics``: B-ACC, macro one-vs-rest AUROC and ECE (15 bins) from class logits."""
+    from skinclip_metrics import balanced_accuracy, expected_calibration_error, macro_auroc
+
+    logits = eval_prediction.predictions
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    labels = np.asarray(eval_prediction.label_ids).astype(int)
+    probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1).numpy()
+    return {
+        "balanced_accuracy": float(balanced_accuracy(labels, probs)),
+        "auroc_macro": float(macro_auroc(labels, probs)),
+        "ece": float(expected_calibration_error(labels, probs, n_bins=15)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CFATrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the CFA loss settings, with defaults this model needs."""
+
+    focal_gamma: float = field(default=2.0, metadata={"help": "Focal exponent gamma (0 = no focusing)."})
+    focal_alpha: str = field(
+        default="inverse_frequency",
+        metadata={"help": "'inverse_frequency' (from the training labels), 'uniform', or comma-separated weights."},
+    )
+    lambda_align: float = field(default=0.5, metadata={"help": "Weight of the InfoNCE alignment term (lambda_1)."})
+    lambda_cal: float = field(default=1.0, metadata={"help": "Weight of the Brier calibration term (lambda_2)."})
+    lambda_gen: float = field(default=0.5, metadata={"help": "Weight of the rationale LM term (lambda_3; paper 0.5)."})
+    focal_modulated_alignment: bool = field(
+        default=False, metadata={"help": "Weight each alignment term by (1-p_y)^gamma (paper Eq. 4 reading)."}
+    )
+    augment: bool = field(default=True, metadata={"help": "Random flips / right-angle rotations of training images."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image/report columns for the collator."})
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Batch key of labels."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "No unused trained parameters."})
+
+
+def resolve_focal_alpha(setting: str, class_counts: Sequence[int] | None, num_labels: int) -> torch.Tensor | None:
+    """``focal_alpha`` setting → per-class weights (None means all ones)."""
+    if setting == "uniform":
+        return None
+    if setting == "inverse_frequency":
+        if class_counts is None:
+            raise ValueError("focal_alpha='inverse_frequency' needs the training class counts")
+        return class_balanced_alpha(class_counts)
+    weights = [float(x) for x in setting.split(",")]
+    if len(weights) != num_labels or any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"focal_alpha={setting!r}: expected {num_labels} non-negative weights")
+    return torch.tensor(weights)
+
+
+class CFATrainer(Trainer):
+    """`Trainer` whose `compute_loss` is the CFA loss; each term is logged as `focal`, `align`, `cal`, `gen`.
+
+    Args:
+        class_counts: training-set count per class, for `focal_alpha="inverse_frequency"`.
+    """
+
+    def __init__(self, *args, class_counts: Sequence[int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        args = self.args
+        num_labels = self.model.config.num_labels
+        self.cfa_loss = CFALoss(
+            gamma=args.focal_gamma,
+            alpha=resolve_focal_alpha(args.focal_alpha, class_counts, num_labels),
+            lambda_align=args.lambda_align,
+            lambda_cal=args.lambda_cal,
+            lambda_gen=args.lambda_gen,
+            focal_modulation=args.focal_modulated_alignment,
+            rank=args.process_index,
+            world_size=args.world_size,
+        )
+        self._cfa_metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss, terms = self.cfa_loss(outputs, labels)
+        mode = "train" if model.training else "eval"
+        for name, value in terms.items():
+            self._cfa_metrics[mode][name].append(value.detach().float())
+        if return_outputs:
+            # Only the class logits go to evaluation: the Trainer concatenates whatever is returned here.
+            return loss, {"logits": outputs.logits}
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._cfa_metrics[mode].items():
+            if values:
+                logs[f"{prefix}loss_{name}"] = round(torch.stack(values).mean().item(), 6)
+        self._cfa_metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # The checkpoint holds only trained tensors: load them strictly instead of Trainer's generic
+        # load_state_dict(strict=False), which would warn about every frozen base weight.
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        model = model or self.model
+        weights = Path(resume_from_checkpoint) / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{resume_from_checkpoint} has no model.safetensors to resume from")
+        model.load_trained_tensors(load_file(str(weights)), source=str(resume_from_checkpoint))
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+__all__ = [
+    "AlignmentLoss",
+    "CFALoss",
+    "CFATrainer",
+    "CFATrainingArguments",
+    "SkinClipVLCollator",
+    "brier_loss",
+    "class_balanced_alpha",
+    "compute_classification_metrics",
+    "focal_loss",
+    "resolve_focal_alpha",
+]
