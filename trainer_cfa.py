@@ -91,9 +91,11 @@ class AlignmentLoss(nn.Module):
         image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
         if not self.focal_modulation:
             return self.clip_loss(image_embeds, text_embeds, logit_scale)
-        all_image, all_text = gather_features(
-            image_embeds, text_embeds, local_loss=True, gather_with_grad=True, rank=self.rank, world_size=self.world_size
-        )
+        all_image, all_text = image_embeds, text_embeds
+        if self.world_size > 1:
+            all_image, all_text = gather_features(
+                image_embeds, text_embeds, local_loss=True, gather_with_grad=True, rank=self.rank, world_size=self.world_size
+            )
         targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + self.rank * image_embeds.shape[0]
         per_sample = 0.5 * (
             F.cross_entropy(logit_scale * image_embeds @ all_text.T, targets, reduction="none")
