@@ -422,18 +422,39 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             "total": sum(numel(p) for p in self.parameters()),
         }
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ):
         # Only the decoder recomputes: the CLIP tower runs without gradients anyway. Non-reentrant
         # checkpointing needs no input that requires grad (the decoder's inputs come from the projector).
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(self.language_model, "activation_checkpointing_enable"):
+            self.language_model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+            )
+        else:  # transformers releases before the activation_checkpointing rename
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def activation_checkpointing_disable(self):
+        if hasattr(self.language_model, "activation_checkpointing_disable"):
+            self.language_model.activation_checkpointing_disable()
+        else:
+            self.language_model.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self):
-        self.language_model.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        stack = self.text_stack
+        return any(getattr(module, "gradient_checkpointing", False) for module in stack.modules())
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.language_model.is_gradient_checkpointing
+        return self.is_activation_checkpointing
 
     # ---- encoders --------------------------------------------------------------------------------------
 

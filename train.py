@@ -80,14 +80,26 @@ class DataArguments:
     train_fraction: float = field(default=1.0, metadata={"help": "Stratified subsample of train (0.12 = paper's 12%)."})
 
 
+def load_yaml_config(path: Path, _seen: tuple = ()) -> dict:
+    """Read a training YAML; ``extends: other.yaml`` (relative to this file) is read first and overridden."""
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {path} does not exist")
+    if path.resolve() in _seen:
+        raise ValueError(f"training config {path} extends itself through {[str(p) for p in _seen]}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"training config {path} must be a mapping of field: value")
+    parent = values.pop("extends", None)
+    if parent:
+        values = {**load_yaml_config(path.parent / parent, _seen + (path.resolve(),)), **values}
+    return values
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, CFATrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, CFATrainingArguments))
     if not argv or not argv[0].endswith((".yaml", ".yml")):
         return parser.parse_args_into_dataclasses(args=argv)
-    config_path = Path(argv[0])
-    if not config_path.is_file():
-        raise FileNotFoundError(f"training config {config_path} does not exist")
-    values = yaml.safe_load(config_path.read_text()) or {}
+    values = load_yaml_config(Path(argv[0]))
     for override in argv[1:]:
         if not override.startswith("--") or "=" not in override:
             raise ValueError(f"override {override!r} must look like --field=value")
