@@ -42,6 +42,7 @@ TRAINED_WEIGHTS_NAME = "model.safetensors"
 LORA_SUBFOLDER = "lora"
 LORA_CONFIG_NAME = "adapter_config.json"
 REPORT_TOKENIZER_SUBFOLDER = "report_tokenizer"
+CALIBRATION_NAME = "calibration.json"  # post-hoc temperature (and conformal threshold) from evaluate_skinclip.py
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -798,6 +799,12 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             )
         model = cls(config, device=device)
         model.load_trained_tensors(load_file(files[TRAINED_WEIGHTS_NAME]), source=str(pretrained_model_name_or_path))
+        calibration = _optional_checkpoint_file(pretrained_model_name_or_path, CALIBRATION_NAME, revision, token, cache_dir)
+        if calibration is not None:
+            temperature = float(json.loads(Path(calibration).read_text()).get("temperature", 1.0))
+            if not math.isfinite(temperature) or temperature <= 0:
+                raise ValueError(f"{calibration}: temperature must be a positive number, got {temperature}")
+            model.calibration_temperature.fill_(temperature)
         model.eval()
         return model
 
@@ -1036,6 +1043,19 @@ def _resolve_checkpoint_files(path_or_repo, filenames, revision=None, token=None
         except Exception as error:  # the hub raises several types; the message is what matters
             raise FileNotFoundError(f"could not get {name} from {path_or_repo!r} (revision {revision}): {error}") from error
     return resolved
+
+
+def _optional_checkpoint_file(path_or_repo, filename, revision=None, token=None, cache_dir=None) -> str | None:
+    local = Path(path_or_repo)
+    if local.is_dir():
+        return str(local / filename) if (local / filename).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(str(path_or_repo), filename, revision=revision, token=token, cache_dir=cache_dir)
+    except EntryNotFoundError:
+        return None
 
 
 def _check_same_bases(config: SkinClipVLConfig, saved: SkinClipVLConfig, source) -> None:
