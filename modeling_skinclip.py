@@ -41,6 +41,8 @@ logger = logging.get_logger(__name__)
 TRAINED_WEIGHTS_NAME = "model.safetensors"
 LORA_SUBFOLDER = "lora"
 LORA_CONFIG_NAME = "adapter_config.json"
+TOKENIZER_SUBFOLDER = "tokenizer"
+IMAGE_PROCESSOR_SUBFOLDER = "image_processor"
 REPORT_TOKENIZER_SUBFOLDER = "report_tokenizer"
 CALIBRATION_NAME = "calibration.json"  # post-hoc temperature (and conformal threshold) from evaluate_skinclip.py
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -284,6 +286,8 @@ def load_decoder(decoder_config, device: torch.device | str) -> nn.Module:
     if inner is not None and getattr(inner, "visual", None) is not None:
         del inner.visual
         inner.visual = None
+    if quantization is not None and quantization.load_in_4bit:
+        _quantize_unloaded_4bit_weights(language_model, device)
     language_model.requires_grad_(False)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
@@ -292,6 +296,19 @@ def load_decoder(decoder_config, device: torch.device | str) -> nn.Module:
         # checkpointing is switched on later, by the trainer, through SkinClipVLModel.
         language_model = prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=False)
     return language_model
+
+
+def _quantize_unloaded_4bit_weights(language_model: nn.Module, device: torch.device) -> None:
+    """Quantise 4-bit layers whose weights the checkpoint did not hold (a no-op for complete checkpoints).
+
+    transformers initialises weights missing from a checkpoint in the compute dtype but leaves them
+    unquantised inside ``Linear4bit``; ``Params4bit.to`` quantises them in place. This lets the benchmark
+    build random-weight bases at the paper's shapes from a config alone (benchmarks/bench_skinclip.py).
+    """
+    for module in language_model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and getattr(weight, "bnb_quantized", True) is False:
+            module.weight = weight.to(device)
 
 
 def attach_lora(language_model: nn.Module, decoder_config):
@@ -863,27 +880,27 @@ class SkinClipVLProcessor:
         local = Path(path_or_repo) if path_or_repo is not None and Path(path_or_repo).is_dir() else None
         vision, decoder = config.vision_config, config.decoder_config
 
-        def has(sub: str) -> bool:
-            return local is not None and (local / sub).is_file()
+        def source(subfolder: str, marker: str, base: str, base_revision: str | None) -> dict:
+            # Copies saved in the checkpoint win; they sit in subfolders so that the checkpoint's config.json
+            # (a custom-code config) is never read as a tokenizer or image-processor config.
+            if local is not None and (local / subfolder / marker).is_file():
+                return {"pretrained_model_name_or_path": str(local / subfolder)}
+            return {"pretrained_model_name_or_path": base, "revision": base_revision}
 
         tokenizer = AutoTokenizer.from_pretrained(
-            str(local) if has("tokenizer_config.json") else decoder.model_name_or_path,
-            revision=None if has("tokenizer_config.json") else decoder.revision,
+            **source(TOKENIZER_SUBFOLDER, "tokenizer_config.json", decoder.model_name_or_path, decoder.revision)
         )
         if vision.backend == "hf":
             image_processor = AutoImageProcessor.from_pretrained(
-                str(local) if has("preprocessor_config.json") else vision.model_name_or_path,
-                revision=None if has("preprocessor_config.json") else vision.revision,
+                **source(IMAGE_PROCESSOR_SUBFOLDER, "preprocessor_config.json", vision.model_name_or_path, vision.revision)
             )
         else:
             image_processor = _open_clip_transform(vision)
         if config.text_encoder == "decoder":
             report_tokenizer = tokenizer
         elif vision.backend == "hf":
-            saved = f"{REPORT_TOKENIZER_SUBFOLDER}/tokenizer_config.json"
             report_tokenizer = AutoTokenizer.from_pretrained(
-                str(local / REPORT_TOKENIZER_SUBFOLDER) if has(saved) else vision.model_name_or_path,
-                revision=None if has(saved) else vision.revision,
+                **source(REPORT_TOKENIZER_SUBFOLDER, "tokenizer_config.json", vision.model_name_or_path, vision.revision)
             )
         else:
             import open_clip
@@ -891,11 +908,11 @@ class SkinClipVLProcessor:
             report_tokenizer = open_clip.get_tokenizer(vision.model_name_or_path)
         return cls(config, tokenizer, image_processor, report_tokenizer)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         save_directory = Path(save_directory)
-        self.tokenizer.save_pretrained(str(save_directory))
+        self.tokenizer.save_pretrained(str(save_directory / TOKENIZER_SUBFOLDER))
         if hasattr(self.image_processor, "save_pretrained"):
-            self.image_processor.save_pretrained(str(save_directory))
+            self.image_processor.save_pretrained(str(save_directory / IMAGE_PROCESSOR_SUBFOLDER))
         if self.report_tokenizer is not self.tokenizer and hasattr(self.report_tokenizer, "save_pretrained"):
             self.report_tokenizer.save_pretrained(str(save_directory / REPORT_TOKENIZER_SUBFOLDER))
 
