@@ -1,0 +1,87 @@
+"""What every baseline shares with ``train.py``: config parsing, data loading, metrics and output files.
+
+The data and the files come from ``train.py`` itself (`load_yaml_config`, `DataArguments`,
+`load_training_data`, `write_predictions`) and the metrics from `skinclip_metrics`, the functions the CFA
+trainer's ``compute_metrics`` uses: a baseline and SkinCLIP-VL are scored on the same rows by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+
+
+def parse_config(argv: Sequence[str], dataclass_types: tuple) -> tuple:
+    """``[config.yaml, --field=value, ...]`` → dataclasses, with train.py's semantics (``extends:``, YAML values)."""
+    from transformers import HfArgumentParser
+
+    from train import load_yaml_config
+
+    parser = HfArgumentParser(dataclass_types)
+    if not argv or not str(argv[0]).endswith((".yaml", ".yml")):
+        return parser.parse_args_into_dataclasses(args=list(argv))
+    values = load_yaml_config(Path(argv[0]))
+    for override in argv[1:]:
+        if not override.startswith("--") or "=" not in override:
+            raise ValueError(f"override {override!r} must look like --field=value")
+        key, value = override[2:].split("=", 1)
+        values[key] = yaml.safe_load(value)
+    return parser.parse_dict(values, allow_extra_keys=False)
+
+
+def load_data(data_args, seed: int):
+    """The DatasetDict exactly as train.py sees it (demo generation, split checks, stratified train fraction)."""
+    from train import load_training_data
+
+    return load_training_data(data_args, seed)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """B-ACC, macro one-vs-rest AUROC and 15-bin ECE: the keys and functions of train.py's metrics files."""
+    from skinclip_metrics import balanced_accuracy, expected_calibration_error, macro_auroc
+
+    labels = np.asarray(labels).astype(int)
+    return {
+        "balanced_accuracy": float(balanced_accuracy(labels, probs)),
+        "auroc_macro": float(macro_auroc(labels, probs)),
+        "ece": float(expected_calibration_error(labels, probs, n_bins=15)),
+    }
+
+
+def write_split_outputs(output_dir: str | Path, split: str, image_ids, labels: np.ndarray, probs: np.ndarray,
+                        class_names: list[str], extra: dict | None = None) -> dict[str, float]:
+    """Write ``<split>_predictions.csv`` and ``<split>_metrics.json`` as train.py does; return the metrics."""
+    from train import write_predictions
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(labels).astype(int)
+    metrics = {**classification_metrics(labels, probs), **(extra or {})}
+    write_predictions(output_dir / f"{split}_predictions.csv", image_ids, labels, probs, class_names)
+    (output_dir / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def image_ids_of(split_dataset) -> list:
+    if "image_id" in split_dataset.column_names:
+        return list(split_dataset["image_id"])
+    return list(range(len(split_dataset)))
+
+
+def write_run_info(output_dir: str | Path, **info) -> None:
+    """``run_info.json``: what ran (model, parameter counts, class names) for the tables' Params column."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
