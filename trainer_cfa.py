@@ -313,6 +313,16 @@ class CFATrainer(Trainer):
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        # train.py writes a SkinCLIP-VL model card (bases, labels, metrics, limitations); Trainer.push_to_hub
+        # would overwrite it with a generic one.
+        from pathlib import Path
+
+        card = Path(self.args.output_dir) / "README.md"
+        if card.is_file() and "SkinCLIP-VL checkpoint" in card.read_text():
+            return
+        super().create_model_card(*args, **kwargs)
+
 
 __all__ = [
     "AlignmentLoss",
