@@ -2,8 +2,8 @@
 
     python -m baselines.zero_shot_clip configs/baselines/zero_shot_clip_isic2019.yaml
 
-Each class gets one or more descriptions (``class_prompts``, keyed by the dataset's class names; a class
-without an entry uses its name), each description is put into every template (``templates``, with ``{}``),
+Each class gets one or more descriptions (``class_prompts``, keyed by class name; a class of the dataset
+without an entry uses its name, entries for other classes are ignored), each description is put into every template (``templates``, with ``{}``),
 the text embeddings are averaged per class (CLIP's prompt ensembling), and the class probabilities are
 ``softmax(logit_scale · cos(image, class))`` with the model's own logit scale. Validation and test splits are
 scored; with ``ood_dataset_path`` also the ISIC 2024 OOD set (baselines.ood).
@@ -43,9 +43,8 @@ class ZeroShotArguments:
 
 def class_texts(class_names: list[str], class_prompts: dict, templates: list[str]) -> list[list[str]]:
     """Per class, every template filled with every description of the class."""
-    unknown = sorted(set(class_prompts) - set(class_names))
-    if unknown:
-        raise ValueError(f"class_prompts names classes {unknown} that the dataset does not have ({class_names})")
+    # One prompt file serves every dataset (ISIC 2019 and Derm7pt name their classes differently): entries for
+    # classes a dataset does not have are skipped.
     if not templates or any("{}" not in template for template in templates):
         raise ValueError(f"every template needs a '{{}}' placeholder, got {templates}")
     texts = []
