@@ -287,7 +287,7 @@ def load_decoder(decoder_config, device: torch.device | str) -> nn.Module:
         del inner.visual
         inner.visual = None
     if quantization is not None and quantization.load_in_4bit:
-        _quantize_unloaded_4bit_weights(language_model, device)
+        _quantize_unloaded_4bit_weights(language_model, quantization, device)
     language_model.requires_grad_(False)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
@@ -298,17 +298,26 @@ def load_decoder(decoder_config, device: torch.device | str) -> nn.Module:
     return language_model
 
 
-def _quantize_unloaded_4bit_weights(language_model: nn.Module, device: torch.device) -> None:
+def _quantize_unloaded_4bit_weights(language_model: nn.Module, quantization, device: torch.device) -> None:
     """Quantise 4-bit layers whose weights the checkpoint did not hold (a no-op for complete checkpoints).
 
-    transformers initialises weights missing from a checkpoint in the compute dtype but leaves them
-    unquantised inside ``Linear4bit``; ``Params4bit.to`` quantises them in place. This lets the benchmark
-    build random-weight bases at the paper's shapes from a config alone (benchmarks/bench_skinclip.py).
+    transformers initialises weights missing from a checkpoint as plain parameters in the compute dtype,
+    left unquantised inside ``Linear4bit``; wrapping them in ``Params4bit`` and moving them quantises them
+    in place. This lets the benchmark build random-weight bases at the paper's shapes from a config alone
+    (benchmarks/bench_skinclip.py) without writing 15 GB of random weights.
     """
+    import bitsandbytes as bnb
+
     for module in language_model.modules():
-        weight = getattr(module, "weight", None)
-        if weight is not None and getattr(weight, "bnb_quantized", True) is False:
-            module.weight = weight.to(device)
+        if isinstance(module, bnb.nn.Linear4bit) and not isinstance(module.weight, bnb.nn.Params4bit):
+            module.weight = bnb.nn.Params4bit(
+                module.weight.data,
+                requires_grad=False,
+                compress_statistics=quantization.bnb_4bit_use_double_quant,
+                quant_type=quantization.bnb_4bit_quant_type,
+                quant_storage=torch.uint8,
+                module=module,
+            ).to(device)
 
 
 def attach_lora(language_model: nn.Module, decoder_config):
@@ -379,6 +388,9 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     # Names of this model's own trained modules (saved next to the LoRA tensors).
     _own_modules = ("projector", "focal_pooling", "classifier", "image_alignment", "text_alignment")
     _own_parameters = ("cls_token", "logit_scale")
+    # Benchmark reference switch: True runs the LM head over the whole sequence (the naive recipe), False
+    # (the default) only on the rationale positions. Both give the same loss (tests/test_benchmarks.py).
+    lm_head_on_all_positions: bool = False
 
     def __init__(self, config: SkinClipVLConfig, device: torch.device | str | None = None):
         super().__init__(config)
@@ -596,11 +608,14 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             rationale_mask = (
                 rationale_attention_mask if rationale_attention_mask is not None else torch.ones_like(rationale_ids)
             ).bool()
-            # Hidden state at CLS predicts rationale token 0, at rationale token t predicts token t+1. The LM
-            # head runs only on these positions: its vocabulary-wide logits are the largest tensor of a step.
-            predicting = hidden[:, cls_index : cls_index + rationale_ids.shape[1]][rationale_mask]
-            token_logits = self.language_model.get_output_embeddings()(predicting)
-            lm_loss = F.cross_entropy(token_logits.float(), rationale_ids[rationale_mask])
+            if self.lm_head_on_all_positions:
+                lm_loss = self._lm_loss_all_positions(hidden, cls_index, rationale_ids, rationale_mask)
+            else:
+                # Hidden state at CLS predicts rationale token 0, at rationale token t predicts token t+1. The
+                # LM head runs only on these positions: its vocabulary-wide logits are the largest tensor.
+                predicting = hidden[:, cls_index : cls_index + rationale_ids.shape[1]][rationale_mask]
+                token_logits = self.language_model.get_output_embeddings()(predicting)
+                lm_loss = F.cross_entropy(token_logits.float(), rationale_ids[rationale_mask])
 
         t_global = self.encode_report(report_ids, report_attention_mask) if report_ids is not None else None
         logit_scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
@@ -613,6 +628,14 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             focal_attention=focal_attention,
             hidden_states=hidden if output_hidden_states else None,
         )
+
+    def _lm_loss_all_positions(self, hidden, cls_index, rationale_ids, rationale_mask) -> torch.Tensor:
+        # The usual causal-LM recipe (LM head over every position, labels -100 outside the rationale), kept
+        # only as the benchmark's reference: same loss, much larger logits (benchmarks/bench_skinclip.py).
+        logits = self.language_model.get_output_embeddings()(hidden).float()
+        labels = torch.full(hidden.shape[:2], -100, dtype=torch.long, device=hidden.device)
+        labels[:, cls_index + 1 :] = rationale_ids.masked_fill(~rationale_mask, -100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
     # ---- inference -------------------------------------------------------------------------------------
 

@@ -1,0 +1,163 @@
+"""benchmarks/bench_skinclip.py: the tiny mode runs end to end, and each optimised path keeps the numerics.
+
+No timing is asserted here: the timings are the benchmark's output, judged in benchmarks/RESULTS.md.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import bench_skinclip as bench
+from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from trainer_cfa import CFALoss
+
+METADATA = ["A lesion on the posterior torso of a male patient aged about 55.", "A skin lesion."]
+REPORTS = ["Melanoma: atypical pigment network and blue-whitish veil.", "Nevus: regular network."]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    results = bench.run(["--size", "tiny", "--json", str(out), "--device", "cpu"])
+    return results, out
+
+
+def test_tiny_benchmark_times_every_path_and_writes_the_ratios(tiny_run):
+    results, out = tiny_run
+    assert json.loads(out.read_text())["size"] == "tiny"
+    assert results["peak_matmul_flops"] > 0
+    training = {entry["name"]: entry for entry in results["training"]}
+    expected = {f"skinclip/{name}" for name in ("naive", "rationale_head", "cached_features", "speed", "lean")}
+    assert expected | {"plain_qwen2_5_vl_qlora"} == set(training)
+    for entry in training.values():
+        assert len(entry["step_s_all"]) == 3  # 1 warm-up + 2 timed steps
+        assert entry["step_s"] == pytest.approx(sum(entry["step_s_all"][1:]) / 2, rel=1e-3)
+        assert 0 < entry["floor_over_step"] and math.isfinite(entry["floor_over_step"])
+        assert entry["samples_per_s"] == pytest.approx(2 / entry["step_s"])
+    assert training["skinclip/naive"]["lm_head_all_positions"] and training["skinclip/naive"]["gradient_checkpointing"]
+    assert training["skinclip/speed"]["cached_features"] and not training["skinclip/speed"]["gradient_checkpointing"]
+    inference = {entry["name"]: entry for entry in results["inference"]}
+    assert {"skinclip/classify", "skinclip/classify_cached", "skinclip/classify+rationale",
+            "plain_qwen2_5_vl/diagnosis_as_text"} == set(inference)
+    assert inference["skinclip/classify+rationale"]["generated_tokens_per_s"] > 0
+    assert "skinclip/speed samples/s over plain" in results["ratios"]
+    assert "skinclip/classify images/s over plain diagnosis-as-text" in results["ratios"]
+    # The tiny SkinCLIP-VL sequence: 17 CLIP tokens + prompt (4-8) + CLS + rationale (6-12).
+    assert 17 + 4 + 1 + 6 <= training["skinclip/speed"]["tokens_per_sample"] <= 17 + 8 + 1 + 12
+
+
+def test_paper_shape_decoder_counts_the_design_notes_n():
+    # Design section 6: N = 7.07e9 for the Qwen2.5-VL-7B language stack (input embedding excluded).
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    shape = bench.SHAPES["paper"]
+    with torch.device("meta"):
+        bases_config = _plain_config(shape)
+        model = Qwen2_5_VLForConditionalGeneration(bases_config)
+    assert bench.decoder_matmul_params(model) == pytest.approx(7.07e9, rel=0.005)
+
+
+def _plain_config(shape):
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(shape.decoder_text, tie_word_embeddings=False,
+                         rope_scaling={"type": "mrope", "mrope_section": list(shape.mrope_section)}),
+        vision_config=dict(shape.plain_vision), tie_word_embeddings=False,
+    )
+
+
+def test_plain_collator_puts_labels_on_the_rationale_only():
+    shape = bench.SHAPES["tiny"]
+    rows = bench.make_rows(shape, 2)
+    collator = bench.PlainCollator(shape)
+    batch = collator(rows)
+    image_id = bench.TINY_PLAIN_SPECIAL["image_token_id"]
+    assert collator.num_image_tokens == 4  # 56 px, 14-px patches, 2x2 merge
+    assert ((batch["input_ids"] == image_id).sum(1) == 4).all()
+    assert batch["pixel_values"].shape == (2 * 16, 3 * 2 * 14 * 14)
+    for index, row in enumerate(rows):
+        labelled = batch["labels"][index][batch["labels"][index] != -100]
+        assert torch.equal(labelled, row["rationale_ids"])
+        assert batch["attention_mask"][index].sum() == 3 + 4 - 1 + len(row["prompt_ids"]) + len(row["rationale_ids"])
+
+
+@pytest.fixture(scope="module")
+def model_and_batch(make_config):
+    config = make_config()
+    model = SkinClipVLModel(config, device="cpu").train()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero; give every trained tensor values so all paths matter
+        for tensor in model.trained_state_dict().values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1 + (1.0 if tensor.ndim == 0 else 0.0))
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+    return model, processor(images, METADATA, reports=REPORTS, rationales=["Melanoma.", REPORTS[1]])
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss, _ = CFALoss(lambda_align=1.0, lambda_cal=1.0, lambda_gen=1.0)(model(**batch), torch.tensor([0, 1]))
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_rationale_only_lm_head_gives_the_plain_loss_and_gradients(model_and_batch):
+    model, batch = model_and_batch
+    assert batch["rationale_attention_mask"].min() == 0  # padding in the rationale is part of the check
+    optimised_loss, optimised_grads = _loss_and_grads(model, batch)
+    model.lm_head_on_all_positions = True
+    try:
+        plain_loss, plain_grads = _loss_and_grads(model, batch)
+    finally:
+        model.lm_head_on_all_positions = False
+    torch.testing.assert_close(optimised_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert set(optimised_grads) == set(plain_grads)
+    for name in optimised_grads:
+        torch.testing.assert_close(optimised_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cached_clip_features_give_the_tower_loss(model_and_batch):
+    model, batch = model_and_batch
+    tower_loss, tower_grads = _loss_and_grads(model, batch)
+    with torch.no_grad():
+        features = model.vision.patch_tokens(batch["pixel_values"])
+    cached = {k: v for k, v in batch.items() if k != "pixel_values"}
+    exact_loss, exact_grads = _loss_and_grads(model, {**cached, "vision_features": features})
+    torch.testing.assert_close(exact_loss, tower_loss, rtol=0, atol=0)
+    # The cache stores fp16: the loss moves by the rounding of the features only.
+    half_loss, _ = _loss_and_grads(model, {**cached, "vision_features": features.half()})
+    torch.testing.assert_close(half_loss, tower_loss, rtol=1e-3, atol=1e-3)
+
+
+def test_random_weight_bases_quantise_to_nf4_in_place(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    shape = bench.SHAPES["tiny"]
+    bases = bench.build_bases(shape, tmp_path)
+    assert not any(p.stat().st_size > 100_000 for p in tmp_path.rglob("*"))  # configs only, no weights written
+    config = bench.skinclip_config(shape, bases, "float32", "nf4")
+    model = SkinClipVLModel(config, device="cpu")
+    layers = [m for m in model.language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(isinstance(m.weight, bnb.nn.Params4bit) and m.weight.bnb_quantized for m in layers)
+    assert all(m.weight.dtype == torch.uint8 and m.quant_state is not None for m in layers)
+    # 4-bit packing: N counts two weights per stored byte, so it equals the unquantised count.
+    expected = sum(m.in_features * m.out_features for m in layers)
+    expected += sum(p.numel() for n, p in model.text_stack.named_parameters()
+                    if "embed_tokens" not in n and ".lora_" not in n and p.dtype != torch.uint8)
+    expected += model.language_model.get_output_embeddings().weight.numel()
+    assert bench.decoder_matmul_params(model.language_model) == expected
+    rows = bench.make_rows(shape, 2)
+    batch = bench.BenchCollator()(rows)
+    labels = batch.pop("labels")
+    outputs = model(**batch)
+    loss, _ = CFALoss()(outputs, labels)
+    assert torch.isfinite(loss)
