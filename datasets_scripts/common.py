@@ -1,0 +1,347 @@
+"""Helpers shared by the converters: CSV checks, image validation with a skip report, atomic saving.
+
+Failures name what is wrong (the file and the column, or the image id), early, instead of crashing deep inside
+training; nothing already on disk is touched until a complete output exists (temp dir + rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .metadata_text import is_missing, load_offline_descriptions
+from .splits import SPLIT_NAMES, make_splits
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff")
+DOWNSAMPLED_SUFFIX = "_downsampled"
+SKIP_REPORT_NAME = "skipped_images.csv"
+SPLITS_FILE_NAME = "splits.csv"
+MAX_SHARD_BYTES = 500 * 1024 * 1024
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, column or image id."""
+
+
+# ----------------------------------------------------------------------------------------------- CSV checks
+
+
+def read_csv(path, required_columns: Sequence[str] = (), aliases: dict[str, str] | None = None) -> pd.DataFrame:
+    """Read a CSV as strings (blank → NaN) and check its header.
+
+    ``aliases`` maps alternative header names to the canonical one (e.g. ``{"gender": "sex"}``, a variant of the
+    ISIC 2019 metadata). A missing required column raises `DataError` naming the file and the column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    table.columns = [column.strip() for column in table.columns]
+    for alias, canonical in (aliases or {}).items():
+        if alias in table.columns and canonical not in table.columns:
+            table = table.rename(columns={alias: canonical})
+    missing = [column for column in required_columns if column not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing required column(s) {missing} (found {list(table.columns)})")
+    return table
+
+
+def check_unique_ids(ids: Iterable, source) -> None:
+    """Raise `DataError` naming the duplicated id(s) and the source."""
+    series = pd.Series(list(ids))
+    duplicated = series[series.duplicated()].unique().tolist()
+    if duplicated:
+        raise DataError(f"{source}: duplicated image id(s) {duplicated[:10]}")
+
+
+def check_labels(values: Iterable, allowed: Sequence[str], ids: Iterable, source) -> None:
+    """Raise `DataError` naming the first ids whose label is outside ``allowed``."""
+    allowed_set = set(allowed)
+    bad = [(image_id, value) for image_id, value in zip(ids, values) if value not in allowed_set]
+    if bad:
+        shown = ", ".join(f"{image_id!r}: {value!r}" for image_id, value in bad[:10])
+        raise DataError(f"{source}: label(s) outside the class list {list(allowed)} for {shown}")
+
+
+def strip_downsampled(image_id: str) -> str:
+    """ISIC 2019 names 2,074 images ``<id>_downsampled``; archives and other datasets use the bare id."""
+    return image_id[: -len(DOWNSAMPLED_SUFFIX)] if image_id.endswith(DOWNSAMPLED_SUFFIX) else image_id
+
+
+def none_if_missing(value):
+    return None if is_missing(value) else value
+
+
+def to_float(value):
+    if is_missing(value):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(number) else number
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+@dataclass
+class SkipReport:
+    """Images that could not be used: (image id, path, reason). Written next to the dataset."""
+
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, image_id: str, path, reason: str) -> None:
+        self.rows.append((str(image_id), str(path), reason))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [row[0] for row in self.rows]
+
+    def write(self, path) -> None:
+        with Path(path).open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image_id", "path", "reason"])
+            writer.writerows(self.rows)
+
+
+def index_image_files(image_dirs: Sequence) -> dict[str, Path]:
+    """``{file stem: path}`` for every image file under the folders (recursive; case of names kept)."""
+    index: dict[str, Path] = {}
+    for image_dir in image_dirs:
+        image_dir = Path(image_dir)
+        if not image_dir.is_dir():
+            raise DataError(f"{image_dir}: image folder not found")
+        for path in image_dir.rglob("*"):
+            if path.suffix in IMAGE_EXTENSIONS and path.is_file():
+                index.setdefault(path.stem, path)
+    return index
+
+
+def resolve_image_paths(image_ids: Sequence[str], index: dict[str, Path], source) -> list[str]:
+    """File path per id (``<id>`` or, for ISIC 2019, the bare id without ``_downsampled``); absent → `DataError`."""
+    paths, missing = [], []
+    for image_id in image_ids:
+        path = index.get(image_id) or index.get(strip_downsampled(image_id))
+        if path is None:
+            missing.append(image_id)
+        else:
+            paths.append(str(path))
+    if missing:
+        raise DataError(f"{source}: {len(missing)} image(s) listed but absent on disk, e.g. {missing[:10]}")
+    return paths
+
+
+def image_problem(path=None, data: bytes | None = None) -> str | None:
+    """None if the file/bytes decode completely as an image, else the reason (truncated, not an image, ...)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    try:
+        with Image.open(BytesIO(data) if data is not None else path) as image:
+            image.load()  # full decode: `verify()` alone misses truncated JPEGs
+            if image.width < 1 or image.height < 1:
+                return "empty image"
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def validate_images(image_ids: Sequence[str], paths: Sequence[str], strict: bool = False, verify: bool = True) -> tuple[np.ndarray, SkipReport]:
+    """Keep-mask and skip report. ``strict`` turns the first bad image into a `DataError` naming it."""
+    report = SkipReport()
+    keep = np.ones(len(image_ids), dtype=bool)
+    if not verify:
+        return keep, report
+    for position, (image_id, path) in enumerate(tqdm(list(zip(image_ids, paths)), desc="checking images", leave=False)):
+        problem = image_problem(path)
+        if problem is not None:
+            if strict:
+                raise DataError(f"image {image_id!r} ({path}) is unusable: {problem}")
+            report.add(image_id, path, problem)
+            keep[position] = False
+    return keep, report
+
+
+# ------------------------------------------------------------------------------------ text and splitting
+
+
+def apply_offline_descriptions(table: pd.DataFrame, descriptions_path, id_column: str = "image_id") -> pd.DataFrame:
+    """Replace ``metadata_text`` by the offline description of each image that has one (others keep the template)."""
+    if descriptions_path is None:
+        return table
+    descriptions = load_offline_descriptions(descriptions_path)
+    replaced = [
+        descriptions.get(image_id) or descriptions.get(strip_downsampled(image_id)) or text
+        for image_id, text in zip(table[id_column], table["metadata_text"])
+    ]
+    return table.assign(metadata_text=replaced)
+
+
+def assign_splits(table: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
+    """Add a ``split`` column from `make_splits` on the ``label`` and ``group_id`` columns."""
+    indices = make_splits(table["label"].to_numpy(), table["group_id"].to_numpy(), val_fraction, test_fraction, seed)
+    split = np.empty(len(table), dtype=object)
+    for name, rows in indices.items():
+        split[rows] = name
+    return table.assign(split=split)
+
+
+# -------------------------------------------------------------------------------------------------- saving
+
+
+def prepare_output_dir(output_dir, overwrite: bool) -> Path:
+    """Fail before any work if the target exists and ``overwrite`` is off."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def atomic_save(dataset_dict, output_dir, overwrite: bool = False, extra_files: dict[str, object] | None = None,
+                num_shards: dict[str, int] | None = None) -> Path:
+    """``save_to_disk`` into a temp dir beside ``output_dir``, then rename: a failed run leaves the old output intact.
+
+    ``extra_files`` maps file names to a `SkipReport`, a DataFrame (written as CSV) or a string.
+    """
+    output_dir = prepare_output_dir(output_dir, overwrite)
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    old_dir = None
+    try:
+        target = temp_dir / "dataset"
+        dataset_dict.save_to_disk(str(target), num_shards=num_shards)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, SkipReport):
+                content.write(target / name)
+            elif isinstance(content, pd.DataFrame):
+                content.to_csv(target / name, index=False)
+            else:
+                (target / name).write_text(str(content), encoding="utf-8")
+        if output_dir.exists():
+            old_dir = temp_dir / "previous"
+            os.replace(output_dir, old_dir)
+        os.replace(target, output_dir)
+    except BaseException:
+        if old_dir is not None and old_dir.exists() and not output_dir.exists():
+            os.replace(old_dir, output_dir)
+        raise
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return output_dir
+
+
+def shards_for(paths: Sequence[str]) -> int:
+    """Shard count so that each saved shard holds about 500 MB of embedded image bytes."""
+    total = sum(os.path.getsize(path) for path in paths) if paths else 0
+    return max(1, int(np.ceil(total / MAX_SHARD_BYTES)))
+
+
+def build_dataset_dict(table: pd.DataFrame, features, description: str = "", image_column: str = "image"):
+    """`DatasetDict` of the three splits from a table with a ``split`` column and image file paths (or bytes).
+
+    Images stay file paths until `save_to_disk` embeds their bytes shard by shard, so a 25k-image dataset is
+    never held in memory at once.
+    """
+    from datasets import Dataset, DatasetDict, DatasetInfo
+
+    columns = list(features)
+    dataset_dict = DatasetDict()
+    for name in SPLIT_NAMES:
+        part = table[table["split"] == name]
+        records = {column: [none_if_nan(value) for value in part[column].tolist()] for column in columns}
+        dataset_dict[name] = Dataset.from_dict(records, features=features, info=DatasetInfo(description=description, features=features), split=name)
+    return dataset_dict
+
+
+def none_if_nan(value):
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
+def split_summary(dataset_dict) -> str:
+    """One line per split: row count and class counts."""
+    lines = []
+    for name, split in dataset_dict.items():
+        names = split.features["label"].names
+        counts = np.bincount(np.asarray(split["label"], dtype=int), minlength=len(names)) if len(split) else np.zeros(len(names), int)
+        lines.append(f"{name}: {len(split)} rows; " + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
+    return "\n".join(lines)
+
+
+def add_common_arguments(parser, default_val: float = 0.15, default_test: float = 0.15) -> None:
+    """Command-line options every converter shares."""
+    parser.add_argument("--output-dir", help="where the DatasetDict is saved (save_to_disk)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
+    parser.add_argument("--strict", action="store_true", help="fail on the first truncated/non-image file instead of skipping it")
+    parser.add_argument("--no-verify-images", dest="verify_images", action="store_false", help="skip the full decode check of every image")
+    parser.add_argument("--descriptions", default=None, help="offline descriptions (JSONL or CSV: image_id,text) replacing the template text")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=default_val)
+    parser.add_argument("--test-fraction", type=float, default=default_test)
+    parser.add_argument("--train-fraction", type=float, default=1.0, help="stratified fraction of the TRAIN split kept (e.g. 0.12)")
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+
+def apply_train_fraction(table: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Drop train rows outside a stratified ``fraction`` of the train split (validation/test untouched)."""
+    from .splits import subsample_indices
+
+    if fraction >= 1.0:
+        return table
+    train_positions = np.flatnonzero(table["split"].to_numpy() == "train")
+    kept = train_positions[subsample_indices(table["label"].to_numpy()[train_positions], fraction, seed)]
+    keep = table["split"].to_numpy() != "train"
+    keep[kept] = True
+    return table[keep]
+
+
+def finish_conversion(table: pd.DataFrame, features, *, output_dir=None, overwrite: bool = False, strict: bool = False,
+                      verify_images: bool = True, descriptions=None, val_fraction: float = 0.15,
+                      test_fraction: float = 0.15, seed: int = 0, train_fraction: float = 1.0, description: str = "",
+                      image_problems: dict[str, str] | None = None):
+    """Shared tail of every file-based converter.
+
+    ``table`` has one row per image with the columns of ``features`` (``image`` holding file paths and ``label``
+    holding class indices) and optionally a ``split`` column (official splits, e.g. Derm7pt). Steps: offline
+    descriptions → image check (skip report / ``strict``) → grouped stratified splits → ``train_fraction`` →
+    `DatasetDict` → atomic save with ``skipped_images.csv`` and ``splits.csv`` beside it.
+    """
+    if output_dir is not None:
+        prepare_output_dir(output_dir, overwrite)
+    table = apply_offline_descriptions(table.reset_index(drop=True), descriptions)
+    keep, report = validate_images(table["image_id"].tolist(), table["image"].tolist(), strict=strict, verify=verify_images)
+    table = table[keep].reset_index(drop=True)
+    if len(table) == 0:
+        raise DataError("no usable image left after the image check (see the skip report)")
+    if "split" not in table.columns:
+        table = assign_splits(table, val_fraction, test_fraction, seed)
+    table = apply_train_fraction(table, train_fraction, seed).reset_index(drop=True)
+    dataset_dict = build_dataset_dict(table, features, description=description)
+    if output_dir is not None:
+        paths = {name: table.loc[table["split"] == name, "image"].tolist() for name in SPLIT_NAMES}
+        atomic_save(
+            dataset_dict,
+            output_dir,
+            overwrite=overwrite,
+            extra_files={SKIP_REPORT_NAME: report, SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]]},
+            num_shards={name: min(shards_for(paths[name]), max(1, len(paths[name]))) for name in SPLIT_NAMES},
+        )
+    dataset_dict.skip_report = report  # read by the CLIs and tests; not saved by save_to_disk
+    return dataset_dict

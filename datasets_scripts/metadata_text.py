@@ -1,0 +1,156 @@
+"""Metadata → prompt text: deterministic, bias-free templates; missing values are left out, never invented.
+
+The template reads like "A lesion on the posterior torso of a male patient aged about 55." Only the fields a
+clinician has before the diagnosis go in (age, sex, body site, and a few observations passed as ``extra``);
+converters never pass label-derived columns here (see README.md, "Leak columns").
+
+Offline descriptions: a file written once, offline (e.g. by an LLM rewriting the template text), can replace the
+template per image so training never calls a model for it. Two formats are read by
+`load_offline_descriptions`:
+
+* JSON Lines (``.jsonl``): one object per line, ``{"image_id": "ISIC_0000000", "text": "..."}``;
+* CSV (``.csv``): a header with the columns ``image_id`` and ``text``.
+
+Ids must be unique and texts non-blank; an error names the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+NEUTRAL_TEXT = "A skin lesion."
+
+_UNKNOWN = {"", "unknown", "unk", "nan", "none", "null", "n/a", "na", "missing", "?"}
+
+_SEX_WORDS = {"male": "male", "m": "male", "man": "male", "female": "female", "f": "female", "woman": "female"}
+
+# Readable wording for the site names the datasets use (ISIC "head/neck", Derm7pt "head neck", ...).
+_SITE_WORDS = {
+    "head/neck": "head or neck",
+    "head neck": "head or neck",
+    "oral/genital": "oral or genital area",
+    "palms/soles": "palms or soles",
+    "acral": "acral skin",
+    "genital areas": "genital area",
+    "genital": "genital area",
+}
+
+# Phrasing of the optional extra observations; other keys are written as "<key with spaces>: <value>."
+_EXTRA_TEMPLATES = {
+    "elevation": "The lesion is {value}.",
+    "diameter_mm": "Its longest diameter is about {value} mm.",
+}
+
+
+def is_missing(value) -> bool:
+    """True for None, NaN, blank strings and 'unknown'-like placeholders."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return str(value).strip().lower() in _UNKNOWN
+
+
+def _format_age(age) -> str | None:
+    if is_missing(age):
+        return None
+    try:
+        number = float(age)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(number) or number < 0:
+        return None
+    return str(int(round(number)))
+
+
+def _format_number(value) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value).strip()
+    return f"{number:.1f}".rstrip("0").rstrip(".")
+
+
+def describe_metadata(age=None, sex=None, site=None, **extra) -> str:
+    """Prompt sentence from the known metadata; unknown fields are omitted, never guessed.
+
+    >>> describe_metadata(age=55, sex="male", site="posterior torso")
+    'A lesion on the posterior torso of a male patient aged about 55.'
+    >>> describe_metadata(age=None, sex="unknown", site="")
+    'A skin lesion.'
+
+    ``extra`` holds further allowed observations in the caller's order (e.g. ``elevation="palpable"``,
+    ``diameter_mm=9.3``); each known one becomes its own short sentence.
+    """
+    age_text = _format_age(age)
+    sex_text = None if is_missing(sex) else _SEX_WORDS.get(str(sex).strip().lower())
+    site_text = None
+    if not is_missing(site):
+        site_key = str(site).strip().lower().replace("_", " ")
+        site_text = _SITE_WORDS.get(site_key, site_key)
+
+    sentences = []
+    if age_text or sex_text or site_text:
+        sentence = "A lesion"
+        if site_text:
+            sentence += f" on the {site_text}"
+        if sex_text or age_text:
+            sentence += f" of a {sex_text} patient" if sex_text else " of a patient"
+            if age_text:
+                sentence += f" aged about {age_text}"
+        sentences.append(sentence + ".")
+    for key, value in extra.items():
+        if is_missing(value):
+            continue
+        template = _EXTRA_TEMPLATES.get(key)
+        if template is None:
+            sentences.append(f"{key.replace('_', ' ').capitalize()}: {str(value).strip()}.")
+        else:
+            shown = _format_number(value) if key.endswith("_mm") else str(value).strip().lower()
+            sentences.append(template.format(value=shown))
+    if not sentences:
+        return NEUTRAL_TEXT
+    if not (age_text or sex_text or site_text):
+        sentences.insert(0, NEUTRAL_TEXT)
+    return " ".join(sentences)
+
+
+def load_offline_descriptions(path) -> dict[str, str]:
+    """Read offline-written descriptions (JSONL or CSV with ``image_id`` and ``text``) into ``{image_id: text}``."""
+    path = Path(path)
+    rows: list[tuple[int, dict]] = []
+    if path.suffix.lower() in {".jsonl", ".json"}:
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {line_number} is not valid JSON ({error})") from error
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}: line {line_number} is not a JSON object")
+                rows.append((line_number, record))
+    elif path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for column in ("image_id", "text"):
+                if column not in (reader.fieldnames or []):
+                    raise ValueError(f"{path}: missing required column {column!r}")
+            rows.extend((line_number, record) for line_number, record in enumerate(reader, start=2))
+    else:
+        raise ValueError(f"{path}: offline descriptions must be .jsonl or .csv, got {path.suffix!r}")
+
+    descriptions: dict[str, str] = {}
+    for line_number, record in rows:
+        image_id, text = record.get("image_id"), record.get("text")
+        if is_missing(image_id) or text is None or not str(text).strip():
+            raise ValueError(f"{path}: line {line_number} needs a non-empty 'image_id' and 'text'")
+        image_id = str(image_id).strip()
+        if image_id in descriptions:
+            raise ValueError(f"{path}: line {line_number} repeats image_id {image_id!r}")
+        descriptions[image_id] = str(text).strip()
+    return descriptions
