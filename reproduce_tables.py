@@ -291,8 +291,9 @@ def run_all(names: list[str], plan: Plan, launcher: str, force: bool = False, co
         if target not in done:
             run = RUNS[target]
             started = time.time()
-            if collect_only:
-                status = "reused" if is_complete(run, plan) else "not run"
+            if collect_only:  # files trained elsewhere (other paths, a cluster): their presence is enough
+                run_dir = plan.run_dir(target)
+                status = "reused" if all((run_dir / f).is_file() for f in required_files(run)) else "not run"
             elif is_complete(run, plan) and not force:
                 status = "reused"
             else:
