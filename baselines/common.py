@@ -30,7 +30,23 @@ def parse_config(argv: Sequence[str], dataclass_types: tuple) -> tuple:
             raise ValueError(f"override {override!r} must look like --field=value")
         key, value = override[2:].split("=", 1)
         values[key] = yaml.safe_load(value)
-    return parser.parse_dict(values, allow_extra_keys=False)
+    return parser.parse_dict(_numbers_from_strings(values, dataclass_types), allow_extra_keys=False)
+
+
+def _numbers_from_strings(values: dict, dataclass_types: tuple) -> dict:
+    """YAML 1.1 reads ``3e-3`` (no dot) as a string: turn such strings into the float/int a field declares."""
+    import dataclasses
+
+    kinds = {f.name: f.type for cls in dataclass_types for f in dataclasses.fields(cls)}
+    converted = dict(values)
+    for key, value in values.items():
+        kind = kinds.get(key)
+        if isinstance(value, str) and kind in (float, "float", int, "int"):
+            try:
+                converted[key] = float(value) if kind in (float, "float") else int(value)
+            except ValueError as error:
+                raise ValueError(f"{key}: {value!r} is not a number") from error
+    return converted
 
 
 def load_data(data_args, seed: int):
