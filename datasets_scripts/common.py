@@ -283,7 +283,7 @@ def split_summary(dataset_dict) -> str:
     return "\n".join(lines)
 
 
-def add_common_arguments(parser, default_val: float = 0.15, default_test: float = 0.15) -> None:
+def add_common_arguments(parser, default_val: float = 0.15, default_test: float = 0.15, random_splits: bool = True) -> None:
     """Command-line options every converter shares."""
     parser.add_argument("--output-dir", help="where the DatasetDict is saved (save_to_disk)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
@@ -291,8 +291,9 @@ def add_common_arguments(parser, default_val: float = 0.15, default_test: float 
     parser.add_argument("--no-verify-images", dest="verify_images", action="store_false", help="skip the full decode check of every image")
     parser.add_argument("--descriptions", default=None, help="offline descriptions (JSONL or CSV: image_id,text) replacing the template text")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-fraction", type=float, default=default_val)
-    parser.add_argument("--test-fraction", type=float, default=default_test)
+    if random_splits:
+        parser.add_argument("--val-fraction", type=float, default=default_val)
+        parser.add_argument("--test-fraction", type=float, default=default_test)
     parser.add_argument("--train-fraction", type=float, default=1.0, help="stratified fraction of the TRAIN split kept (e.g. 0.12)")
 
 
