@@ -223,6 +223,10 @@ def atomic_save(dataset_dict, output_dir, overwrite: bool = False, extra_files: 
     old_dir = None
     try:
         target = temp_dir / "dataset"
+        num_shards = dict(num_shards or {})
+        for name, split in dataset_dict.items():
+            if len(split) == 0:
+                num_shards[name] = 1  # zero shards would not load back
         dataset_dict.save_to_disk(str(target), num_shards=num_shards)
         for name, content in (extra_files or {}).items():
             if isinstance(content, SkipReport):

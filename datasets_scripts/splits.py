@@ -22,7 +22,11 @@ def _hold_out_one_fold(labels: np.ndarray, groups: np.ndarray, fraction: float, 
     n_groups = len(np.unique(groups))
     if fraction <= 0 or n_groups < 2:
         return positions, positions[:0]
-    n_splits = min(max(2, int(round(1.0 / fraction))), n_groups)
+    # Small samples: scikit-learn refuses more folds than groups, or than members of the largest class.
+    largest_class = np.unique(labels, return_counts=True)[1].max()
+    n_splits = min(max(2, int(round(1.0 / fraction))), n_groups, largest_class)
+    if n_splits < 2:
+        return positions, positions[:0]
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # "The least populated class has only k members": expected for rare classes in small samples.

@@ -1,0 +1,217 @@
+"""ISIC 2024 (SLICE-3D) → binary `DatasetDict` for out-of-distribution evaluation of an ISIC 2019 model.
+
+Layout (Kaggle "ISIC 2024 - Skin Cancer Detection with 3D-TBP")::
+
+    train-metadata.csv    isic_id,target,patient_id,age_approx,sex,anatom_site_general,clin_size_long_diam_mm,...
+    train-image.hdf5      one dataset per isic_id holding the JPEG bytes of the tile
+
+Classes: benign (0), malignant (1) from ``target``. Columns that exist only for training leak the label and are
+dropped before anything else: ``target`` (kept only as ``label``), ``lesion_id`` (filled almost only for
+malignant lesions: even its presence leaks), every ``iddx_*`` and ``mel_*`` column and
+``tbp_lv_dnn_lesion_confidence``. The prompt uses age, sex, body site and the longest diameter. Rows are
+grouped by ``patient_id``. Images stream from the HDF5 file into the saved dataset (never all in memory).
+
+Scoring an ISIC 2019 model: P(malignant) = P(MEL) + P(BCC) + P(SCC) (`malignant_probability`). AK counts as
+benign by default, matching SLICE-3D, whose ``target`` is 0 for actinic keratoses (an indeterminate/pre-malignant
+lesion); pass ``ak_malignant=True`` for the stricter reading.
+
+    python -m datasets_scripts.isic2024 --metadata-csv train-metadata.csv --hdf5 train-image.hdf5 --output-dir data/isic2024 --ood-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .common import (
+    SKIP_REPORT_NAME,
+    SPLITS_FILE_NAME,
+    DataError,
+    SkipReport,
+    add_common_arguments,
+    apply_offline_descriptions,
+    apply_train_fraction,
+    assign_splits,
+    atomic_save,
+    check_labels,
+    check_unique_ids,
+    image_problem,
+    none_if_missing,
+    prepare_output_dir,
+    read_csv,
+    split_summary,
+    to_float,
+)
+from .metadata_text import describe_metadata
+from .splits import SPLIT_NAMES, unique_groups
+
+CLASS_NAMES = ["benign", "malignant"]
+MALIGNANT_CLASSES = ("MEL", "BCC", "SCC")
+LEAK_COLUMNS = ["target", "lesion_id", "iddx_full", "tbp_lv_dnn_lesion_confidence"]
+LEAK_PREFIXES = ("iddx_", "mel_")
+STRING_COLUMNS = [
+    "patient_id", "sex", "anatom_site_general", "image_type", "tbp_tile_type", "tbp_lv_location",
+    "tbp_lv_location_simple", "attribution", "copyright_license",
+]
+REPORTS = {
+    0: "Diagnosis: benign skin lesion, seen as a crop of a 3D total-body photograph.",
+    1: "Diagnosis: malignant skin lesion (melanoma, basal cell carcinoma or squamous cell carcinoma), seen as a crop "
+    "of a 3D total-body photograph.",
+}
+
+
+def is_leak_column(column: str) -> bool:
+    return column in LEAK_COLUMNS or column.startswith(LEAK_PREFIXES)
+
+
+def malignant_probability(probabilities, class_names, ak_malignant: bool = False) -> np.ndarray:
+    """P(malignant) from an ISIC 2019 model's class probabilities ``(n, n_classes)``: sum over MEL, BCC, SCC (+AK)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    malignant = set(MALIGNANT_CLASSES) | ({"AK"} if ak_malignant else set())
+    columns = [index for index, name in enumerate(class_names) if name in malignant]
+    if not columns:
+        raise ValueError(f"none of {sorted(malignant)} is among the classes {list(class_names)}")
+    return probabilities[:, columns].sum(axis=1)
+
+
+def load_table(metadata_csv) -> pd.DataFrame:
+    """Checked table without the leak columns; ``label`` from ``target``; no images read."""
+    meta = read_csv(metadata_csv, ["isic_id", "target", "patient_id"])
+    check_unique_ids(meta["isic_id"], metadata_csv)
+    check_labels(meta["target"].str.strip(), ["0", "1"], meta["isic_id"], metadata_csv)
+    labels = meta["target"].astype(int).to_numpy()
+    allowed = [column for column in meta.columns if not is_leak_column(column) and column != "isic_id"]
+    table = pd.DataFrame({"image_id": meta["isic_id"], "label": labels})
+    for column in allowed:
+        if column in STRING_COLUMNS:
+            table[column] = [none_if_missing(value) for value in meta[column]]
+        else:
+            table[column] = [to_float(value) for value in meta[column]]
+    table["group_id"] = unique_groups(table["patient_id"], table["image_id"])
+    table["metadata_text"] = [
+        describe_metadata(age=row.get("age_approx"), sex=row.get("sex"), site=row.get("anatom_site_general"), diameter_mm=row.get("clin_size_long_diam_mm"))
+        for row in table.to_dict("records")
+    ]
+    table["report"] = [REPORTS[label] for label in labels]
+    return table
+
+
+def features(table: pd.DataFrame):
+    from datasets import ClassLabel, Features, Image, Value
+
+    columns = {
+        "image_id": Value("string"),
+        "image": Image(),
+        "label": ClassLabel(names=CLASS_NAMES),
+        "metadata_text": Value("string"),
+        "report": Value("string"),
+        "group_id": Value("string"),
+    }
+    for column in table.columns:
+        if column not in columns and column != "split":
+            columns[column] = Value("string") if column in STRING_COLUMNS else Value("float32")
+    return Features(columns)
+
+
+def _read_image_bytes(handle, image_id: str) -> bytes:
+    value = handle[image_id][()]
+    return value.tobytes() if hasattr(value, "tobytes") else bytes(value)
+
+
+def _generate_rows(table_path: str, hdf5_path: str):
+    import h5py
+
+    table = pd.read_parquet(table_path)
+    with h5py.File(hdf5_path, "r") as handle:
+        for row in table.to_dict("records"):
+            image_id = row["image_id"]
+            row["image"] = {"bytes": _read_image_bytes(handle, image_id), "path": f"{image_id}.jpg"}
+            yield {key: (None if isinstance(value, float) and np.isnan(value) else value) for key, value in row.items()}
+
+
+def convert(metadata_csv, hdf5_path, output_dir=None, *, ood_only: bool = False, overwrite: bool = False,
+            strict: bool = False, verify_images: bool = True, descriptions=None, val_fraction: float = 0.15,
+            test_fraction: float = 0.15, seed: int = 0, train_fraction: float = 1.0):
+    """Convert ``train-metadata.csv`` + HDF5; ``ood_only`` puts every row in ``test`` (train/validation empty)."""
+    import h5py
+    from datasets import Dataset, DatasetDict, DatasetInfo
+
+    if output_dir is not None:
+        prepare_output_dir(output_dir, overwrite)
+    table = apply_offline_descriptions(load_table(metadata_csv), descriptions)
+    report = SkipReport()
+    keep = np.ones(len(table), dtype=bool)
+    with h5py.File(hdf5_path, "r") as handle:
+        missing = [image_id for image_id in table["image_id"] if image_id not in handle]
+        if missing:
+            raise DataError(f"{hdf5_path}: {len(missing)} image(s) listed in {metadata_csv} but absent, e.g. {missing[:10]}")
+        if verify_images:
+            for position, image_id in enumerate(tqdm(table["image_id"], desc="checking images", leave=False)):
+                problem = image_problem(data=_read_image_bytes(handle, image_id))
+                if problem is not None:
+                    if strict:
+                        raise DataError(f"image {image_id!r} in {hdf5_path} is unusable: {problem}")
+                    report.add(image_id, f"{hdf5_path}:{image_id}", problem)
+                    keep[position] = False
+    table = table[keep].reset_index(drop=True)
+    if len(table) == 0:
+        raise DataError("no usable image left after the image check (see the skip report)")
+    table = table.assign(split="test") if ood_only else assign_splits(table, val_fraction, test_fraction, seed)
+    table = apply_train_fraction(table, train_fraction, seed).reset_index(drop=True)
+
+    schema = features(table)
+    info = DatasetInfo(description="ISIC 2024 SLICE-3D (3D-TBP tile crops), binary benign/malignant, for OOD evaluation; "
+                       "label-leaking columns (target, lesion_id, iddx_*, mel_*, tbp_lv_dnn_lesion_confidence) dropped. CC-BY-NC.", features=schema)
+    work_dir = Path(tempfile.mkdtemp(prefix=".isic2024-build-", dir=Path(output_dir).parent if output_dir else None))
+    dataset_dict = DatasetDict()
+    for name in SPLIT_NAMES:
+        part = table[table["split"] == name].drop(columns="split")
+        part_path = work_dir / f"{name}.parquet"
+        part.to_parquet(part_path)
+        if len(part) == 0:
+            dataset_dict[name] = Dataset.from_dict({column: [] for column in schema}, features=schema, info=info, split=name)
+        else:
+            dataset_dict[name] = Dataset.from_generator(
+                _generate_rows, features=schema, gen_kwargs={"table_path": str(part_path), "hdf5_path": str(hdf5_path)},
+                cache_dir=str(work_dir / "cache"), split=name,
+            )
+            dataset_dict[name].info.description = info.description
+    if output_dir is not None:
+        try:
+            atomic_save(dataset_dict, output_dir, overwrite=overwrite,
+                        extra_files={SKIP_REPORT_NAME: report, SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]]})
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        from datasets import load_from_disk
+
+        dataset_dict = load_from_disk(str(output_dir))
+    dataset_dict.skip_report = report
+    return dataset_dict
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m datasets_scripts.isic2024", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--metadata-csv", required=True, help="train-metadata.csv")
+    parser.add_argument("--hdf5", required=True, help="train-image.hdf5 (isic_id → JPEG bytes)")
+    parser.add_argument("--ood-only", action="store_true", help="every row in the test split (OOD evaluation)")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.output_dir:
+        parser.error("--output-dir is required")
+    dataset_dict = convert(
+        args.metadata_csv, args.hdf5, args.output_dir, ood_only=args.ood_only, overwrite=args.overwrite, strict=args.strict,
+        verify_images=args.verify_images, descriptions=args.descriptions, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, train_fraction=args.train_fraction,
+    )
+    print(split_summary(dataset_dict))
+    print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
