@@ -14,6 +14,7 @@ image processor, model card) in ``output_dir``; Trainer's ``push_to_hub`` option
 from __future__ import annotations
 
 import json
+import re
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -80,13 +81,34 @@ class DataArguments:
     train_fraction: float = field(default=1.0, metadata={"help": "Stratified subsample of train (0.12 = paper's 12%)."})
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `save_strategy: no` as False."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# YAML 1.1 needs a dot in a float, so `3e-3` would stay a string and reach the optimizer as one.
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _read_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def load_yaml_config(path: Path, _seen: tuple = ()) -> dict:
     """Read a training YAML; ``extends: other.yaml`` (relative to this file) is read first and overridden."""
     if not path.is_file():
         raise FileNotFoundError(f"training config {path} does not exist")
     if path.resolve() in _seen:
         raise ValueError(f"training config {path} extends itself through {[str(p) for p in _seen]}")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = _read_yaml(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"training config {path} must be a mapping of field: value")
     parent = values.pop("extends", None)
@@ -104,7 +126,7 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, CFA
         if not override.startswith("--") or "=" not in override:
             raise ValueError(f"override {override!r} must look like --field=value")
         key, value = override[2:].split("=", 1)
-        values[key] = yaml.safe_load(value)
+        values[key] = _read_yaml(value)
     return parser.parse_dict(values, allow_extra_keys=False)
 
 
