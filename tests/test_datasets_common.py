@@ -1,0 +1,237 @@
+"""Shared pieces of datasets_scripts: metadata text, splits, bad input, atomic saving, the demo set."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from datasets_scripts import isic2019
+from datasets_scripts.common import DataError, read_csv
+from datasets_scripts.demo import DEMO_CLASSES, build_demo_dataset
+from datasets_scripts.metadata_text import NEUTRAL_TEXT, describe_metadata, load_offline_descriptions
+from datasets_scripts.splits import make_splits, subsample_train
+
+# ----------------------------------------------------------------------------------------- metadata text
+
+
+def test_template_full_and_contract_example():
+    assert describe_metadata(age=55, sex="male", site="posterior torso") == "A lesion on the posterior torso of a male patient aged about 55."
+    assert describe_metadata(age=55.0, sex="FEMALE", site="head/neck") == "A lesion on the head or neck of a female patient aged about 55."
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(age=None, sex="male", site="back"), "A lesion on the back of a male patient."),
+        (dict(age=float("nan"), sex="", site="back"), "A lesion on the back."),
+        (dict(age=40, sex="unknown", site=None), "A lesion of a patient aged about 40."),
+        (dict(age="", sex="female", site="nan"), "A lesion of a female patient."),
+        (dict(age=None, sex=None, site=None), NEUTRAL_TEXT),
+        (dict(age="  ", sex="Unknown", site="unknown"), NEUTRAL_TEXT),
+        (dict(), NEUTRAL_TEXT),
+    ],
+)
+def test_template_leaves_out_blank_fields(kwargs, expected):
+    assert describe_metadata(**kwargs) == expected
+
+
+def test_template_extras_and_determinism():
+    text = describe_metadata(sex="male", site="lower limbs", elevation="Palpable", diameter_mm=3.14159, elevation_note=None)
+    assert text == "A lesion on the lower limbs of a male patient. The lesion is palpable. Its longest diameter is about 3.1 mm."
+    assert describe_metadata(elevation="flat") == "A skin lesion. The lesion is flat."
+    assert describe_metadata(age=55, sex="male", site="palms/soles") == describe_metadata(age=55, sex="male", site="palms/soles")
+
+
+def test_offline_descriptions_jsonl_and_csv(tmp_path):
+    jsonl = tmp_path / "descriptions.jsonl"
+    jsonl.write_text(json.dumps({"image_id": "ISIC_0000000", "text": "Rewritten."}) + "\n\n" + json.dumps({"image_id": "ISIC_0000001", "text": "Other."}) + "\n")
+    assert load_offline_descriptions(jsonl) == {"ISIC_0000000": "Rewritten.", "ISIC_0000001": "Other."}
+    csv_path = tmp_path / "descriptions.csv"
+    pd.DataFrame({"image_id": ["a"], "text": ["x"]}).to_csv(csv_path, index=False)
+    assert load_offline_descriptions(csv_path) == {"a": "x"}
+    jsonl.write_text(json.dumps({"image_id": "a", "text": "x"}) + "\n" + json.dumps({"image_id": "a", "text": "y"}) + "\n")
+    with pytest.raises(ValueError, match="line 2 repeats image_id 'a'"):
+        load_offline_descriptions(jsonl)
+    pd.DataFrame({"image_id": ["a"], "description": ["x"]}).to_csv(csv_path, index=False)
+    with pytest.raises(ValueError, match="'text'"):
+        load_offline_descriptions(csv_path)
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def test_make_splits_seeded_grouped_stratified():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(4, size=2000, p=[0.5, 0.3, 0.15, 0.05])
+    groups = np.array([f"g{index // 3}" for index in range(2000)])  # groups of 3 rows; one class per group
+    labels = labels[np.arange(2000) // 3 * 3]
+    first = make_splits(labels, groups, 0.15, 0.15, seed=3)
+    again = make_splits(labels, groups, 0.15, 0.15, seed=3)
+    other = make_splits(labels, groups, 0.15, 0.15, seed=4)
+    assert all(np.array_equal(first[name], again[name]) for name in first)
+    assert not np.array_equal(first["test"], other["test"])
+    seen = {name: set(groups[rows]) for name, rows in first.items()}
+    assert not (seen["train"] & seen["validation"] or seen["train"] & seen["test"] or seen["validation"] & seen["test"])
+    overall = np.bincount(labels, minlength=4) / len(labels)
+    for rows in first.values():
+        assert np.abs(np.bincount(labels[rows], minlength=4) / len(rows) - overall).max() < 0.03
+
+
+def test_subsample_train_only_and_stratified():
+    dataset = build_demo_dataset(num_per_class=25, image_size=16, seed=0)
+    train = dataset["train"]
+    small = subsample_train(train, 0.12, seed=0)
+    counts_before = np.bincount(train["label"], minlength=4)
+    counts_after = np.bincount(small["label"], minlength=4)
+    assert (counts_after == np.maximum(1, np.round(0.12 * counts_before))).all()
+    assert subsample_train(train, 0.12, seed=0)["image_id"] == small["image_id"]
+    positions = subsample_train(np.repeat([0, 1], [100, 900]), 0.12, seed=1)
+    assert np.bincount(np.repeat([0, 1], [100, 900])[positions]).tolist() == [12, 108]
+    with pytest.raises(ValueError, match="train_fraction"):
+        subsample_train(train, 0.0)
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def tiny_isic(shared_data, tmp_path):
+    """Official ISIC 2019 layout for 12 real rows with stand-in images."""
+    root = tmp_path / "isic"
+    (root / isic2019.IMAGE_DIR).mkdir(parents=True)
+    truth = pd.read_csv(shared_data / "isic2019" / isic2019.GROUND_TRUTH_FILE, dtype=str).iloc[:12]
+    metadata = pd.read_csv(shared_data / "isic2019" / isic2019.METADATA_FILE, dtype=str).iloc[:12]
+    truth.to_csv(root / isic2019.GROUND_TRUTH_FILE, index=False)
+    metadata.to_csv(root / isic2019.METADATA_FILE, index=False)
+    for image_id in truth["image"]:
+        Image.new("RGB", (8, 8), (180, 120, 90)).save(root / isic2019.IMAGE_DIR / f"{image_id}.jpg")
+    return root, truth, metadata
+
+
+def test_missing_column_names_file_and_column(tiny_isic):
+    root, truth, _ = tiny_isic
+    truth.drop(columns=["BKL"]).to_csv(root / isic2019.GROUND_TRUTH_FILE, index=False)
+    with pytest.raises(DataError, match=r"ISIC_2019_Training_GroundTruth\.csv: missing required column\(s\) \['BKL'\]"):
+        isic2019.convert(root, root / "out")
+    other = root / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match=r"other\.csv: missing required column\(s\) \['nope'\]"):
+        read_csv(other, ["a", "nope"])
+
+
+def test_label_outside_class_list_names_the_id(tiny_isic):
+    root, truth, _ = tiny_isic
+    truth.loc[3, isic2019.CLASS_NAMES] = "0.0"
+    truth.loc[3, "UNK"] = "1.0"
+    truth.to_csv(root / isic2019.GROUND_TRUTH_FILE, index=False)
+    with pytest.raises(DataError, match=truth.loc[3, "image"]):
+        isic2019.convert(root, root / "out")
+
+
+def test_duplicated_id_named(tiny_isic):
+    root, truth, _ = tiny_isic
+    pd.concat([truth, truth.iloc[[5]]]).to_csv(root / isic2019.GROUND_TRUTH_FILE, index=False)
+    with pytest.raises(DataError, match=f"duplicated image id.*{truth.loc[5, 'image']}"):
+        isic2019.convert(root, root / "out")
+
+
+def test_image_absent_on_disk_named(tiny_isic):
+    root, truth, _ = tiny_isic
+    (root / isic2019.IMAGE_DIR / f"{truth.loc[7, 'image']}.jpg").unlink()
+    with pytest.raises(DataError, match=f"absent on disk.*{truth.loc[7, 'image']}"):
+        isic2019.convert(root, root / "out")
+
+
+def test_truncated_and_non_image_files_skipped_or_strict(tiny_isic):
+    from datasets import load_from_disk
+
+    root, truth, _ = tiny_isic
+    truncated, not_image = truth.loc[2, "image"], truth.loc[9, "image"]
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(root / isic2019.IMAGE_DIR / f"{truncated}.jpg", quality=95)
+    data = (root / isic2019.IMAGE_DIR / f"{truncated}.jpg").read_bytes()
+    (root / isic2019.IMAGE_DIR / f"{truncated}.jpg").write_bytes(data[: len(data) // 2])
+    (root / isic2019.IMAGE_DIR / f"{not_image}.jpg").write_text("<html>not an image</html>")
+
+    dataset = isic2019.convert(root, root / "out", val_fraction=0.2, test_fraction=0.2)
+    assert sorted(dataset.skip_report.image_ids) == sorted([truncated, not_image])
+    skipped = pd.read_csv(root / "out" / "skipped_images.csv")
+    assert sorted(skipped["image_id"]) == sorted([truncated, not_image])
+    loaded = load_from_disk(str(root / "out"))
+    assert sum(len(split) for split in loaded.values()) == 10
+    for split in loaded.values():
+        for row in split:  # every kept row decodes: no crash deep inside training
+            assert row["image"].size == (8, 8)
+
+    with pytest.raises(DataError, match=f"{truncated}|{not_image}"):
+        isic2019.convert(root, root / "strict", strict=True)
+    assert not (root / "strict").exists()
+
+
+def test_failed_run_leaves_previous_output_intact(tiny_isic):
+    from datasets import load_from_disk
+
+    root, truth, _ = tiny_isic
+    isic2019.convert(root, root / "out", val_fraction=0.2, test_fraction=0.2)
+    before = sorted((root / "out").rglob("*"))
+    with pytest.raises(FileExistsError):
+        isic2019.convert(root, root / "out")
+    (root / isic2019.IMAGE_DIR / f"{truth.loc[0, 'image']}.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError):
+        isic2019.convert(root, root / "out", overwrite=True, strict=True)
+    assert sorted((root / "out").rglob("*")) == before
+    assert sum(len(split) for split in load_from_disk(str(root / "out")).values()) == 12
+    assert not [path for path in root.iterdir() if path.name.startswith(".out.tmp-")]
+
+
+def test_offline_descriptions_replace_template(tiny_isic):
+    root, truth, _ = tiny_isic
+    descriptions = root / "descriptions.jsonl"
+    descriptions.write_text(json.dumps({"image_id": truth.loc[0, "image"], "text": "An offline text."}) + "\n")
+    dataset = isic2019.convert(root, None, descriptions=descriptions, val_fraction=0.2, test_fraction=0.2, verify_images=False)
+    texts = {row["image_id"]: row["metadata_text"] for split in dataset.values() for row in split.select_columns(["image_id", "metadata_text"])}
+    assert texts[truth.loc[0, "image"]] == "An offline text."
+    assert texts[truth.loc[1, "image"]] == "A lesion on the anterior torso of a female patient aged about 30."
+
+
+# ------------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_schema_determinism_and_groups(tmp_path):
+    from datasets import load_from_disk
+
+    first = build_demo_dataset(num_per_class=24, image_size=32, seed=0, output_dir=str(tmp_path / "demo"))
+    again = build_demo_dataset(num_per_class=24, image_size=32, seed=0)
+    assert sorted(first) == ["test", "train", "validation"]
+    assert first["train"].features["label"].names == DEMO_CLASSES
+    for name in first:
+        assert first[name]["image_id"] == again[name]["image_id"]
+        assert first[name]["metadata_text"] == again[name]["metadata_text"]
+    assert np.array_equal(np.asarray(first["train"][0]["image"]), np.asarray(again["train"][0]["image"]))
+    assert sum(len(split) for split in first.values()) == 96
+    all_groups = [group for split in first.values() for group in split["group_id"]]
+    assert pd.Series(all_groups).value_counts().max() == 2
+    seen = {name: set(split["group_id"]) for name, split in first.items()}
+    assert not (seen["train"] & seen["validation"] or seen["train"] & seen["test"] or seen["validation"] & seen["test"])
+    for split in first.values():
+        assert set(split["label"]) == set(range(4))
+    loaded = load_from_disk(str(tmp_path / "demo"))
+    assert loaded["train"][0]["report"].startswith("Diagnosis: ")
+
+
+def test_demo_classes_learnable_from_image():
+    """A nearest-centroid rule on mean colour already separates the classes: a tiny model can learn them."""
+    dataset = build_demo_dataset(num_per_class=24, image_size=32, seed=1)
+
+    def colour_features(split):
+        images = np.stack([np.asarray(image, dtype=np.float32) for image in split["image"]])
+        dark = images.mean(axis=3) < 120
+        return np.concatenate([images.mean(axis=(1, 2)), images.std(axis=(1, 2)), dark.mean(axis=(1, 2))[:, None] * 255], axis=1)
+
+    train_x, train_y = colour_features(dataset["train"]), np.asarray(dataset["train"]["label"])
+    test_x, test_y = colour_features(dataset["test"]), np.asarray(dataset["test"]["label"])
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(max_iter=2000).fit(train_x, train_y)
+    assert (model.predict(test_x) == test_y).mean() >= 0.85
