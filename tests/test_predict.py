@@ -147,3 +147,24 @@ def test_heatmap_overlay_follows_attention():
     overlay = np.asarray(predict.heatmap_overlay(image, attention)).astype(int)
     # jet maps the peak to red and zero attention to blue: top-left is redder than bottom-right.
     assert overlay[2, 2, 0] > overlay[37, 37, 0] and overlay[2, 2, 2] < overlay[37, 37, 2]
+
+
+def test_calibrated_checkpoint_prints_prediction_set(checkpoint, shared_data, tmp_path, capsys):
+    import shutil
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(checkpoint, calibrated)
+    (calibrated / "calibration.json").write_text(json.dumps(
+        {"temperature": 2.0, "conformal": {"method": "aps", "coverage": 0.9, "qhat": 0.6}}))
+    image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    code, out = _run(capsys, "--model", calibrated, image, "--out", tmp_path / "o", "--no-rationale")
+    assert code == 0 and "(90% coverage)" in out
+    code, out = _run(capsys, "--model", calibrated, image, "--json", "--out", tmp_path / "o", "--no-rationale")
+    (result,) = json.loads(out)
+    top = [name for name, _ in result["top"]]
+    members = result["prediction_set"].split(" (")[0].split(" or ")
+    assert members == top[: len(members)]  # APS: the highest-probability classes until 0.6 of the mass
+    # Temperature 2 flattens the distribution relative to the uncalibrated checkpoint.
+    code, out = _run(capsys, "--model", checkpoint, image, "--json", "--out", tmp_path / "o", "--no-rationale")
+    (plain,) = json.loads(out)
+    assert max(result["probabilities"].values()) < max(plain["probabilities"].values())

@@ -1,0 +1,275 @@
+"""Evaluate a SkinCLIP-VL checkpoint on a dataset split: metrics, calibration, conformal sets, subgroups.
+
+    python evaluate_skinclip.py --model outputs/isic2019 --dataset data/isic2019 --split test --out eval/
+    python evaluate_skinclip.py --model outputs/isic2019 --dataset data/isic2024 --split test --out eval-ood/
+
+Writes to ``--out``: ``predictions.csv`` (probability per class, before and after temperature scaling),
+``metrics.json`` and ``metrics.md`` (B-ACC, macro and per-class AUROC, recall, ECE (15 bins, top-label, L1),
+Brier, NLL, bootstrap 95% CIs, before/after temperature scaling), ``reliability.png``,
+``confusion_matrix.png``, ``subgroups.csv``/``.md`` (by sex, age band, site and other metadata columns, with
+the largest gap flagged), and for ISIC-2019 classes the challenge submission CSV. A binary dataset
+(e.g. ISIC 2024) evaluated with a multi-class model is scored out of distribution through the malignant
+score (sum of the malignant classes' probabilities), with the ISIC 2024 partial AUC above 80% TPR.
+
+Temperature scaling and split-conformal prediction are fitted on ``--calibration-split`` (default
+``validation``); ``--save-calibration`` stores them as ``calibration.json`` in the checkpoint, where
+``AutoModel.from_pretrained`` (temperature) and ``predict.py`` (prediction sets) pick them up.
+(Never name this module ``evaluate.py``: it would shadow the Hugging Face ``evaluate`` package.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import skinclip_metrics as sm
+
+ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
+SUBGROUP_COLUMNS = {
+    "sex": ("sex", "gender"),
+    "site": ("anatom_site_general", "site", "location", "localization"),
+}
+AGE_COLUMNS = ("age_approx", "age", "age_years")
+
+
+@torch.no_grad()
+def collect_logits(model, processor, split, batch_size: int = 16, progress: bool = True) -> np.ndarray:
+    """Class logits `(num_images, num_labels)` for every row of a dataset split (classification path only)."""
+    from tqdm.auto import tqdm
+
+    device = model.cls_token.device
+    model.eval()
+    chunks = []
+    for start in tqdm(range(0, len(split), batch_size), desc="evaluate", unit="batch", disable=not progress):
+        rows = split[start : start + batch_size]
+        texts = rows["metadata_text"] if "metadata_text" in rows else [""] * len(rows["image"])
+        inputs = {k: v.to(device) for k, v in processor(rows["image"], texts).items()}
+        chunks.append(model(**inputs).logits.float().cpu())
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.config.num_labels))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return sm.apply_temperature(logits, temperature)
+
+
+def subgroup_values(split, num_rows: int) -> dict[str, list]:
+    """Metadata columns to stratify by: sex, age band, site, and any other short categorical column."""
+    columns = split.column_names
+    groups: dict[str, list] = {}
+    for name, candidates in SUBGROUP_COLUMNS.items():
+        column = next((c for c in candidates if c in columns), None)
+        if column:
+            groups[name] = split[column]
+    age_column = next((c for c in AGE_COLUMNS if c in columns), None)
+    if age_column:
+        groups["age_band"] = [sm.age_band(a) for a in split[age_column]]
+    skip = {"image", "image_id", "label", "metadata_text", "report", "group_id", age_column,
+            *(c for cands in SUBGROUP_COLUMNS.values() for c in cands)}
+    for column in columns:
+        if column in skip:
+            continue
+        values = split[column]
+        distinct = {v for v in values if v not in (None, "")}
+        if isinstance(next(iter(distinct), None), str) and 1 < len(distinct) <= 20:
+            groups[column] = values
+    return {k: v for k, v in groups.items() if len(v) == num_rows}
+
+
+def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibration_split: str | None = "validation",
+             coverage: float = 0.9, conformal_method: str = "aps", n_bootstrap: int = 1000, batch_size: int = 16,
+             progress: bool = True, seed: int = 0) -> dict:
+    """Run the whole evaluation and write every report file; returns the metrics dict."""
+    import pandas as pd
+
+    if split_name not in dataset:
+        raise ValueError(f"dataset has no split {split_name!r} (it has {list(dataset)})")
+    split = dataset[split_name]
+    for column in ("image", "label"):
+        if column not in split.column_names:
+            raise ValueError(f"split {split_name!r} lacks the required column {column!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    class_names = model.config.class_names
+    data_classes = split.features["label"].names
+    labels = np.asarray(split["label"], dtype=int)
+    logits = collect_logits(model, processor, split, batch_size, progress)
+
+    calibration: dict = {}
+    predictor = None
+    if calibration_split and calibration_split in dataset and data_classes == class_names:
+        calibration_logits = collect_logits(model, processor, dataset[calibration_split], batch_size, progress)
+        calibration_labels = np.asarray(dataset[calibration_split]["label"], dtype=int)
+        temperature = float(sm.fit_temperature(calibration_logits, calibration_labels))
+        predictor = sm.SplitConformal(method=conformal_method, coverage=coverage, seed=seed)
+        predictor.fit(softmax(calibration_logits, temperature), calibration_labels)
+        calibration = {
+            "temperature": temperature,
+            "fitted_on": calibration_split,
+            "conformal": {"method": conformal_method, "coverage": coverage, "qhat": float(predictor.qhat),
+                          **({"raps_lambda": predictor.raps_lambda, "raps_k_reg": predictor.raps_k_reg}
+                             if conformal_method == "raps" else {})},
+        }
+    elif calibration_split and calibration_split not in dataset:
+        warnings.warn(f"no {calibration_split!r} split: temperature scaling and conformal sets are skipped")
+
+    temperature = calibration.get("temperature", 1.0)
+    probs_raw = softmax(logits, 1.0)
+    probs = softmax(logits, temperature)
+    ids = split["image_id"] if "image_id" in split.column_names else [str(i) for i in range(len(split))]
+
+    frame = pd.DataFrame(probs, columns=class_names)
+    frame.insert(0, "label", [data_classes[i] for i in labels])
+    frame.insert(0, "image_id", ids)
+    for index, name in enumerate(class_names):
+        frame[f"{name}_uncalibrated"] = probs_raw[:, index]
+    frame.to_csv(out_dir / "predictions.csv", index=False)
+
+    report: dict = {"split": split_name, "num_images": int(len(labels)), "classes": class_names,
+                    "temperature": temperature}
+    if data_classes == class_names:
+        report["uncalibrated"] = sm.classification_metrics(labels, probs_raw, class_names)
+        report["calibrated"] = sm.classification_metrics(labels, probs, class_names)
+        report["confidence_intervals"] = _bootstrap(labels, probs, n_bootstrap, seed)
+        sm.plot_reliability_diagram(labels, probs, out_dir / "reliability.png", n_bins=15)
+        sm.plot_confusion_matrix(labels, probs, class_names, out_dir / "confusion_matrix.png")
+        groups = subgroup_values(split, len(labels))
+        if groups:
+            table = sm.subgroup_table(labels, probs, groups, class_names)
+            table.to_csv(out_dir / "subgroups.csv", index=False)
+            report["subgroup_largest_gaps"] = _largest_gaps(table)
+            (out_dir / "subgroups.md").write_text(table.to_markdown(index=False) if _has_tabulate() else table.to_string())
+        if predictor is not None:
+            report["conformal"] = {**sm.conformal_report(predictor.predict_sets(probs), labels),
+                                   "method": conformal_method, "target_coverage": coverage}
+        if set(ISIC2019_CLASSES) <= set(class_names):
+            sm.write_isic2019_submission(out_dir / "isic2019_submission.csv", [str(i) for i in ids], probs, class_names)
+    elif len(data_classes) == 2:
+        # Out of distribution: a multi-class model scored on a binary benign/malignant dataset.
+        malignant = sm.malignant_score(probs, class_names)
+        positive = _positive_index(data_classes)
+        y_true = (labels == positive).astype(int)
+        binary_probs = np.stack([1 - malignant, malignant], axis=1) if positive == 1 else np.stack([malignant, 1 - malignant], axis=1)
+        report["ood_binary"] = {
+            **sm.classification_metrics(labels, binary_probs, data_classes),
+            "partial_auc_above_80_tpr": float(sm.partial_auc_above_tpr(y_true, malignant, min_tpr=0.8)),
+            "malignant_classes": [c for c in ("MEL", "BCC", "SCC") if c in class_names],
+        }
+    else:
+        raise ValueError(f"dataset classes {data_classes} match neither the model's {class_names} nor a binary task")
+
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    (out_dir / "metrics.md").write_text(_markdown(report, class_names))
+    if calibration:
+        (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2))
+    return report
+
+
+def _bootstrap(labels, probs, n_resamples, seed) -> dict:
+    if n_resamples <= 0:
+        return {}
+    functions = {"balanced_accuracy": sm.balanced_accuracy, "auroc_macro": sm.macro_auroc,
+                 "ece": sm.expected_calibration_error}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {name: list(sm.bootstrap_ci(labels, probs, fn, n_resamples=n_resamples, seed=seed))
+                for name, fn in functions.items()}
+
+
+def _largest_gaps(table) -> dict:
+    gaps = {}
+    for metric in ("balanced_accuracy", "auroc_macro", "ece"):
+        try:
+            gaps[metric] = sm.largest_gap(table, metric)
+        except Exception as error:  # a gap needs two groups with a defined value; say why it is absent
+            gaps[metric] = f"undefined ({error})"
+    return gaps
+
+
+def _positive_index(names: list[str]) -> int:
+    lowered = [n.lower() for n in names]
+    for word in ("malignant", "1", "positive", "mel"):
+        if word in lowered:
+            return lowered.index(word)
+    return 1
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401  (pandas.to_markdown needs it)
+    except ImportError:
+        return False
+    return True
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _markdown(report: dict, class_names: list[str]) -> str:
+    lines = [f"# Evaluation on `{report['split']}` ({report['num_images']} images)", ""]
+    if "calibrated" in report:
+        lines.append(sm.metrics_markdown_table(report["calibrated"], class_names))
+        before, after = report["uncalibrated"], report["calibrated"]
+        lines += ["", f"Temperature scaling (T = {report['temperature']:.3f}):", "",
+                  "| | ECE | NLL | Brier |", "|---|---|---|---|",
+                  f"| before | {before['ece']:.4f} | {before['nll']:.4f} | {before['brier']:.4f} |",
+                  f"| after | {after['ece']:.4f} | {after['nll']:.4f} | {after['brier']:.4f} |"]
+        for name, (low, high) in report.get("confidence_intervals", {}).items():
+            lines.append(f"\n95% bootstrap CI of {name}: [{low:.4f}, {high:.4f}]")
+        if "conformal" in report:
+            c = report["conformal"]
+            lines.append(f"\nConformal ({c['method']}, target {c['target_coverage']:.0%}): empirical coverage "
+                         f"{c['coverage']:.3f}, mean set size {c['mean_set_size']:.2f}")
+    if "ood_binary" in report:
+        ood = report["ood_binary"]
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in ood.items() if isinstance(v, float)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint directory or Hub id")
+    parser.add_argument("--dataset", required=True, help="DatasetDict directory written by datasets_scripts")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--calibration-split", default="validation", help="'' to skip calibration")
+    parser.add_argument("--coverage", type=float, default=0.9)
+    parser.add_argument("--conformal-method", default="aps", choices=("aps", "raps", "lac"))
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0 = off)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--save-calibration", action="store_true", help="write calibration.json into the checkpoint")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    if not 0 < args.coverage < 1:
+        parser.error(f"--coverage must be in (0, 1), got {args.coverage}")
+
+    from datasets import load_from_disk
+
+    from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+
+    model = SkinClipVLModel.from_pretrained(args.model, device=args.device)
+    model.calibration_temperature.fill_(1.0)  # evaluate raw logits; the calibration is refitted here
+    processor = SkinClipVLProcessor.from_pretrained(args.model)
+    dataset = load_from_disk(args.dataset)
+    out_dir = Path(args.out)
+    report = evaluate(model, processor, dataset, args.split, out_dir, args.calibration_split or None, args.coverage,
+                      args.conformal_method, args.bootstrap, args.batch_size)
+    if args.save_calibration and (out_dir / "calibration.json").is_file():
+        if not Path(args.model).is_dir():
+            parser.error("--save-calibration needs a local checkpoint directory")
+        (Path(args.model) / "calibration.json").write_text((out_dir / "calibration.json").read_text())
+    print((out_dir / "metrics.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
