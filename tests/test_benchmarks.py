@@ -33,9 +33,9 @@ def test_tiny_benchmark_times_every_path_and_writes_the_ratios(tiny_run):
     assert expected | {"plain_qwen2_5_vl_qlora"} == set(training)
     for entry in training.values():
         assert len(entry["step_s_all"]) == 3  # 1 warm-up + 2 timed steps
-        assert entry["step_s"] == pytest.approx(sum(entry["step_s_all"][1:]) / 2, rel=1e-3)
+        assert entry["step_s"] == pytest.approx(sum(entry["step_s_all"][1:]) / 2, rel=1e-3, abs=1e-4)  # rounded to 4 digits
         assert 0 < entry["floor_over_step"] and math.isfinite(entry["floor_over_step"])
-        assert entry["samples_per_s"] == pytest.approx(2 / entry["step_s"])
+        assert entry["samples_per_s"] == pytest.approx(2 / entry["step_s"], rel=1e-2)
     assert training["skinclip/naive"]["lm_head_all_positions"] and training["skinclip/naive"]["gradient_checkpointing"]
     assert training["skinclip/speed"]["cached_features"] and not training["skinclip/speed"]["gradient_checkpointing"]
     inference = {entry["name"]: entry for entry in results["inference"]}
