@@ -61,6 +61,8 @@ class SkinClipVLOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): class logits read from the CLS token.
         lm_loss (`torch.FloatTensor` of shape `()`, *optional*): causal-LM loss on rationale tokens only
             (mean over the rationale tokens of the batch); present when `rationale_ids` are given.
+        lm_tokens (`torch.LongTensor` of shape `()`, *optional*): how many rationale tokens `lm_loss` averages
+            over (for normalising across processes).
         v_global (`torch.FloatTensor` of shape `(batch_size, alignment_dim)`): the Focal-Pooling descriptor in
             the alignment space, L2-normalised.
         t_global (`torch.FloatTensor` of shape `(batch_size, alignment_dim)`, *optional*): the ground-truth report
@@ -74,6 +76,7 @@ class SkinClipVLOutput(ModelOutput):
 
     logits: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
+    lm_tokens: torch.LongTensor | None = None
     v_global: torch.FloatTensor | None = None
     t_global: torch.FloatTensor | None = None
     logit_scale: torch.FloatTensor | None = None
@@ -603,11 +606,12 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         ).last_hidden_state
         logits = self.classifier(hidden[:, cls_index].to(self.projector_dtype))
 
-        lm_loss = None
+        lm_loss = lm_tokens = None
         if rationale_ids is not None:
             rationale_mask = (
                 rationale_attention_mask if rationale_attention_mask is not None else torch.ones_like(rationale_ids)
             ).bool()
+            lm_tokens = rationale_mask.sum()
             if self.lm_head_on_all_positions:
                 lm_loss = self._lm_loss_all_positions(hidden, cls_index, rationale_ids, rationale_mask)
             else:
@@ -622,6 +626,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         return SkinClipVLOutput(
             logits=logits,
             lm_loss=lm_loss,
+            lm_tokens=lm_tokens,
             v_global=v_global,
             t_global=t_global,
             logit_scale=logit_scale,

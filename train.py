@@ -290,7 +290,6 @@ def main(argv: list[str] | None = None) -> dict:
         with_report=training_args.lambda_align > 0,
         with_rationale=training_args.lambda_gen > 0,
         augment=training_args.augment,
-        seed=training_args.seed,
     )
     eval_collator = SkinClipVLCollator(
         processor, with_report=training_args.lambda_align > 0, with_rationale=training_args.lambda_gen > 0

@@ -14,8 +14,9 @@ Each term is a small function or module, tested against its reference in tests/t
 
 from __future__ import annotations
 
+import json
 import math
-import random
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, gather_features
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 # --------------------------------------------------------------------------------------------------------
 # Loss terms
@@ -142,8 +143,22 @@ class CFALoss(nn.Module):
             if outputs.lm_loss is None:
                 raise ValueError("lambda_gen > 0 needs rationale_ids in the batch")
             terms["gen"] = outputs.lm_loss
-            total = total + self.lambda_gen * terms["gen"]
+            total = total + self.lambda_gen * self._globally_normalised(outputs.lm_loss, outputs.lm_tokens)
         return total, terms
+
+    def _globally_normalised(self, lm_loss: torch.Tensor, lm_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Per-process token mean → this process's share of the global token mean.
+
+        DDP averages gradients over processes; processes hold different numbers of rationale tokens, so the
+        average of per-process means is not the mean over all tokens. Scaling by local/global tokens times
+        world size makes the averaged gradient that of the global mean (as on the concatenated batch).
+        """
+        if self.alignment.world_size == 1 or lm_tokens is None:
+            return lm_loss
+        local = lm_tokens.detach().float().reshape(())
+        total = local.clone()
+        torch.distributed.all_reduce(total)
+        return lm_loss * local * self.alignment.world_size / total.clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -159,21 +174,23 @@ class SkinClipVLCollator:
     right-angle rotations (lesions have no canonical orientation) before CLIP preprocessing.
     """
 
-    def __init__(self, processor, with_report: bool = True, with_rationale: bool = True, augment: bool = False,
-                 seed: int = 0):
+    def __init__(self, processor, with_report: bool = True, with_rationale: bool = True, augment: bool = False):
         self.processor = processor
         self.with_report, self.with_rationale, self.augment = with_report, with_rationale, augment
-        self.rng = random.Random(seed)
 
-    def _augment(self, image):
+    @staticmethod
+    def _augment(image):
+        # torch's RNG, not a private one: Trainer seeds it and restores it on resume, so a resumed run
+        # augments exactly as an uninterrupted one.
         from PIL import Image
 
         image = image.convert("RGB")
-        if self.rng.random() < 0.5:
+        flips = torch.rand(2)
+        if flips[0] < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if self.rng.random() < 0.5:
+        if flips[1] < 0.5:
             image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-        turns = self.rng.randrange(4)
+        turns = int(torch.randint(4, ()))
         return image.rotate(90 * turns, expand=True) if turns else image
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -213,6 +230,63 @@ def compute_classification_metrics(eval_prediction) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Fault tolerance
+# --------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips every optimizer step whose gradients hold NaN or inf, and stops a run that keeps producing them.
+
+    Runs after gradient clipping and before ``optimizer.step()``: the gradients are dropped (set to ``None``),
+    so the optimizer leaves those weights and their moments untouched, and the weights never see a NaN.
+    Under DDP the gradients are already all-reduced, so every process decides the same way.
+    """
+
+    def __init__(self, max_consecutive: int = 5):
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        trained = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in trained]).all() if trained else torch.tensor(True)
+        if bool(finite):
+            self.consecutive = 0
+            return control
+        for param in trained:
+            param.grad = None
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"stopping: {self.consecutive} optimizer steps in a row had a non-finite loss or gradient "
+                f"(last at step {state.global_step + 1}; {self.skipped} skipped in all). The weights were not "
+                "updated with them. Lower the learning rate, check the data, or raise max_consecutive_nonfinite."
+            )
+        return control
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, CHECKPOINT_COMPLETE_MARKER))
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` holding the completion marker; half-written ones are passed over."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and is_complete_checkpoint(os.path.join(output_dir, name)):
+            steps.append((int(step), name))
+    return os.path.join(output_dir, max(steps)[1]) if steps else None
+
+
+# --------------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------------
 
@@ -233,6 +307,10 @@ class CFATrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Weight each alignment term by (1-p_y)^gamma (paper Eq. 4 reading)."}
     )
     augment: bool = field(default=True, metadata={"help": "Random flips / right-angle rotations of training images."})
+    max_consecutive_nonfinite: int = field(
+        default=5,
+        metadata={"help": "Stop after this many optimizer steps in a row skipped for a non-finite loss or gradient."},
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image/report columns for the collator."})
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Batch key of labels."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "No unused trained parameters."})
@@ -274,6 +352,39 @@ class CFATrainer(Trainer):
             world_size=args.world_size,
         )
         self._cfa_metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.nonfinite_guard = NonFiniteGuard(args.max_consecutive_nonfinite)
+        self.add_callback(self.nonfinite_guard)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """As `Trainer.train`; `resume_from_checkpoint=True` (or "last") takes the newest COMPLETE checkpoint."""
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "last"):
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+        elif resume_from_checkpoint and not is_complete_checkpoint(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete checkpoint (no {CHECKPOINT_COMPLETE_MARKER}: the run "
+                f"was probably killed while saving it); the newest complete one is "
+                f"{latest_complete_checkpoint(os.path.dirname(str(resume_from_checkpoint).rstrip('/')))}"
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        # Trainer writes checkpoint-N in place; a kill mid-save leaves a partial folder that its own
+        # get_last_checkpoint would pick. The marker, written last and atomically once every process has
+        # written its part, tells complete checkpoints apart.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            staging = os.path.join(folder, CHECKPOINT_COMPLETE_MARKER + ".tmp")
+            with open(staging, "w") as handle:
+                json.dump({"global_step": self.state.global_step}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, os.path.join(folder, CHECKPOINT_COMPLETE_MARKER))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -293,8 +404,13 @@ class CFATrainer(Trainer):
         prefix = "eval_" if mode == "eval" else ""
         for name, values in self._cfa_metrics[mode].items():
             if values:
-                logs[f"{prefix}loss_{name}"] = round(torch.stack(values).mean().item(), 6)
+                # Non-finite terms of skipped steps would turn the whole mean into NaN.
+                stacked = torch.stack(values)
+                finite = stacked[torch.isfinite(stacked)]
+                logs[f"{prefix}loss_{name}"] = round(finite.mean().item(), 6) if len(finite) else float("nan")
         self._cfa_metrics[mode].clear()
+        if mode == "train":
+            logs["nonfinite_steps_skipped"] = self.nonfinite_guard.skipped
         super().log(logs, start_time)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -328,11 +444,13 @@ __all__ = [
     "AlignmentLoss",
     "CFALoss",
     "CFATrainer",
+    "NonFiniteGuard",
     "CFATrainingArguments",
     "SkinClipVLCollator",
     "brier_loss",
     "class_balanced_alpha",
     "compute_classification_metrics",
     "focal_loss",
+    "latest_complete_checkpoint",
     "resolve_focal_alpha",
 ]

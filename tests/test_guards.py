@@ -1,0 +1,108 @@
+"""Non-finite guard, checkpoint mismatch and dataset-column errors."""
+
+import pytest
+import torch
+from datasets import DatasetDict
+
+from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from tests.test_trainer_cfa import COLOURS, _colour_dataset
+from trainer_cfa import CFATrainer, CFATrainingArguments, SkinClipVLCollator
+
+
+class PoisonAtSteps:
+    """Wraps the model's forward: on chosen training steps (1-based) the class logits become NaN."""
+
+    def __init__(self, model, steps):
+        self.model, self.steps, self.calls = model, set(steps), 0
+        self.original = model.forward
+
+    def __call__(self, *args, **kwargs):
+        outputs = self.original(*args, **kwargs)
+        if self.model.training:
+            self.calls += 1
+            if self.calls in self.steps:
+                outputs.logits = outputs.logits * float("nan")
+        return outputs
+
+
+def _trainer(tmp_path, make_config, max_steps, max_consecutive=3):
+    config = make_config(class_names=tuple(COLOURS))
+    model = SkinClipVLModel(config, device="cpu")
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    args = CFATrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=6, learning_rate=1e-2,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        augment=False, disable_tqdm=True, max_consecutive_nonfinite=max_consecutive, max_grad_norm=1.0,
+    )
+    trainer = CFATrainer(model=model, args=args, train_dataset=_colour_dataset(4, seed=0),
+                         data_collator=SkinClipVLCollator(processor), class_counts=[4, 4, 4])
+    return trainer, model
+
+
+def _trained_snapshot(model):
+    return {name: tensor.detach().clone() for name, tensor in model.trained_state_dict().items()}
+
+
+def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, make_config):
+    trainer, model = _trainer(tmp_path, make_config, max_steps=4)
+    poison = PoisonAtSteps(model, steps={2})
+    model.forward = poison
+    snapshots = []
+    original_step = trainer.create_optimizer().step
+
+    def recording_step(*args, **kwargs):
+        snapshots.append(_trained_snapshot(model))
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.train()
+    after = _trained_snapshot(model)
+    assert trainer.nonfinite_guard.skipped == 1
+    assert all(torch.isfinite(t).all() for t in after.values())
+    # Step 2's optimizer call saw no gradients: the weights after it equal those before it.
+    for name in after:
+        torch.testing.assert_close(snapshots[1][name], snapshots[2][name], rtol=0, atol=0)
+    # ...while the finite steps around it did train.
+    assert not torch.equal(snapshots[0]["classifier.1.weight"], snapshots[1]["classifier.1.weight"])
+    assert not torch.equal(snapshots[2]["classifier.1.weight"], after["classifier.1.weight"])
+    logged = [entry["nonfinite_steps_skipped"] for entry in trainer.state.log_history if "nonfinite_steps_skipped" in entry]
+    assert logged[0] == 0 and logged[-1] == 1
+
+
+def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, make_config):
+    trainer, model = _trainer(tmp_path, make_config, max_steps=10, max_consecutive=3)
+    model.forward = PoisonAtSteps(model, steps={3, 4, 5, 6, 7})
+    with pytest.raises(RuntimeError, match="3 optimizer steps in a row had a non-finite loss or gradient"):
+        trainer.train()
+    assert trainer.nonfinite_guard.skipped == 3
+    assert trainer.state.global_step == 4  # steps 1, 2 trained; 3, 4 skipped; the 5th stopped the run
+    assert all(torch.isfinite(t).all() for t in model.trained_state_dict().values())
+
+
+def test_training_data_missing_a_column_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    import train
+
+    dataset = DatasetDict({split: _colour_dataset(2, seed=0).remove_columns("report")
+                           for split in ("train", "validation", "test")})
+    dataset.save_to_disk(str(tmp_path / "data"))
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(train, "SkinClipVLModel", must_not_build)
+    with pytest.raises(ValueError, match=r"split 'train' lacks required column\(s\) \['report'\]"):
+        train.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
+                    f"--output_dir={tmp_path / 'out'}"])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("decoder", "qwen2_5_vl", "decoder"),
+    ("vision", "open_clip", "vision tower"),
+])
+def test_loading_a_checkpoint_with_other_bases_fails_clearly(tmp_path, make_config, field, value, message):
+    config = make_config()
+    model = SkinClipVLModel(config, device="cpu")
+    model.save_pretrained(tmp_path)
+    other = make_config(**{field: value})
+    with pytest.raises(ValueError, match=f"config does not match checkpoint .*{message}"):
+        SkinClipVLModel.from_pretrained(tmp_path, config=other, device="cpu")
