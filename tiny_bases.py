@@ -168,6 +168,11 @@ def build_tiny_decoder(out_dir: Path, tokenizer, architecture: str = "qwen2", se
 def build_tiny_bases(root: str | Path, decoder_architectures=("qwen2",), open_clip: bool = False) -> dict[str, str]:
     """Build every tiny base under ``root`` (skipping those already there) and return their paths by name."""
     root = Path(root)
+    with torch.random.fork_rng():  # seeded builds must not move the caller's random state
+        return _build_tiny_bases(root, decoder_architectures, open_clip)
+
+
+def _build_tiny_bases(root: Path, decoder_architectures, open_clip: bool) -> dict[str, str]:
     tokenizer = build_tiny_tokenizer()
     paths: dict[str, str] = {}
     clip_dir = root / "clip"

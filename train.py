@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
         processor = SkinClipVLProcessor.from_pretrained(model_args.model_name_or_path)
     else:
         config = build_config(model_args, class_names)
+        # Seed right before the new heads are initialised: building data or tiny bases on a first run
+        # must not change them (a resumed run would otherwise start from other initial weights).
+        set_seed(training_args.seed)
         model = SkinClipVLModel(config)
         processor = SkinClipVLProcessor.from_pretrained(None, config=config)
     counts = model.parameter_counts()
@@ -290,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         with_report=training_args.lambda_align > 0,
         with_rationale=training_args.lambda_gen > 0,
         augment=training_args.augment,
+        seed=training_args.seed,
     )
     eval_collator = SkinClipVLCollator(
         processor, with_report=training_args.lambda_align > 0, with_rationale=training_args.lambda_gen > 0

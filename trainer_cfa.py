@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -174,29 +175,40 @@ class SkinClipVLCollator:
     right-angle rotations (lesions have no canonical orientation) before CLIP preprocessing.
     """
 
-    def __init__(self, processor, with_report: bool = True, with_rationale: bool = True, augment: bool = False):
+    def __init__(self, processor, with_report: bool = True, with_rationale: bool = True, augment: bool = False,
+                 seed: int = 0):
         self.processor = processor
         self.with_report, self.with_rationale, self.augment = with_report, with_rationale, augment
+        self.seed = seed
+        self.epoch = 0  # set by the trainer at each epoch (AugmentationEpochCallback)
+
+    def _generator(self, row: dict[str, Any]) -> torch.Generator | None:
+        # Augmentation drawn from (seed, epoch, image id) rather than a running random stream: the data
+        # loader fetches one batch ahead of the optimizer step, so a stream's state saved in a checkpoint
+        # would be one batch off on resume. Keyed draws make a resumed run augment exactly as an
+        # uninterrupted one, and still differ from epoch to epoch.
+        if "image_id" not in row:
+            return None
+        key = zlib.crc32(f"{self.seed}:{self.epoch}:{row['image_id']}".encode())
+        return torch.Generator().manual_seed(key)
 
     @staticmethod
-    def _augment(image):
-        # torch's RNG, not a private one: Trainer seeds it and restores it on resume, so a resumed run
-        # augments exactly as an uninterrupted one.
+    def _augment(image, generator: torch.Generator | None = None):
         from PIL import Image
 
         image = image.convert("RGB")
-        flips = torch.rand(2)
+        flips = torch.rand(2, generator=generator)
         if flips[0] < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if flips[1] < 0.5:
             image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-        turns = int(torch.randint(4, ()))
+        turns = int(torch.randint(4, (), generator=generator))
         return image.rotate(90 * turns, expand=True) if turns else image
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [row["image"] for row in features]
         if self.augment:
-            images = [self._augment(image) for image in images]
+            images = [self._augment(image, self._generator(row)) for image, row in zip(images, features)]
         reports = [row["report"] for row in features]
         batch = self.processor(
             images,
@@ -265,6 +277,17 @@ class NonFiniteGuard(TrainerCallback):
                 f"(last at step {state.global_step + 1}; {self.skipped} skipped in all). The weights were not "
                 "updated with them. Lower the learning rate, check the data, or raise max_consecutive_nonfinite."
             )
+        return control
+
+
+class AugmentationEpochCallback(TrainerCallback):
+    """Tells the collator which epoch it is serving, for epoch-keyed augmentation."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch + 1e-6) if state.epoch else 0
         return control
 
 
@@ -354,6 +377,8 @@ class CFATrainer(Trainer):
         self._cfa_metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.nonfinite_guard = NonFiniteGuard(args.max_consecutive_nonfinite)
         self.add_callback(self.nonfinite_guard)
+        if hasattr(self.data_collator, "epoch"):
+            self.add_callback(AugmentationEpochCallback(self.data_collator))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` (or "last") takes the newest COMPLETE checkpoint."""

@@ -184,3 +184,19 @@ def test_cfa_trainer_learns_a_learnable_task(tmp_path, make_config):
     first = next(entry for entry in trainer.state.log_history if "loss_gen" in entry)
     last = [entry for entry in trainer.state.log_history if "loss_gen" in entry][-1]
     assert last["loss_gen"] < first["loss_gen"]  # the rationale LM learns too
+
+
+def test_augmentation_is_keyed_by_seed_epoch_and_image(make_config):
+    config = make_config(class_names=tuple(COLOURS))
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    rows = [dict(row, image_id=f"img{i}") for i, row in enumerate(_colour_dataset(4, seed=0))]
+    collator = SkinClipVLCollator(processor, augment=True, seed=7)
+    first = collator(rows)["pixel_values"]
+    torch.manual_seed(123)  # the global stream must not matter
+    again = collator(rows)["pixel_values"]
+    collator.epoch = 1
+    next_epoch = collator(rows)["pixel_values"]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, next_epoch)
+    plain = SkinClipVLCollator(processor, augment=False)(rows)["pixel_values"]
+    assert not torch.equal(first, plain)
