@@ -1,0 +1,57 @@
+"""Worker for tests/test_distributed.py: one DDP process (gloo, CPU) computing the CFA loss and gradients."""
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from configuration_skinclip import SkinClipVLConfig
+from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from trainer_cfa import CFALoss
+
+METADATA = ["A lesion on the back.", "A skin lesion.", "A lesion on the lower extremity of a female patient.",
+            "A lesion on the face of a male patient aged about 70."]
+REPORTS = ["Melanoma: atypical network and blue-whitish veil.", "Nevus.", "Basal cell carcinoma: arborizing vessels.",
+           "Melanoma: irregular streaks, regression structures and irregular dots and globules."]
+LABELS = [0, 1, 2, 0]
+LOSS_WEIGHTS = dict(gamma=2.0, lambda_align=0.5, lambda_cal=1.0, lambda_gen=0.5)
+
+
+def build(config_dict: dict):
+    torch.manual_seed(0)
+    config = SkinClipVLConfig(**config_dict)
+    model = SkinClipVLModel(config, device="cpu").eval()  # eval: no dropout, gradients still flow
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for tensor in model.trained_state_dict().values():
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.05)
+    return model, SkinClipVLProcessor.from_pretrained(None, config=config)
+
+
+def make_batch(processor, indices):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in METADATA]
+    batch = processor([images[i] for i in indices], [METADATA[i] for i in indices],
+                      reports=[REPORTS[i] for i in indices], rationales=[REPORTS[i] for i in indices])
+    return batch, torch.tensor([LABELS[i] for i in indices])
+
+
+def gradients(model):
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def run(rank: int, world_size: int, port: int, config_dict: dict, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        model, processor = build(config_dict)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        per_rank = len(METADATA) // world_size
+        batch, labels = make_batch(processor, list(range(rank * per_rank, (rank + 1) * per_rank)))
+        loss, _ = CFALoss(**LOSS_WEIGHTS, rank=rank, world_size=world_size)(ddp(**batch), labels)
+        loss.backward()
+        tensors = gradients(model)
+        tensors["__loss__"] = loss.detach().reshape(1)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out_dir}/rank{rank}.safetensors")
+    finally:
+        torch.distributed.destroy_process_group()
