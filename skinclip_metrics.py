@@ -1,22 +1,29 @@
 """Evaluation metrics for skin-lesion classifiers: discrimination, calibration, conformal sets, subgroups.
 
-Inputs are NumPy-like: ``labels`` int `(n,)`, ``probs`` float `(n, C)` with rows summing to 1. Library code
-does the job where one exists (scikit-learn); ECE and split-conformal prediction are written here because no
-dependency of the project provides them, and ECE is tested against torchmetrics'
-``MulticlassCalibrationError(n_bins=15, norm="l1")``. B-ACC and AUROC are tested against the official
-``isic-challenge-scoring`` package.
+Inputs are NumPy-like: ``labels`` int `(n,)`, ``probs`` float `(n, C)` with rows summing to 1; outputs are plain
+Python numbers, lists, dicts or pandas frames. Library code does the job where one exists (scikit-learn);
+ECE, the vectorised bootstrap and split-conformal prediction are written here because no dependency of the
+project provides them. The tests hold each number to its reference: B-ACC and AUROC to the official
+``isic-challenge-scoring`` package, ECE to torchmetrics' ``MulticlassCalibrationError(n_bins=15, norm="l1")``,
+the bootstrap fast paths to the plain loop, pAUC to hand computations.
+
+Classes absent from an evaluated split are left out of the class averages with a warning naming them; a
+metric that is undefined (fewer than two classes for AUROC) is nan, never an exception.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 ISIC2019_SUBMISSION_COLUMNS = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 MALIGNANT_CLASSES = ("MEL", "BCC", "SCC")  # AK is pre-malignant; SLICE-3D labels it benign (target 0)
+SUBGROUP_COLUMNS = ("attribute", "group", "n", "balanced_accuracy", "auroc_macro", "ece")
+UNKNOWN_GROUP = "unknown"
+_RESAMPLE_BLOCK = 2_000_000  # bootstrap indices drawn per block (resamples x samples), bounding memory
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -43,12 +50,19 @@ def _absent_classes(labels: np.ndarray, num_classes: int) -> list[int]:
 def _warn_absent(labels: np.ndarray, num_classes: int, what: str) -> None:
     absent = _absent_classes(labels, num_classes)
     if absent:
-        warnings.warn(f"{what}: class index(es) {absent} have no samples in this split and are left out", stacklevel=3)
+        warnings.warn(f"{what}: class index(es) {absent} have no samples in this split and are left out",
+                      stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Discrimination
 # --------------------------------------------------------------------------------------------------------
+
+
+def accuracy(labels, probs) -> float:
+    """Top-1 accuracy; nan on an empty split."""
+    labels, probs = _check(labels, probs)
+    return float(np.mean(probs.argmax(1) == labels)) if len(labels) else math.nan
 
 
 def per_class_recall(labels, probs) -> list[float]:
@@ -60,10 +74,15 @@ def per_class_recall(labels, probs) -> list[float]:
 
 
 def balanced_accuracy(labels, probs) -> float:
-    """Mean per-class recall over the classes present (scikit-learn's `balanced_accuracy_score` on argmax)."""
+    """Mean per-class recall over the classes present (scikit-learn's `balanced_accuracy_score` on argmax).
+
+    Ties in a row go to the first class (NumPy's argmax); isic-challenge-scoring counts a tied row as wrong.
+    """
     from sklearn.metrics import balanced_accuracy_score
 
     labels, probs = _check(labels, probs)
+    if len(labels) == 0:
+        return math.nan
     _warn_absent(labels, probs.shape[1], "balanced accuracy")
     with warnings.catch_warnings():
         # sklearn warns when predictions name classes absent from the labels; that is expected here.
@@ -92,9 +111,9 @@ def macro_auroc(labels, probs) -> float:
     from sklearn.metrics import roc_auc_score
 
     labels, probs = _check(labels, probs)
+    _warn_absent(labels, probs.shape[1], "macro AUROC")
     if probs.shape[1] == 2:
         return float(roc_auc_score(labels, probs[:, 1])) if len(set(labels.tolist())) == 2 else math.nan
-    _warn_absent(labels, probs.shape[1], "macro AUROC")
     values = [v for v in per_class_auroc(labels, probs) if not math.isnan(v)]
     return float(np.mean(values)) if len(values) >= 2 else math.nan
 
@@ -104,43 +123,65 @@ def macro_auroc(labels, probs) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _calibration_bin_edges(n_bins: int) -> np.ndarray:
+    # torch.linspace in float32 is not np.linspace rounded to float32: its halves are computed from each end
+    # and its SIMD path accumulates differently (CPU-dependent), so 6 of the 16 default edges differ by an ulp
+    # and a confidence lying exactly on an edge (0.6 from a 5-NN vote, say) changes bin. torchmetrics bins
+    # with torch.linspace; taking the edges from torch itself is the only way to match it bit for bit.
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency of the project
+        return np.linspace(0, 1, n_bins + 1, dtype=np.float32)
+    return torch.linspace(0, 1, n_bins + 1, dtype=torch.float32).numpy()
+
+
+def _calibration_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int):
+    """Per sample: bin index in [0, n_bins] (1.0 alone in the last), top-label confidence, correctness."""
+    confidences = probs.max(1).astype(np.float32)
+    bins = np.searchsorted(_calibration_bin_edges(n_bins), confidences, side="right") - 1
+    return bins, confidences.astype(np.float64), (probs.argmax(1) == labels).astype(np.float64)
+
+
 def expected_calibration_error(labels, probs, n_bins: int = 15) -> float:
     """Top-label ECE with equal-width bins, L1: ``sum_b |acc_b - conf_b| * n_b / n``.
 
-    Bins are left-closed, ``[b_i, b_{i+1})``, with confidence 1.0 in a bin of its own, exactly as torchmetrics
-    bins (float32 confidences and edges), so both give the same number.
+    Binned exactly as torchmetrics' ``MulticlassCalibrationError(norm="l1")``: float32 confidences, left-closed
+    bins ``[b_i, b_{i+1})`` on torch's float32 edges, and confidence 1.0 in a bin of its own.
     """
     labels, probs = _check(labels, probs)
     if len(labels) == 0:
         return math.nan
-    confidences = probs.max(1).astype(np.float32)
-    correct = (probs.argmax(1) == labels).astype(np.float64)
-    edges = np.linspace(0, 1, n_bins + 1, dtype=np.float32)
-    bins = np.searchsorted(edges, confidences, side="right") - 1
-    counts = np.bincount(bins, minlength=n_bins + 1)
-    confidence_sum = np.bincount(bins, weights=confidences.astype(np.float64), minlength=n_bins + 1)
+    bins, confidences, correct = _calibration_bins(labels, probs, n_bins)
+    confidence_sum = np.bincount(bins, weights=confidences, minlength=n_bins + 1)
     correct_sum = np.bincount(bins, weights=correct, minlength=n_bins + 1)
-    filled = counts > 0
-    gaps = np.abs(correct_sum[filled] / counts[filled] - confidence_sum[filled] / counts[filled])
-    return float(np.sum(gaps * counts[filled] / len(labels)))
+    # |acc_b - conf_b| * n_b / n == |correct_b - confidence_b| / n
+    return float(np.sum(np.abs(correct_sum - confidence_sum)) / len(labels))
 
 
 def brier_score(labels, probs) -> float:
     """Multi-class Brier score ``mean_i sum_k (p_ik - y_ik)^2`` (0 best, 2 worst)."""
     labels, probs = _check(labels, probs)
-    one_hot = np.eye(probs.shape[1])[labels]
-    return float(np.mean(np.sum((probs - one_hot) ** 2, axis=1)))
+    return float(np.mean(_brier_per_sample(labels, probs))) if len(labels) else math.nan
+
+
+def _brier_per_sample(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return np.sum((probs - np.eye(probs.shape[1])[labels]) ** 2, axis=1)
 
 
 def negative_log_likelihood(labels, probs, eps: float = 1e-12) -> float:
+    """Mean ``-log p_y``, with p clipped to ``eps`` so one confident mistake gives a large, finite value."""
     labels, probs = _check(labels, probs)
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0))))
+    return float(np.mean(_nll_per_sample(labels, probs, eps))) if len(labels) else math.nan
+
+
+def _nll_per_sample(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0))
 
 
 def apply_temperature(logits, temperature: float = 1.0) -> np.ndarray:
     """Softmax of ``logits / temperature`` in float64."""
     scaled = np.asarray(logits, dtype=np.float64) / float(temperature)
-    scaled -= scaled.max(axis=1, keepdims=True)
+    scaled = scaled - scaled.max(axis=1, keepdims=True)
     exp = np.exp(scaled)
     return exp / exp.sum(axis=1, keepdims=True)
 
@@ -148,18 +189,19 @@ def apply_temperature(logits, temperature: float = 1.0) -> np.ndarray:
 def fit_temperature(logits, labels, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     """Post-hoc temperature scaling (Guo et al. 2017): the T minimising validation NLL.
 
-    A bounded 1-D search over log T: NLL is smooth and unimodal in log T, and bounds keep a degenerate
-    validation set (all correct, say) from driving T to 0.
+    A bounded 1-D search over log T: NLL is convex in 1/T, hence unimodal in log T, and the bounds keep a
+    degenerate validation set (all correct, say) from driving T to 0.
     """
     from scipy.optimize import minimize_scalar
 
-    logits = np.asarray(logits, dtype=np.float64)
-    labels = np.asarray(labels).astype(int)
+    labels, logits = _check(labels, logits)
     if len(labels) == 0:
         raise ValueError("fit_temperature needs at least one validation sample")
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise ValueError("fit_temperature: logits contain nan or +inf")
 
     def nll(log_t: float) -> float:
-        return negative_log_likelihood(labels, apply_temperature(logits, math.exp(log_t)))
+        return float(np.mean(_nll_per_sample(labels, apply_temperature(logits, math.exp(log_t)))))
 
     result = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
                              options={"xatol": 1e-6})
@@ -172,19 +214,30 @@ def fit_temperature(logits, labels, bounds: tuple[float, float] = (0.05, 20.0)) 
 
 
 def classification_metrics(labels, probs, class_names: Sequence[str]) -> dict:
-    """Every headline metric of a classifier on one split, and per-class AUROC, recall and support."""
+    """Every headline metric of a classifier on one split, and per-class AUROC, recall and support.
+
+    Keys: balanced_accuracy, auroc_macro, ece, brier, nll, accuracy, num_samples, per_class (class name ->
+    {"auroc", "recall", "support"}). One warning names the classes absent from the split.
+    """
     labels, probs = _check(labels, probs)
     if len(class_names) != probs.shape[1]:
         raise ValueError(f"{len(class_names)} class names for {probs.shape[1]} probability columns")
+    absent = [class_names[k] for k in _absent_classes(labels, probs.shape[1])]
+    if absent:
+        warnings.warn(f"class(es) {absent} have no samples in this split: balanced accuracy and macro AUROC "
+                      f"average over the {probs.shape[1] - len(absent)} present", stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # said once above, with names
+        bacc, auroc = balanced_accuracy(labels, probs), macro_auroc(labels, probs)
     aurocs, recalls = per_class_auroc(labels, probs), per_class_recall(labels, probs)
     support = np.bincount(labels, minlength=probs.shape[1])
     return {
-        "balanced_accuracy": balanced_accuracy(labels, probs),
-        "auroc_macro": macro_auroc(labels, probs),
+        "balanced_accuracy": bacc,
+        "auroc_macro": auroc,
         "ece": expected_calibration_error(labels, probs, n_bins=15),
         "brier": brier_score(labels, probs),
         "nll": negative_log_likelihood(labels, probs),
-        "accuracy": float(np.mean(probs.argmax(1) == labels)) if len(labels) else math.nan,
+        "accuracy": accuracy(labels, probs),
         "num_samples": int(len(labels)),
         "per_class": {
             name: {"auroc": aurocs[k], "recall": recalls[k], "support": int(support[k])}
@@ -193,27 +246,167 @@ def classification_metrics(labels, probs, class_names: Sequence[str]) -> dict:
     }
 
 
-def bootstrap_ci(labels, probs, metric_fn: Callable, n_resamples: int = 1000, confidence: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric_fn(labels, probs)``; resamples where it is undefined are skipped."""
+def _resample_indices(rng: np.random.Generator, n: int, n_resamples: int) -> Iterator[np.ndarray]:
+    """Bootstrap resamples as blocks of index rows `(block, n)`, the same stream for every metric."""
+    block = max(1, _RESAMPLE_BLOCK // max(n, 1))
+    for start in range(0, n_resamples, block):
+        yield rng.integers(0, n, (min(block, n_resamples - start), n))
+
+
+# A bootstrap resample is the original sample with integer weights (how often each row was drawn), so the
+# metrics below become matrix products over a block of weight rows instead of one Python call per resample.
+# Each `_weighted_*` takes (labels, probs) and returns a function of weights `(block, n)` -> values `(block,)`,
+# nan where the metric is undefined on that resample.
+
+
+def _weighted_mean_of(per_sample: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda weights: weights @ per_sample / weights.sum(1)
+
+
+def _weighted_balanced_accuracy(labels: np.ndarray, probs: np.ndarray):
+    one_hot = np.eye(probs.shape[1])[labels]
+    hits = one_hot * (probs.argmax(1) == labels)[:, None]
+
+    def evaluate(weights: np.ndarray) -> np.ndarray:
+        support = weights @ one_hot
+        recall = np.divide(weights @ hits, support, out=np.full_like(support, np.nan), where=support > 0)
+        return np.nanmean(recall, axis=1)
+
+    return evaluate
+
+
+def _weighted_macro_auroc(labels: np.ndarray, probs: np.ndarray):
+    # AUROC is the Mann-Whitney statistic with ties counted half (what sklearn's trapezoidal AUC equals):
+    # per tie group of scores, positives beat the negative weight strictly below plus half of the tied.
+    classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    prepared = []
+    for k in classes:
+        order = np.argsort(probs[:, k], kind="stable")
+        scores = probs[order, k]
+        group_starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+        positive = (labels[order] == k).astype(np.float64)
+        prepared.append((order, group_starts, positive))
+
+    def evaluate(weights: np.ndarray) -> np.ndarray:
+        aurocs = np.full((len(weights), len(prepared)), np.nan)
+        for j, (order, group_starts, positive) in enumerate(prepared):
+            ordered = weights[:, order]
+            pos = np.add.reduceat(ordered * positive, group_starts, axis=1)
+            neg = np.add.reduceat(ordered * (1.0 - positive), group_starts, axis=1)
+            below = np.cumsum(neg, axis=1) - neg
+            pos_total, neg_total = pos.sum(1), neg.sum(1)
+            defined = (pos_total > 0) & (neg_total > 0)
+            wins = np.sum(pos * (below + 0.5 * neg), axis=1)
+            aurocs[defined, j] = wins[defined] / (pos_total[defined] * neg_total[defined])
+        if len(prepared) == 1:
+            return aurocs[:, 0]
+        enough = np.sum(~np.isnan(aurocs), axis=1) >= 2
+        return np.where(enough, np.nanmean(np.where(enough[:, None], aurocs, 0.0), axis=1), np.nan)
+
+    return evaluate
+
+
+def _weighted_ece(labels: np.ndarray, probs: np.ndarray):
+    bins, confidences, correct = _calibration_bins(labels, probs, 15)
+    one_hot = np.eye(16)[bins]
+    gap_per_bin = one_hot * (correct - confidences)[:, None]
+    return lambda weights: np.sum(np.abs(weights @ gap_per_bin), axis=1) / weights.sum(1)
+
+
+_VECTORISED_BOOTSTRAP = {
+    balanced_accuracy: _weighted_balanced_accuracy,
+    macro_auroc: _weighted_macro_auroc,
+    expected_calibration_error: _weighted_ece,  # only with its default n_bins=15
+    brier_score: lambda labels, probs: _weighted_mean_of(_brier_per_sample(labels, probs)),
+    negative_log_likelihood: lambda labels, probs: _weighted_mean_of(_nll_per_sample(labels, probs)),
+    accuracy: lambda labels, probs: _weighted_mean_of((probs.argmax(1) == labels).astype(np.float64)),
+}
+
+
+def bootstrap_distribution(labels, probs, metric_fn: Callable, n_resamples: int = 1000,
+                           seed: int = 0) -> tuple[np.ndarray, int]:
+    """``metric_fn`` on ``n_resamples`` resamples (with replacement): (defined values, number skipped).
+
+    A resample is skipped when the metric is undefined on it (nan, or a ValueError such as one class only).
+    The metrics of this module are computed for a whole block of resamples at once; any other callable
+    ``metric_fn(labels, probs) -> float`` is called once per resample on the same resamples.
+    """
     labels, probs = _check(labels, probs)
+    if len(labels) == 0:
+        return np.empty(0), n_resamples
     rng = np.random.default_rng(seed)
+    vectorised = _VECTORISED_BOOTSTRAP.get(metric_fn)
+    evaluate = vectorised(labels, probs) if vectorised else None
     values = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(n_resamples):
-            index = rng.integers(0, len(labels), len(labels))
-            try:
-                value = metric_fn(labels[index], probs[index])
-            except ValueError:
+        warnings.simplefilter("ignore")  # absent-class warnings on every small resample say nothing new
+        for indices in _resample_indices(rng, len(labels), n_resamples):
+            if evaluate is not None:
+                rows = np.arange(len(indices))[:, None] * len(labels)
+                weights = np.bincount((indices + rows).ravel(), minlength=len(indices) * len(labels))
+                values.extend(evaluate(weights.reshape(len(indices), len(labels)).astype(np.float64)).tolist())
                 continue
-            if value is not None and not math.isnan(value):
-                values.append(value)
-    if not values:
+            for index in indices:
+                try:
+                    value = metric_fn(labels[index], probs[index])
+                except ValueError:
+                    value = math.nan
+                values.append(math.nan if value is None else float(value))
+    values = np.asarray(values, dtype=np.float64)
+    defined = values[~np.isnan(values)]
+    return defined, int(len(values) - len(defined))
+
+
+def bootstrap_ci(labels, probs, metric_fn: Callable, n_resamples: int = 1000, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric_fn(labels, probs)``.
+
+    Resamples where the metric is undefined are skipped; a warning gives their count. (nan, nan) when none
+    is defined.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    values, skipped = bootstrap_distribution(labels, probs, metric_fn, n_resamples, seed)
+    if skipped:
+        name = getattr(metric_fn, "__name__", "metric")
+        warnings.warn(f"bootstrap of {name}: {skipped} of {n_resamples} resamples skipped (metric undefined)",
+                      stacklevel=2)
+    if len(values) == 0:
         return (math.nan, math.nan)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+CI_METRICS = {
+    "balanced_accuracy": balanced_accuracy,
+    "auroc_macro": macro_auroc,
+    "ece": expected_calibration_error,
+    "brier": brier_score,
+    "nll": negative_log_likelihood,
+    "accuracy": accuracy,
+}
+
+
+def classification_metrics_with_ci(labels, probs, class_names: Sequence[str], n_resamples: int = 1000,
+                                   confidence: float = 0.95, seed: int = 0,
+                                   metrics: Sequence[str] = tuple(CI_METRICS)) -> dict:
+    """`classification_metrics` plus ``"<metric>_ci": [low, high]`` for each of ``metrics``.
+
+    Also ``"ci": {"confidence", "n_resamples", "skipped": {metric: count}}`` so a reader knows how many
+    resamples an interval rests on.
+    """
+    report = classification_metrics(labels, probs, class_names)
+    skipped = {}
+    for key in metrics:
+        if key not in CI_METRICS:
+            raise ValueError(f"no bootstrap interval for {key!r}; choose from {sorted(CI_METRICS)}")
+        values, skipped[key] = bootstrap_distribution(labels, probs, CI_METRICS[key], n_resamples, seed)
+        tail = (1 - confidence) / 2 * 100
+        report[f"{key}_ci"] = ([float(v) for v in np.percentile(values, [tail, 100 - tail])] if len(values)
+                               else [math.nan, math.nan])
+    report["ci"] = {"confidence": confidence, "n_resamples": n_resamples, "skipped": skipped}
+    return report
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -222,65 +415,92 @@ def bootstrap_ci(labels, probs, metric_fn: Callable, n_resamples: int = 1000, co
 
 
 class SplitConformal:
-    """Split-conformal prediction sets (Angelopoulos & Bates 2021).
+    """Split-conformal prediction sets (Angelopoulos & Bates 2021; APS: Romano et al. 2020; RAPS:
+    Angelopoulos et al. 2021).
 
-    ``method``: ``"lac"`` (score 1 - p_y; smallest sets), ``"aps"`` (cumulative sorted mass up to the true
-    class; adaptive set sizes) or ``"raps"`` (APS plus ``raps_lambda`` per rank beyond ``raps_k_reg``; smaller,
-    more stable sets). Non-randomised: coverage is at least the target, slightly conservative. Sets are
-    never empty (the top class is always in).
+    ``method``: ``"lac"`` (score 1 - p_y; smallest sets), ``"aps"`` (sorted mass up to the true class;
+    adaptive set sizes) or ``"raps"`` (APS plus ``raps_lambda`` per rank beyond ``raps_k_reg``; smaller,
+    more stable sets). With ``randomized=False`` a set takes the ranked classes up to and including the one
+    whose mass crosses ``qhat`` (coverage at least the target, a little conservative); with
+    ``randomized=True`` (APS/RAPS) the crossing class is kept with the randomised-score rule, which brings
+    coverage close to exactly the target. Sets are never empty: the top class is always in.
+
+    ``qhat`` (the calibrated score threshold) is all a fitted predictor needs, so it can be stored and set
+    back on a fresh instance.
     """
 
     def __init__(self, method: str = "aps", coverage: float = 0.9, raps_lambda: float = 0.01, raps_k_reg: int = 1,
-                 seed: int = 0):
+                 randomized: bool = False, seed: int = 0):
         if method not in ("lac", "aps", "raps"):
             raise ValueError(f"method={method!r}; choose 'lac', 'aps' or 'raps'")
         if not 0 < coverage < 1:
             raise ValueError(f"coverage must be in (0, 1), got {coverage}")
-        self.method, self.coverage = method, coverage
-        self.raps_lambda, self.raps_k_reg, self.seed = raps_lambda, raps_k_reg, seed
+        if randomized and method == "lac":
+            raise ValueError("randomized=True applies to 'aps' and 'raps'; LAC scores are not cumulative")
+        if raps_lambda < 0 or raps_k_reg < 0:
+            raise ValueError(f"raps_lambda and raps_k_reg must be >= 0, got {raps_lambda}, {raps_k_reg}")
+        self.method, self.coverage, self.randomized, self.seed = method, coverage, randomized, seed
+        self.raps_lambda, self.raps_k_reg = raps_lambda, raps_k_reg
         self.qhat: float | None = None
+        # One stream per predictor: successive predict_sets calls draw fresh uniforms, as the guarantee needs.
+        self._rng = np.random.default_rng(seed)
 
-    def _scores_all(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per class: (conformity score if it were the label, score with its own mass removed)."""
+    def _class_scores(self, probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """`(n, C)`: the conformity score each class would have as the label.
+
+        APS/RAPS: mass of the classes ranked above it plus ``u`` times its own mass (u = 1 when not randomised),
+        plus the RAPS penalty ``lambda * (rank - k_reg)^+`` with ranks from 1.
+        """
         if self.method == "lac":
-            score = 1.0 - probs
-            return score, score
+            return 1.0 - probs
         order = np.argsort(-probs, axis=1, kind="stable")
-        sorted_probs = np.take_along_axis(probs, order, axis=1)
-        cumulative = np.cumsum(sorted_probs, axis=1)
-        ranks = np.empty_like(order)
-        np.put_along_axis(ranks, order, np.arange(probs.shape[1])[None].repeat(len(probs), 0), axis=1)
-        score = np.take_along_axis(cumulative, ranks, axis=1)  # mass of classes ranked at or above
+        ranks = np.argsort(order, axis=1, kind="stable")  # 0-based rank of each class
+        cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+        mass_above = np.take_along_axis(cumulative, ranks, axis=1) - probs
+        scores = mass_above + uniforms[:, None] * probs
         if self.method == "raps":
-            score = score + self.raps_lambda * np.maximum(ranks + 1 - self.raps_k_reg, 0)
-        return score, score - probs
+            scores = scores + self.raps_lambda * np.maximum(ranks + 1 - self.raps_k_reg, 0)
+        return scores
+
+    def _uniforms(self, n: int) -> np.ndarray:
+        return self._rng.uniform(size=n) if self.randomized else np.ones(n)
 
     def fit(self, probs, labels) -> "SplitConformal":
+        """Calibrate ``qhat`` on held-out (probs, labels) exchangeable with the data sets will be made for."""
         labels, probs = _check(labels, probs)
         n = len(labels)
         if n == 0:
             raise ValueError("conformal calibration needs at least one sample")
-        scores, _ = self._scores_all(probs)
-        true_scores = scores[np.arange(n), labels]
+        self._rng = np.random.default_rng(self.seed)
+        true_scores = self._class_scores(probs, self._uniforms(n))[np.arange(n), labels]
+        # The ceil((n+1)(1-alpha))/n empirical quantile gives coverage >= 1 - alpha in finite samples.
         level = min(1.0, math.ceil((n + 1) * self.coverage) / n)
         self.qhat = float(np.quantile(true_scores, level, method="higher"))
         return self
 
     def predict_sets(self, probs) -> list[list[int]]:
+        """Class indices of each row's prediction set, most probable first."""
         if self.qhat is None:
-            raise RuntimeError("call fit() on calibration data first")
+            raise RuntimeError("call fit() on calibration data first (or set qhat)")
         probs = np.asarray(probs, dtype=np.float64)
-        scores, before = self._scores_all(probs)
-        # LAC: a class is in when its score is within qhat. APS/RAPS: the smallest prefix of the ranked
-        # classes that reaches qhat, i.e. every class whose mass *before* it is still below qhat.
-        members = scores <= self.qhat if self.method == "lac" else before < self.qhat
+        if probs.ndim != 2:
+            raise ValueError(f"probs must be (num_samples, num_classes), got shape {probs.shape}")
+        if self.method == "lac" or self.randomized:
+            members = self._class_scores(probs, self._uniforms(len(probs))) <= self.qhat
+        else:
+            # Every class whose score *before* its own mass (u = 0) is still below qhat: the ranked prefix up
+            # to and including the class that crosses qhat.
+            members = self._class_scores(probs, np.zeros(len(probs))) < self.qhat
         members[np.arange(len(probs)), probs.argmax(1)] = True
         return [np.flatnonzero(row)[np.argsort(-probs[i, np.flatnonzero(row)], kind="stable")].tolist()
                 for i, row in enumerate(members)]
 
 
 def conformal_report(sets: Sequence[Sequence[int]], labels) -> dict:
+    """Empirical coverage (fraction of sets holding the label) and mean set size."""
     labels = np.asarray(labels).astype(int)
+    if len(sets) != len(labels):
+        raise ValueError(f"{len(sets)} sets but {len(labels)} labels")
     covered = [int(label) in set(members) for members, label in zip(sets, labels)]
     return {"coverage": float(np.mean(covered)) if len(covered) else math.nan,
             "mean_set_size": float(np.mean([len(s) for s in sets])) if len(sets) else math.nan}
@@ -297,21 +517,25 @@ def format_prediction_set(set_indices: Sequence[int], class_names: Sequence[str]
 
 
 def isic2019_submission_frame(image_ids: Sequence[str], probs, class_names: Sequence[str]):
-    """The ISIC 2019 task-3 submission table: ``image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK``.
+    """The ISIC 2019 task-3 submission table: ``image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK``, rows in input order.
 
-    Columns are matched by class name; a model without an UNK class gets UNK = 0.
+    Columns are matched by class name; a model without an UNK class gets UNK = 0.0. Raises ValueError naming
+    any of the eight diagnoses the model lacks.
     """
     import pandas as pd
 
     probs = np.asarray(probs, dtype=np.float64)
+    class_names = list(class_names)
+    if probs.ndim != 2 or probs.shape[1] != len(class_names):
+        raise ValueError(f"probs of shape {probs.shape} for {len(class_names)} class names")
     missing = [c for c in ISIC2019_SUBMISSION_COLUMNS if c != "UNK" and c not in class_names]
     if missing:
         raise ValueError(f"the model has no class(es) {missing} required by the ISIC 2019 submission format")
     if len(image_ids) != len(probs):
         raise ValueError(f"{len(image_ids)} image ids but {len(probs)} probability rows")
-    frame = pd.DataFrame({"image": list(image_ids)})
+    frame = pd.DataFrame({"image": [str(i) for i in image_ids]})
     for column in ISIC2019_SUBMISSION_COLUMNS:
-        frame[column] = probs[:, list(class_names).index(column)] if column in class_names else 0.0
+        frame[column] = probs[:, class_names.index(column)] if column in class_names else 0.0
     return frame
 
 
@@ -320,7 +544,10 @@ def write_isic2019_submission(path, image_ids, probs, class_names) -> None:
 
 
 def malignant_score(probs, class_names: Sequence[str], malignant: Sequence[str] = MALIGNANT_CLASSES) -> np.ndarray:
-    """Probability of a malignant diagnosis: the sum over the malignant classes the model has."""
+    """Probability of a malignant diagnosis: the sum over the malignant classes the model has.
+
+    Pass ``malignant=("MEL", "BCC", "SCC", "AK")`` to count actinic keratosis as well.
+    """
     indices = [i for i, name in enumerate(class_names) if name in set(malignant)]
     if not indices:
         raise ValueError(f"none of the malignant classes {list(malignant)} is among {list(class_names)}")
@@ -328,23 +555,24 @@ def malignant_score(probs, class_names: Sequence[str], malignant: Sequence[str] 
 
 
 def partial_auc_above_tpr(y_true, scores, min_tpr: float = 0.80) -> float:
-    """ISIC 2024 (Kaggle) score: area of the ROC curve above ``min_tpr`` true-positive rate, in [0, 1 - min_tpr].
+    """ISIC 2024 (Kaggle) score: area under the ROC curve above ``min_tpr`` sensitivity, in [0, 1 - min_tpr].
 
-    As the official metric: labels are flipped and scores negated so that the region of high sensitivity
-    becomes a low-FPR region, whose partial area under the ROC curve is integrated with a point
-    interpolated at ``max_fpr = 1 - min_tpr`` (no McClish standardisation).
+    The official metric's steps: flip labels and negate scores so that high sensitivity becomes low FPR,
+    take scikit-learn's McClish-standardised partial AUC up to ``max_fpr = 1 - min_tpr`` and undo the
+    standardisation. 0.2 for a perfect scorer at the default ``min_tpr``.
     """
-    from sklearn.metrics import auc, roc_curve
+    from sklearn.metrics import roc_auc_score
 
-    y_true = np.asarray(y_true).astype(int)
-    if len(set(y_true.tolist())) != 2:
-        raise ValueError("partial AUC needs both classes in y_true")
-    max_fpr = 1.0 - min_tpr
-    fpr, tpr, _ = roc_curve(np.abs(y_true - 1), -np.asarray(scores, dtype=np.float64))
-    stop = np.searchsorted(fpr, max_fpr, "right")
-    tpr = np.append(tpr[:stop], np.interp(max_fpr, fpr[stop - 1 : stop + 1], tpr[stop - 1 : stop + 1]))
-    fpr = np.append(fpr[:stop], max_fpr)
-    return float(auc(fpr, tpr))
+    y_true = np.asarray(y_true).astype(int).reshape(-1)
+    if set(np.unique(y_true).tolist()) != {0, 1}:
+        raise ValueError("partial AUC needs binary y_true with both 0 and 1 present")
+    if not 0 <= min_tpr < 1:
+        raise ValueError(f"min_tpr must be in [0, 1), got {min_tpr}")
+    max_fpr = abs(1 - min_tpr)
+    flipped = np.abs(y_true - 1)
+    negated = -1.0 * np.asarray(scores, dtype=np.float64).reshape(-1)
+    scaled = roc_auc_score(flipped, negated, max_fpr=max_fpr)
+    return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / (1.0 - 0.5) * (scaled - 0.5))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -353,35 +581,46 @@ def partial_auc_above_tpr(y_true, scores, min_tpr: float = 0.80) -> float:
 
 
 def age_band(age, width: int = 20) -> str:
-    """``55 → "40-59"``; blank or non-numeric → ``"unknown"``."""
+    """``55 → "40-59"``; blank, negative or non-numeric → ``"unknown"``."""
     try:
         value = float(age)
     except (TypeError, ValueError):
-        return "unknown"
+        return UNKNOWN_GROUP
     if math.isnan(value) or value < 0:
-        return "unknown"
+        return UNKNOWN_GROUP
     low = int(value // width) * width
     return f"{low}-{low + width - 1}"
 
 
 def _group_value(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() in ("", "unknown"):
-        return "unknown"
-    return str(value)
+    import pandas as pd
+
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
+        return UNKNOWN_GROUP
+    text = str(value).strip()
+    # CSV round trips turn missing values into these strings.
+    return UNKNOWN_GROUP if text.lower() in ("", UNKNOWN_GROUP, "nan", "none", "<na>") else text
 
 
 def subgroup_table(labels, probs, groups: dict[str, Sequence], class_names: Sequence[str], min_count: int = 1):
-    """B-ACC, macro AUROC and ECE per value of each metadata attribute, with the sample count of each group."""
+    """B-ACC, macro AUROC and ECE per value of each metadata attribute, with the sample count of each group.
+
+    Missing values form the group ``"unknown"``; groups with fewer than ``min_count`` samples are left out.
+    A group lacking some classes is scored over the classes it has (no warnings: small groups always do).
+    """
     import pandas as pd
 
     labels, probs = _check(labels, probs)
+    if len(class_names) != probs.shape[1]:
+        raise ValueError(f"{len(class_names)} class names for {probs.shape[1]} probability columns")
     rows = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # small groups lack classes: their metrics are defined over what is there
+        warnings.simplefilter("ignore")
         for attribute, values in groups.items():
+            values = list(values)
             if len(values) != len(labels):
                 raise ValueError(f"subgroup {attribute!r} has {len(values)} values for {len(labels)} samples")
-            keys = np.array([_group_value(v) for v in values])
+            keys = np.array([_group_value(v) for v in values], dtype=object)
             for group in sorted(set(keys.tolist())):
                 mask = keys == group
                 if mask.sum() < min_count:
@@ -394,18 +633,21 @@ def subgroup_table(labels, probs, groups: dict[str, Sequence], class_names: Sequ
                     "auroc_macro": macro_auroc(labels[mask], probs[mask]),
                     "ece": expected_calibration_error(labels[mask], probs[mask]),
                 })
-    return pd.DataFrame(rows, columns=["attribute", "group", "n", "balanced_accuracy", "auroc_macro", "ece"])
+    return pd.DataFrame(rows, columns=list(SUBGROUP_COLUMNS))
 
 
 def largest_gap(table, metric: str) -> dict[str, dict]:
-    """Per attribute, the best and worst known group on ``metric`` and their gap (the flagged disparity)."""
+    """Per attribute, the best and worst known group on ``metric`` and their gap (the flagged disparity).
+
+    ``{attribute: {"gap", "best", "worst", "best_n", "worst_n"}}``; "unknown" groups and nan values are not
+    compared, and attributes with fewer than two comparable groups are left out. Lower is better for ECE.
+    """
     gaps = {}
-    for attribute, part in table.groupby("attribute"):
-        known = part[(part["group"] != "unknown") & part[metric].notna()]
+    for attribute, part in table.groupby("attribute", sort=False):
+        known = part[(part["group"] != UNKNOWN_GROUP) & part[metric].notna()]
         if len(known) < 2:
             continue
-        higher_is_better = metric != "ece"
-        ordered = known.sort_values(metric, ascending=not higher_is_better)
+        ordered = known.sort_values(metric, ascending=metric == "ece", kind="stable")
         best, worst = ordered.iloc[0], ordered.iloc[-1]
         gaps[attribute] = {"gap": float(abs(best[metric] - worst[metric])), "best": str(best["group"]),
                            "worst": str(worst["group"]), "best_n": int(best["n"]), "worst_n": int(worst["n"])}
@@ -418,10 +660,17 @@ def largest_gap(table, metric: str) -> dict[str, dict]:
 
 
 def metrics_markdown_table(metrics: dict, class_names: Sequence[str]) -> str:
+    """Headline metrics (with ``[low, high]`` where a ``<metric>_ci`` entry exists), then a per-class table."""
     lines = ["| metric | value |", "|---|---|"]
     for key in ("balanced_accuracy", "auroc_macro", "ece", "brier", "nll", "accuracy"):
         if key in metrics:
-            lines.append(f"| {key} | {metrics[key]:.4f} |")
+            value = f"{metrics[key]:.4f}"
+            if f"{key}_ci" in metrics:
+                low, high = metrics[f"{key}_ci"]
+                value += f" [{low:.4f}, {high:.4f}]"
+            lines.append(f"| {key} | {value} |")
+    if "num_samples" in metrics:
+        lines.append(f"| num_samples | {metrics['num_samples']} |")
     lines += ["", "| class | support | recall | AUROC |", "|---|---|---|---|"]
     for name in class_names:
         entry = metrics.get("per_class", {}).get(name, {})
@@ -430,20 +679,26 @@ def metrics_markdown_table(metrics: dict, class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_reliability_diagram(labels, probs, path, n_bins: int = 15) -> None:
+def _pyplot():
+    # Imported here, not at module level: importing skinclip_metrics must stay fast, and Agg needs no display.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_reliability_diagram(labels, probs, path, n_bins: int = 15) -> None:
+    """Accuracy per confidence bin against the diagonal, with the ECE in the title; PNG at ``path``."""
+    plt = _pyplot()
     labels, probs = _check(labels, probs)
-    confidences = probs.max(1)
-    correct = probs.argmax(1) == labels
-    edges = np.linspace(0, 1, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, confidences, side="right") - 1, 0, n_bins - 1)
-    accuracy = [correct[bins == b].mean() if np.any(bins == b) else np.nan for b in range(n_bins)]
+    bins, _, correct = _calibration_bins(labels, probs, n_bins)
+    bins = np.minimum(bins, n_bins - 1)  # draw confidence 1.0 in the top bar
+    accuracy_per_bin = [correct[bins == b].mean() if np.any(bins == b) else np.nan for b in range(n_bins)]
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    axis.bar(edges[:-1], accuracy, width=1 / n_bins, align="edge", edgecolor="black", label="accuracy")
+    axis.bar(np.arange(n_bins) / n_bins, accuracy_per_bin, width=1 / n_bins, align="edge", edgecolor="black",
+             label="accuracy")
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     axis.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
              title=f"ECE = {expected_calibration_error(labels, probs, n_bins):.3f}")
@@ -454,12 +709,10 @@ def plot_reliability_diagram(labels, probs, path, n_bins: int = 15) -> None:
 
 
 def plot_confusion_matrix(labels, probs, class_names: Sequence[str], path, normalize: bool = True) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Confusion matrix of argmax predictions (rows: true class, normalised to recall by default); PNG."""
     from sklearn.metrics import confusion_matrix
 
+    plt = _pyplot()
     labels, probs = _check(labels, probs)
     matrix = confusion_matrix(labels, probs.argmax(1), labels=list(range(len(class_names)))).astype(float)
     if normalize:
