@@ -40,3 +40,28 @@ def test_two_process_cfa_loss_and_gradients_equal_single_process(tmp_path, make_
     for name, gradient in expected.items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)  # all-reduced
         torch.testing.assert_close(ranks[0][name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_py_runs_with_two_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 train.py` (gloo on CPU): the same entry point accelerate/DDP uses."""
+    import json
+    import math
+    import subprocess
+    import sys
+
+    from datasets import load_from_disk
+
+    from tests.conftest import REPO_ROOT
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "train.py", "configs/demo.yaml", f"--output_dir={tmp_path / 'out'}",
+               f"--dataset_path={tmp_path / 'data'}", f"--tiny_bases_dir={tmp_path / 'bases'}", "--num_train_epochs=1",
+               "--save_strategy=epoch", "--eval_strategy=no", "--disable_tqdm=true"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train_rows = len(load_from_disk(str(tmp_path / "data"))["train"])
+    (checkpoint,) = (tmp_path / "out").glob("checkpoint-*")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == math.ceil(train_rows / (16 * 2))  # the global batch spans both processes
+    assert (checkpoint / "checkpoint_complete.json").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
