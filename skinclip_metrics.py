@@ -200,8 +200,17 @@ def fit_temperature(logits, labels, bounds: tuple[float, float] = (0.05, 20.0)) 
     if np.isnan(logits).any() or np.isposinf(logits).any():
         raise ValueError("fit_temperature: logits contain nan or +inf")
 
+    rows, top = np.arange(len(labels)), logits.argmax(1)
+
     def nll(log_t: float) -> float:
-        return float(np.mean(_nll_per_sample(labels, apply_temperature(logits, math.exp(log_t)))))
+        # -log softmax_y = (z_max - z_y) + log1p(sum of the other exp(z_k - z_max)), exact at both ends:
+        # -log(clip(p)) goes flat where confident mistakes have p_y < eps (pulling T down on the very
+        # over-confident models this is for), and logsumexp rounds 1 + e^-40 to 1 for confident hits.
+        scaled = logits / math.exp(log_t)
+        shifted = scaled - scaled[rows, top][:, None]
+        others = np.exp(shifted)
+        others[rows, top] = 0.0
+        return float(np.mean(np.log1p(others.sum(1)) - shifted[rows, labels]))
 
     result = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
                              options={"xatol": 1e-6})
