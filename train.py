@@ -79,6 +79,10 @@ class DataArguments:
     eval_split: str = field(default="validation")
     test_split: str | None = field(default="test")
     train_fraction: float = field(default=1.0, metadata={"help": "Stratified subsample of train (0.12 = paper's 12%)."})
+    cache_vision_features: bool = field(
+        default=False,
+        metadata={"help": "Run the frozen CLIP tower once and train on its cached fp16 tokens (needs augment: false)."},
+    )
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -265,6 +269,8 @@ def write_model_card(output_dir: Path, config: SkinClipVLConfig, metrics: dict, 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if data_args.cache_vision_features and training_args.augment:
+        raise ValueError("cache_vision_features needs augment: false (augmented images need fresh CLIP features)")
     set_seed(training_args.seed)
     dataset = load_training_data(data_args, training_args.seed)
     class_names = dataset[data_args.train_split].features["label"].names
@@ -286,18 +292,22 @@ def main(argv: list[str] | None = None) -> dict:
     counts = model.parameter_counts()
     logger.info("parameters: %s", counts)
 
+    if data_args.cache_vision_features:
+        from feature_cache import add_vision_features
+
+        for split in filter(None, (data_args.train_split, data_args.eval_split, data_args.test_split)):
+            dataset[split] = add_vision_features(dataset[split], model, processor)
+
     train_labels = np.asarray(dataset[data_args.train_split]["label"])
     class_counts = np.bincount(train_labels, minlength=len(class_names)).tolist()
-    collator = SkinClipVLCollator(
-        processor,
-        with_report=training_args.lambda_align > 0,
-        with_rationale=training_args.lambda_gen > 0,
-        augment=training_args.augment,
-        seed=training_args.seed,
-    )
-    eval_collator = SkinClipVLCollator(
-        processor, with_report=training_args.lambda_align > 0, with_rationale=training_args.lambda_gen > 0
-    )
+    needs = dict(with_report=training_args.lambda_align > 0, with_rationale=training_args.lambda_gen > 0)
+    if data_args.cache_vision_features:
+        from feature_cache import CachedFeatureCollator, vision_features_key
+
+        collator = eval_collator = CachedFeatureCollator(processor, vision_features_key(config.vision_config), **needs)
+    else:
+        collator = SkinClipVLCollator(processor, augment=training_args.augment, seed=training_args.seed, **needs)
+        eval_collator = SkinClipVLCollator(processor, **needs)
     trainer = CFATrainer(
         model=model,
         args=training_args,

@@ -58,3 +58,29 @@ def test_demo_output_reloads_and_reproduces_test_predictions(demo_run):
     with torch.no_grad():
         probs = model.predict(**processor(test["image"], test["metadata_text"])).probs.numpy()
     np.testing.assert_allclose(probs, saved[names].to_numpy(), atol=1e-5)
+
+
+def test_cached_clip_features_train_and_match_the_image_path(tmp_path):
+    """`cache_vision_features: true` trains from fp16 CLIP tokens; its predictions match running the tower."""
+    from datasets import load_from_disk
+
+    from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+
+    out = tmp_path / "out"
+    command = [sys.executable, "train.py", "configs/demo.yaml", f"--output_dir={out}",
+               f"--dataset_path={tmp_path / 'data'}", f"--tiny_bases_dir={tmp_path / 'bases'}", "--num_train_epochs=2",
+               "--save_strategy=no", "--augment=false", "--cache_vision_features=true", "--disable_tqdm=true"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = SkinClipVLModel.from_pretrained(out, device="cpu")
+    processor = SkinClipVLProcessor.from_pretrained(out)
+    test = load_from_disk(str(tmp_path / "data"))["test"]
+    names = model.config.class_names
+    saved = pd.read_csv(out / "test_predictions.csv")[names].to_numpy()
+    with torch.no_grad():
+        from_images = model.predict(**processor(test["image"], test["metadata_text"])).probs.numpy()
+    np.testing.assert_allclose(from_images, saved, atol=2e-3)  # fp16 cache vs fp32 tower
+
+    refused = subprocess.run(command[:-3] + ["--augment=true", "--cache_vision_features=true"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "cache_vision_features needs augment: false" in refused.stderr
