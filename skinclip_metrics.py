@@ -344,7 +344,10 @@ def bootstrap_distribution(labels, probs, metric_fn: Callable, n_resamples: int 
     if len(labels) == 0:
         return np.empty(0), n_resamples
     rng = np.random.default_rng(seed)
-    vectorised = _VECTORISED_BOOTSTRAP.get(metric_fn)
+    try:
+        vectorised = _VECTORISED_BOOTSTRAP.get(metric_fn)
+    except TypeError:  # an unhashable callable object: not one of ours
+        vectorised = None
     evaluate = vectorised(labels, probs) if vectorised else None
     values = []
     with warnings.catch_warnings():

@@ -1,7 +1,6 @@
 """Metrics against their references: isic-challenge-scoring, torchmetrics, scikit-learn, hand computations."""
 
 import math
-import warnings
 
 import numpy as np
 import pandas as pd
