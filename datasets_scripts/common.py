@@ -32,6 +32,21 @@ class DataError(ValueError):
     """Bad input data; the message names the file, column or image id."""
 
 
+def schema_features(class_names: Sequence[str], **metadata_columns):
+    """The columns every converted dataset shares (the trainer's contract), then its own metadata columns."""
+    from datasets import ClassLabel, Features, Image, Value
+
+    return Features({
+        "image_id": Value("string"),
+        "image": Image(),
+        "label": ClassLabel(names=list(class_names)),
+        "metadata_text": Value("string"),
+        "report": Value("string"),
+        "group_id": Value("string"),
+        **metadata_columns,
+    })
+
+
 # ----------------------------------------------------------------------------------------------- CSV checks
 
 

@@ -23,7 +23,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from .common import DataError, add_common_arguments, check_unique_ids, finish_conversion, none_if_missing, read_csv, split_summary
+from .common import (
+    DataError,
+    add_common_arguments,
+    check_unique_ids,
+    finish_conversion,
+    none_if_missing,
+    read_csv,
+    schema_features,
+    split_summary,
+)
 from .metadata_text import describe_metadata
 
 CLASS_NAMES = ["BCC", "NEV", "MEL", "MISC", "SK"]
@@ -71,26 +80,12 @@ def checklist_report(row) -> str:
 
 
 def features():
-    from datasets import ClassLabel, Features, Image, Value
+    from datasets import Value
 
-    columns = {
-        "image_id": Value("string"),
-        "image": Image(),
-        "label": ClassLabel(names=CLASS_NAMES),
-        "metadata_text": Value("string"),
-        "report": Value("string"),
-        "group_id": Value("string"),
-        "case_num": Value("string"),
-        "diagnosis": Value("string"),
-        "elevation": Value("string"),
-        "location": Value("string"),
-        "sex": Value("string"),
-        "image_type": Value("string"),
-        "clinic_path": Value("string"),
-        "derm_path": Value("string"),
-    }
-    columns.update({column: Value("string") for column in CHECKLIST})
-    return Features(columns)
+    metadata = {column: Value("string") for column in
+                ("case_num", "diagnosis", "elevation", "location", "sex", "image_type", "clinic_path", "derm_path")}
+    metadata.update({column: Value("string") for column in CHECKLIST})
+    return schema_features(CLASS_NAMES, **metadata)
 
 
 def load_table(meta_csv, index_dir=None) -> pd.DataFrame:

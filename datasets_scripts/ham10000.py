@@ -32,6 +32,7 @@ from .common import (
     none_if_missing,
     read_csv,
     resolve_image_paths,
+    schema_features,
     split_summary,
     to_float,
 )
@@ -47,24 +48,13 @@ SUBSET_NOTE = "HAM10000 is a subset of ISIC 2019: not an independent test set fo
 
 
 def features(with_source_dataset: bool = False):
-    from datasets import ClassLabel, Features, Image, Value
+    from datasets import Value
 
-    columns = {
-        "image_id": Value("string"),
-        "image": Image(),
-        "label": ClassLabel(names=CLASS_NAMES),
-        "metadata_text": Value("string"),
-        "report": Value("string"),
-        "group_id": Value("string"),
-        "lesion_id": Value("string"),
-        "dx": Value("string"),
-        "age": Value("float32"),
-        "sex": Value("string"),
-        "localization": Value("string"),
-    }
+    metadata = {"lesion_id": Value("string"), "dx": Value("string"), "age": Value("float32"), "sex": Value("string"),
+                "localization": Value("string")}
     if with_source_dataset:
-        columns["dataset"] = Value("string")  # acquisition source (vidir_molemax, rosendahl, ...)
-    return Features(columns)
+        metadata["dataset"] = Value("string")  # acquisition source (vidir_molemax, rosendahl, ...)
+    return schema_features(CLASS_NAMES, **metadata)
 
 
 def load_table(metadata_csv) -> pd.DataFrame:

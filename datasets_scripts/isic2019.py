@@ -22,18 +22,18 @@ import numpy as np
 import pandas as pd
 
 from .common import (
-    DataError,
     add_common_arguments,
     check_labels,
     check_unique_ids,
+    DataError,
     finish_conversion,
     index_image_files,
+    none_if_missing,
     read_csv,
     resolve_image_paths,
+    schema_features,
     split_summary,
-    strip_downsampled,
     to_float,
-    none_if_missing,
 )
 from .metadata_text import describe_metadata
 from .splits import unique_groups
@@ -71,22 +71,10 @@ def class_report(class_name: str) -> str:
 
 
 def features():
-    from datasets import ClassLabel, Features, Image, Value
+    from datasets import Value
 
-    return Features(
-        {
-            "image_id": Value("string"),
-            "image": Image(),
-            "label": ClassLabel(names=CLASS_NAMES),
-            "metadata_text": Value("string"),
-            "report": Value("string"),
-            "group_id": Value("string"),
-            "age_approx": Value("float32"),
-            "anatom_site_general": Value("string"),
-            "sex": Value("string"),
-            "lesion_id": Value("string"),
-        }
-    )
+    return schema_features(CLASS_NAMES, age_approx=Value("float32"), anatom_site_general=Value("string"),
+                           sex=Value("string"), lesion_id=Value("string"))
 
 
 def load_table(ground_truth_csv, metadata_csv) -> pd.DataFrame:

@@ -32,8 +32,6 @@ from tqdm.auto import tqdm
 from .common import (
     SKIP_REPORT_NAME,
     SPLITS_FILE_NAME,
-    DataError,
-    SkipReport,
     add_common_arguments,
     apply_offline_descriptions,
     apply_train_fraction,
@@ -41,10 +39,13 @@ from .common import (
     atomic_save,
     check_labels,
     check_unique_ids,
+    DataError,
     image_problem,
     none_if_missing,
     prepare_output_dir,
     read_csv,
+    schema_features,
+    SkipReport,
     split_summary,
     to_float,
 )
@@ -103,20 +104,15 @@ def load_table(metadata_csv) -> pd.DataFrame:
 
 
 def features(table: pd.DataFrame):
-    from datasets import ClassLabel, Features, Image, Value
+    from datasets import Value
 
-    columns = {
-        "image_id": Value("string"),
-        "image": Image(),
-        "label": ClassLabel(names=CLASS_NAMES),
-        "metadata_text": Value("string"),
-        "report": Value("string"),
-        "group_id": Value("string"),
+    shared = schema_features(CLASS_NAMES)
+    metadata = {
+        column: Value("string") if column in STRING_COLUMNS else Value("float32")
+        for column in table.columns
+        if column not in shared and column != "split"
     }
-    for column in table.columns:
-        if column not in columns and column != "split":
-            columns[column] = Value("string") if column in STRING_COLUMNS else Value("float32")
-    return Features(columns)
+    return schema_features(CLASS_NAMES, **metadata)
 
 
 def _read_image_bytes(handle, image_id: str) -> bytes:

@@ -3,7 +3,6 @@
 import socket
 
 import pytest
-import torch
 from PIL import Image
 
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor

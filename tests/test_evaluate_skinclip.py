@@ -34,7 +34,7 @@ def checkpoint_and_data(tmp_path_factory, make_config):
 def test_evaluation_writes_every_report(checkpoint_and_data, capsys):
     root, dataset = checkpoint_and_data
     out = root / "eval"
-    report = evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out),
+    evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out),
                                      "--bootstrap", "50", "--save-calibration"])
     for name in ("predictions.csv", "metrics.json", "metrics.md", "reliability.png", "confusion_matrix.png",
                  "subgroups.csv", "calibration.json"):

@@ -1,6 +1,5 @@
 """SkinClipVLModel: shapes, masking, gradients, generation, save/load round trip, bad input."""
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,6 @@ from safetensors.torch import load_file
 
 from configuration_skinclip import SkinClipVLConfig
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
-from tests.conftest import REPO_ROOT
 from trainer_cfa import CFALoss
 
 METADATA = ["A lesion on the posterior torso of a male patient aged about 55.", "A skin lesion."]
