@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, gather_features
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 # --------------------------------------------------------------------------------------------------------
 # Loss terms
@@ -248,27 +249,58 @@ def compute_classification_metrics(eval_prediction) -> dict[str, float]:
 CHECKPOINT_COMPLETE_MARKER = "checkpoint_complete.json"
 
 
-class NonFiniteGuard(TrainerCallback):
-    """Skips every optimizer step whose gradients hold NaN or inf, and stops a run that keeps producing them.
+class NonFiniteGuard(TrainerCallback, ExportableState):
+    """Skips every optimizer step with a non-finite loss or gradient, and stops a run that keeps producing them.
 
     Runs after gradient clipping and before ``optimizer.step()``: the gradients are dropped (set to ``None``),
-    so the optimizer leaves those weights and their moments untouched, and the weights never see a NaN.
-    Under DDP the gradients are already all-reduced, so every process decides the same way.
+    so the optimizer leaves those weights and their moments untouched, and the weights never see a NaN. The
+    learning-rate schedule and ``global_step`` still advance, so a run ends at its planned step.
+    ``CFATrainer.compute_loss`` reports every micro-batch loss through ``observe_loss`` (a NaN constant in the
+    loss need not reach the gradients). Under DDP/FSDP the decision is all-reduced so every process skips
+    together (FSDP holds gradient shards; a loss can be NaN on one process only). The counters are saved in
+    ``trainer_state.json`` and restored on resume.
     """
 
     def __init__(self, max_consecutive: int = 5):
         self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0
+        self._loss_finite: torch.Tensor | None = None  # on device: no host sync per micro-batch
+
+    def state(self) -> dict:
+        return {"args": {"max_consecutive": self.max_consecutive},
+                "attributes": {"skipped": self.skipped, "consecutive": self.consecutive}}
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if state.global_step and isinstance(saved, dict):  # resumed: carry the counts on
+            self.skipped = int(saved["attributes"]["skipped"])
+            self.consecutive = int(saved["attributes"]["consecutive"])
+        return control
+
+    def _step_is_finite(self, args, model) -> bool:
+        device = args.device
+        flags = [torch.isfinite(p.grad).all().to(device) for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if self._loss_finite is not None:
+            flags.append(self._loss_finite.to(device))
+        self._loss_finite = None
+        finite = torch.stack(flags).all() if flags else torch.tensor(True, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            finite = finite.to(torch.int32)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        trained = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in trained]).all() if trained else torch.tensor(True)
-        if bool(finite):
+        if self._step_is_finite(args, model):
             self.consecutive = 0
             return control
-        for param in trained:
-            param.grad = None
+        for param in model.parameters():
+            if param.requires_grad:
+                param.grad = None
         self.skipped += 1
         self.consecutive += 1
         if self.consecutive >= self.max_consecutive:
@@ -375,10 +407,14 @@ class CFATrainer(Trainer):
             world_size=args.world_size,
         )
         self._cfa_metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.nonfinite_guard = NonFiniteGuard(args.max_consecutive_nonfinite)
-        self.add_callback(self.nonfinite_guard)
+        self.add_callback(NonFiniteGuard(args.max_consecutive_nonfinite))
         if hasattr(self.data_collator, "epoch"):
             self.add_callback(AugmentationEpochCallback(self.data_collator))
+
+    @property
+    def nonfinite_guard(self) -> NonFiniteGuard:
+        # Looked up, not stored: restore_callback_states_from_checkpoint replaces callbacks with new instances.
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, NonFiniteGuard))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` (or "last") takes the newest COMPLETE checkpoint."""
@@ -417,6 +453,8 @@ class CFATrainer(Trainer):
         outputs = model(**inputs)
         loss, terms = self.cfa_loss(outputs, labels)
         mode = "train" if model.training else "eval"
+        if model.training:
+            self.nonfinite_guard.observe_loss(loss)
         for name, value in terms.items():
             self._cfa_metrics[mode][name].append(value.detach().float())
         if return_outputs:

@@ -25,7 +25,7 @@ class PoisonAtSteps:
         return outputs
 
 
-def _trainer(tmp_path, make_config, max_steps, max_consecutive=3):
+def _trainer(tmp_path, make_config, max_steps, max_consecutive=3, **overrides):
     config = make_config(class_names=tuple(COLOURS))
     model = SkinClipVLModel(config, device="cpu")
     processor = SkinClipVLProcessor.from_pretrained(None, config=config)
@@ -34,6 +34,8 @@ def _trainer(tmp_path, make_config, max_steps, max_consecutive=3):
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
         augment=False, disable_tqdm=True, max_consecutive_nonfinite=max_consecutive, max_grad_norm=1.0,
     )
+    for name, value in overrides.items():
+        setattr(args, name, value)
     trainer = CFATrainer(model=model, args=args, train_dataset=_colour_dataset(4, seed=0),
                          data_collator=SkinClipVLCollator(processor), class_counts=[4, 4, 4])
     return trainer, model
@@ -67,6 +69,49 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, make_config):
     assert not torch.equal(snapshots[2]["classifier.1.weight"], after["classifier.1.weight"])
     logged = [entry["nonfinite_steps_skipped"] for entry in trainer.state.log_history if "nonfinite_steps_skipped" in entry]
     assert logged[0] == 0 and logged[-1] == 1
+
+
+class NaNConstantInLossAtSteps(PoisonAtSteps):
+    """A NaN that reaches the loss but not the gradients (a constant added to the LM term)."""
+
+    def __call__(self, *args, **kwargs):
+        outputs = self.original(*args, **kwargs)
+        if self.model.training:
+            self.calls += 1
+            if self.calls in self.steps:
+                outputs.lm_loss = outputs.lm_loss + torch.tensor(float("nan"))
+        return outputs
+
+
+def test_a_nonfinite_loss_with_finite_gradients_is_skipped_too(tmp_path, make_config):
+    trainer, model = _trainer(tmp_path, make_config, max_steps=3)
+    model.forward = NaNConstantInLossAtSteps(model, steps={2})
+    snapshots = []
+    original_step = trainer.create_optimizer().step
+
+    def recording_step(*args, **kwargs):
+        snapshots.append(_trained_snapshot(model))
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())  # finite grads
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped == 1
+    for name, tensor in snapshots[2].items():
+        torch.testing.assert_close(snapshots[1][name], tensor, rtol=0, atol=0)
+
+
+def test_skip_counts_survive_a_resume(tmp_path, make_config):
+    trainer, model = _trainer(tmp_path, make_config, max_steps=2, save_strategy="steps", save_steps=2)
+    model.forward = PoisonAtSteps(model, steps={1})
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped == 1
+
+    resumed, _ = _trainer(tmp_path, make_config, max_steps=4)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    assert resumed.nonfinite_guard.skipped == 1  # restored from checkpoint-2's trainer_state.json
+    assert resumed.state.log_history[-2]["nonfinite_steps_skipped"] == 1
 
 
 def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, make_config):
