@@ -29,6 +29,7 @@ from open_clip.loss import ClipLoss, gather_features
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import rotate_checkpoints
 
 # --------------------------------------------------------------------------------------------------------
 # Loss terms
@@ -431,21 +432,37 @@ class CFATrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
         # Trainer writes checkpoint-N in place; a kill mid-save leaves a partial folder that its own
-        # get_last_checkpoint would pick. The marker, written last and atomically once every process has
-        # written its part, tells complete checkpoints apart.
+        # get_last_checkpoint would pick. A marker, written last and atomically once every process has
+        # written its part, tells complete checkpoints apart. Two orderings matter:
+        # - a stale marker (re-saving into a folder of an earlier run) is removed before anything is written;
+        # - old checkpoints are rotated out only after the marker, so a kill never leaves none complete
+        #   (Trainer rotates at the end of its own save, before our marker).
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isfile(os.path.join(folder, CHECKPOINT_COMPLETE_MARKER)):
+            os.remove(os.path.join(folder, CHECKPOINT_COMPLETE_MARKER))
+        self.accelerator.wait_for_everyone()
+        save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             staging = os.path.join(folder, CHECKPOINT_COMPLETE_MARKER + ".tmp")
             with open(staging, "w") as handle:
                 json.dump({"global_step": self.state.global_step}, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(staging, os.path.join(folder, CHECKPOINT_COMPLETE_MARKER))
+            rotate_checkpoints(
+                output_dir=self._get_output_dir(trial=trial),
+                save_total_limit=save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,  # as Trainer does
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -483,6 +500,9 @@ class CFATrainer(Trainer):
 
         from safetensors.torch import load_file
 
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            # Their checkpoints are the engines' own formats (sharded/gathered state), loaded into the wrapped model.
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = model or self.model
         weights = Path(resume_from_checkpoint) / "model.safetensors"
         if not weights.is_file():

@@ -73,3 +73,46 @@ def test_resuming_an_incomplete_checkpoint_is_refused(tmp_path, make_config):
     trainer.args = CFATrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match=r"checkpoint-4 is not a complete checkpoint.*newest complete one is .*checkpoint-2"):
         trainer.train(str(tmp_path / "checkpoint-4"))
+
+
+def test_old_checkpoints_are_rotated_out_only_once_the_new_one_is_complete(tmp_path, make_config, monkeypatch):
+    import shutil
+
+    from tests.test_guards import _trainer
+    from trainer_cfa import latest_complete_checkpoint
+
+    trainer, _ = _trainer(tmp_path, make_config, max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1)
+    deleted, original_rmtree = [], shutil.rmtree
+
+    def checked_rmtree(path, *args, **kwargs):
+        if os.path.basename(str(path)).startswith("checkpoint-"):
+            # A kill right now must still leave a complete checkpoint other than the one going away.
+            newest = latest_complete_checkpoint(tmp_path)
+            assert newest is not None and os.path.basename(newest) != os.path.basename(str(path)), (path, newest)
+            deleted.append(os.path.basename(str(path)))
+        return original_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", checked_rmtree)
+    trainer.train()
+    assert deleted == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert trainer.args.save_total_limit == 1  # restored after each save
+
+
+def test_a_stale_marker_does_not_vouch_for_a_checkpoint_being_rewritten(tmp_path, make_config):
+    from tests.test_guards import _trainer
+    from trainer_cfa import CHECKPOINT_COMPLETE_MARKER, latest_complete_checkpoint
+
+    # An earlier run in the same output_dir left a complete checkpoint-2.
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / CHECKPOINT_COMPLETE_MARKER).write_text('{"global_step": 2}')
+    trainer, _ = _trainer(tmp_path, make_config, max_steps=2, save_strategy="steps", save_steps=2)
+
+    def killed_mid_save(*args, **kwargs):  # the model is written, the optimizer state is not
+        raise KeyboardInterrupt("killed")
+
+    trainer._save_optimizer_and_scheduler = killed_mid_save
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file()  # the new run did start writing it
+    assert latest_complete_checkpoint(tmp_path) is None
