@@ -134,7 +134,7 @@ class FocalPooling(nn.Module):
             layer = nn.TransformerEncoderLayer(
                 focal_dim, nhead=max(1, focal_dim // 64), dim_feedforward=2 * focal_dim, batch_first=True, norm_first=True
             )
-            self.fusion = nn.TransformerEncoder(layer, num_layers=fusion_layers)
+            self.fusion = nn.TransformerEncoder(layer, num_layers=fusion_layers, enable_nested_tensor=False)
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """patches `(batch, num_patches, input_dim)` → (v_global `(batch, focal_dim)`, alpha `(batch, num_patches)`)."""

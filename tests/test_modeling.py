@@ -262,3 +262,21 @@ def test_nf4_decoder_loads_and_trains_on_cpu(make_config):
     optimizer.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before, lora_b.detach())
+
+
+def test_decoder_text_encoder_and_focal_fusion(make_config):
+    """`text_encoder="decoder"` embeds the report with the (LoRA-adapted) decoder; fusion layers are optional."""
+    config = make_config(text_encoder="decoder", focal_fusion_layers=1)
+    model = SkinClipVLModel(config, device="cpu").eval()
+    _randomize_trained(model)
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    assert processor.report_tokenizer is processor.tokenizer
+    batch = processor(_images(), METADATA, reports=REPORTS)
+    outputs = model(**batch)
+    assert outputs.t_global.shape == (2, 8)
+    torch.testing.assert_close(outputs.t_global.norm(dim=-1), torch.ones(2))
+    (outputs.t_global * outputs.v_global).sum().backward()
+    assert model.text_alignment.weight.grad.abs().sum() > 0
+    assert model.focal_pooling.fusion.layers[0].linear1.weight.grad.abs().sum() > 0
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)  # the report path trains LoRA too
