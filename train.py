@@ -272,7 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.cache_vision_features and training_args.augment:
         raise ValueError("cache_vision_features needs augment: false (augmented images need fresh CLIP features)")
     set_seed(training_args.seed)
-    dataset = load_training_data(data_args, training_args.seed)
+    # Under a multi-process launch the main process writes the demo data / tiny bases first; the others
+    # then read them (all writing one folder at once gave half-written files to the readers).
+    with training_args.main_process_first(desc="training data"):
+        dataset = load_training_data(data_args, training_args.seed)
     class_names = dataset[data_args.train_split].features["label"].names
 
     if model_args.model_name_or_path:
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = model.config
         processor = SkinClipVLProcessor.from_pretrained(model_args.model_name_or_path)
     else:
-        config = build_config(model_args, class_names)
+        with training_args.main_process_first(desc="tiny bases"):
+            config = build_config(model_args, class_names)
         # Seed right before the new heads are initialised: building data or tiny bases on a first run
         # must not change them (a resumed run would otherwise start from other initial weights).
         set_seed(training_args.seed)

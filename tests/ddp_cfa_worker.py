@@ -40,7 +40,7 @@ def gradients(model):
     return {name: param.grad.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def run(rank: int, world_size: int, port: int, config_dict: dict, out_dir: str) -> None:
+def run(rank: int, world_size: int, port: int, config_dict: dict, out_dir: str, focal_modulation: bool = False) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size)
     try:
@@ -48,7 +48,7 @@ def run(rank: int, world_size: int, port: int, config_dict: dict, out_dir: str) 
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         per_rank = len(METADATA) // world_size
         batch, labels = make_batch(processor, list(range(rank * per_rank, (rank + 1) * per_rank)))
-        loss, _ = CFALoss(**LOSS_WEIGHTS, rank=rank, world_size=world_size)(ddp(**batch), labels)
+        loss, _ = CFALoss(**LOSS_WEIGHTS, focal_modulation=focal_modulation, rank=rank, world_size=world_size)(ddp(**batch), labels)
         loss.backward()
         tensors = gradients(model)
         tensors["__loss__"] = loss.detach().reshape(1)

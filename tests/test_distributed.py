@@ -18,18 +18,19 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-def test_two_process_cfa_loss_and_gradients_equal_single_process(tmp_path, make_config):
+@pytest.mark.parametrize("focal_modulation", [False, True], ids=["clip_loss", "focal_modulated"])
+def test_two_process_cfa_loss_and_gradients_equal_single_process(tmp_path, make_config, focal_modulation):
     config = make_config(decoder_overrides=dict(lora_dropout=0.0)).to_dict()
     for key in ("transformers_version", "model_type", "architectures", "auto_map"):
         config.pop(key, None)
 
-    mp.spawn(worker.run, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker.run, args=(2, _free_port(), config, str(tmp_path), focal_modulation), nprocs=2, join=True)
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
 
     model, processor = worker.build(config)
     batch, labels = worker.make_batch(processor, [0, 1, 2, 3])
     assert batch["rationale_attention_mask"][:2].sum() != batch["rationale_attention_mask"][2:].sum()  # uneven
-    loss, _ = CFALoss(**worker.LOSS_WEIGHTS)(model(**batch), labels)
+    loss, _ = CFALoss(**worker.LOSS_WEIGHTS, focal_modulation=focal_modulation)(model(**batch), labels)
     loss.backward()
     expected = worker.gradients(model)
 
@@ -39,11 +40,15 @@ def test_two_process_cfa_loss_and_gradients_equal_single_process(tmp_path, make_
     assert set(ranks[0]) == set(expected)
     for name, gradient in expected.items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)  # all-reduced
-        torch.testing.assert_close(ranks[0][name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(ranks[0][name], gradient, rtol=1e-5, atol=1e-6, msg=name)  # measured: 7e-7 of max
 
 
-def test_train_py_runs_with_two_processes(tmp_path):
-    """`torchrun --nproc_per_node 2 train.py` (gloo on CPU): the same entry point accelerate/DDP uses."""
+def test_accelerate_launch_with_the_ddp_config_runs_train_py_in_two_processes(tmp_path):
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml train.py` on CPU (gloo), as shipped.
+
+    The training YAML's `use_cpu: true` puts each process on the CPU; the config's multi-GPU launcher still
+    starts two processes. (`accelerate launch --cpu` would not: it runs a single process.)
+    """
     import json
     import math
     import subprocess
@@ -53,15 +58,38 @@ def test_train_py_runs_with_two_processes(tmp_path):
 
     from tests.conftest import REPO_ROOT
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "train.py", "configs/demo.yaml", f"--output_dir={tmp_path / 'out'}",
-               f"--dataset_path={tmp_path / 'data'}", f"--tiny_bases_dir={tmp_path / 'bases'}", "--num_train_epochs=1",
-               "--save_strategy=epoch", "--eval_strategy=no", "--disable_tqdm=true"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+               "--main_process_port", str(_free_port()), "train.py", "configs/demo.yaml",
+               f"--output_dir={tmp_path / 'out'}", f"--dataset_path={tmp_path / 'data'}",
+               f"--tiny_bases_dir={tmp_path / 'bases'}", "--num_train_epochs=1", "--save_strategy=epoch",
+               "--eval_strategy=no", "--disable_tqdm=true"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     train_rows = len(load_from_disk(str(tmp_path / "data"))["train"])
     (checkpoint,) = (tmp_path / "out").glob("checkpoint-*")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == math.ceil(train_rows / (16 * 2))  # the global batch spans both processes
+    assert state["global_step"] != math.ceil(train_rows / 16)
     assert (checkpoint / "checkpoint_complete.json").is_file()
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_fsdp_config_wraps_the_decoder_layers(make_config):
+    """The layer class named in fsdp.yaml exists in a model with a Qwen2.5-VL decoder (accelerate raises if not)."""
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from modeling_skinclip import SkinClipVLModel
+    from tests.conftest import REPO_ROOT
+
+    fsdp = yaml.safe_load((REPO_ROOT / "configs/accelerate/fsdp.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_use_orig_params"] is True  # frozen and trained tensors share units
+    model = SkinClipVLModel(make_config(decoder="qwen2_5_vl"), device="cpu")
+    plugin = FullyShardedDataParallelPlugin(
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","),
+    )
+    plugin.set_auto_wrap_policy(model)
+    wrapped = [module for module in model.modules() if plugin.auto_wrap_policy(module, recurse=False, nonwrapped_numel=0)]
+    assert wrapped and all(type(module).__name__ == "Qwen2_5_VLDecoderLayer" for module in wrapped)
+    assert len(wrapped) == model.config.decoder_config.to_dict().get("num_hidden_layers", len(wrapped))
