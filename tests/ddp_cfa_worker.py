@@ -1,5 +1,7 @@
 """Worker for tests/test_distributed.py: one DDP process (gloo, CPU) computing the CFA loss and gradients."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 from PIL import Image
@@ -7,7 +9,7 @@ from safetensors.torch import save_file
 
 from configuration_skinclip import SkinClipVLConfig
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
-from trainer_cfa import CFALoss
+from trainer_cfa import CFALoss, NonFiniteGuard
 
 METADATA = ["A lesion on the back.", "A skin lesion.", "A lesion on the lower extremity of a female patient.",
             "A lesion on the face of a male patient aged about 70."]
@@ -52,6 +54,10 @@ def run(rank: int, world_size: int, port: int, config_dict: dict, out_dir: str, 
         loss.backward()
         tensors = gradients(model)
         tensors["__loss__"] = loss.detach().reshape(1)
+        # The non-finite guard's decision is shared: a NaN loss on rank 1 only makes both processes skip.
+        guard = NonFiniteGuard()
+        guard.observe_loss(torch.tensor(float("nan")) if rank == 1 else loss)
+        tensors["__step_is_finite__"] = torch.tensor([float(guard._step_is_finite(SimpleNamespace(device="cpu"), model))])
         save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out_dir}/rank{rank}.safetensors")
     finally:
         torch.distributed.destroy_process_group()

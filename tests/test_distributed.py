@@ -36,6 +36,7 @@ def test_two_process_cfa_loss_and_gradients_equal_single_process(tmp_path, make_
 
     # DDP averages the per-process losses' gradients; the average of the per-process losses is the loss.
     mean_loss = (ranks[0].pop("__loss__") + ranks[1].pop("__loss__")) / 2
+    assert [r.pop("__step_is_finite__").item() for r in ranks] == [0.0, 0.0]  # rank 1's NaN loss skips both
     torch.testing.assert_close(mean_loss[0], loss.detach(), rtol=1e-5, atol=1e-5)
     assert set(ranks[0]) == set(expected)
     for name, gradient in expected.items():
