@@ -132,8 +132,10 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
                     "temperature": temperature}
     if data_classes == class_names:
         report["uncalibrated"] = sm.classification_metrics(labels, probs_raw, class_names)
-        report["calibrated"] = sm.classification_metrics(labels, probs, class_names)
-        report["confidence_intervals"] = _bootstrap(labels, probs, n_bootstrap, seed)
+        report["calibrated"] = (
+            sm.classification_metrics_with_ci(labels, probs, class_names, n_resamples=n_bootstrap, seed=seed)
+            if n_bootstrap > 0 else sm.classification_metrics(labels, probs, class_names)
+        )
         sm.plot_reliability_diagram(labels, probs, out_dir / "reliability.png", n_bins=15)
         sm.plot_confusion_matrix(labels, probs, class_names, out_dir / "confusion_matrix.png")
         groups = subgroup_values(split, len(labels))
@@ -166,17 +168,6 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
     if calibration:
         (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2))
     return report
-
-
-def _bootstrap(labels, probs, n_resamples, seed) -> dict:
-    if n_resamples <= 0:
-        return {}
-    functions = {"balanced_accuracy": sm.balanced_accuracy, "auroc_macro": sm.macro_auroc,
-                 "ece": sm.expected_calibration_error}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {name: list(sm.bootstrap_ci(labels, probs, fn, n_resamples=n_resamples, seed=seed))
-                for name, fn in functions.items()}
 
 
 def _largest_gaps(table) -> dict:
@@ -222,8 +213,12 @@ def _markdown(report: dict, class_names: list[str]) -> str:
                   "| | ECE | NLL | Brier |", "|---|---|---|---|",
                   f"| before | {before['ece']:.4f} | {before['nll']:.4f} | {before['brier']:.4f} |",
                   f"| after | {after['ece']:.4f} | {after['nll']:.4f} | {after['brier']:.4f} |"]
-        for name, (low, high) in report.get("confidence_intervals", {}).items():
-            lines.append(f"\n95% bootstrap CI of {name}: [{low:.4f}, {high:.4f}]")
+        if "ci" in after:
+            skipped = after["ci"]["skipped"]
+            for name in skipped:
+                low, high = after[f"{name}_ci"]
+                lines.append(f"\n95% bootstrap CI of {name}: [{low:.4f}, {high:.4f}] "
+                             f"({after['ci']['n_resamples'] - skipped[name]} resamples)")
         if "conformal" in report:
             c = report["conformal"]
             lines.append(f"\nConformal ({c['method']}, target {c['target_coverage']:.0%}): empirical coverage "

@@ -90,3 +90,16 @@ def test_missing_split_is_named(checkpoint_and_data):
     with pytest.raises(ValueError, match="no split 'holdout'"):
         evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--split", "holdout",
                                 "--out", str(root / "x")])
+
+
+def test_report_carries_bootstrap_intervals(checkpoint_and_data):
+    root, _ = checkpoint_and_data
+    out = root / "eval-ci"
+    report = evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out),
+                                     "--bootstrap", "100"])
+    calibrated = report["calibrated"]
+    for name in ("balanced_accuracy", "auroc_macro", "ece"):
+        low, high = calibrated[f"{name}_ci"]
+        assert low <= high
+    assert calibrated["ci"]["n_resamples"] == 100
+    assert "95% bootstrap CI of balanced_accuracy" in (out / "metrics.md").read_text()
