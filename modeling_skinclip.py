@@ -402,6 +402,8 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         self.vision = ClipTower(config.vision_config, dtype=dtype, device=device)
         self.language_model = load_decoder(config.decoder_config, device=device)
         self.lora_config = attach_lora(self.language_model, config.decoder_config)
+        # Shard/offload per decoder layer (FSDP auto-wrap, device_map), whichever decoder was loaded.
+        self._no_split_modules = list(getattr(self.language_model, "_no_split_modules", None) or [])
         hidden_size = self.language_model.get_input_embeddings().embedding_dim
 
         self.projector = build_projector(config.projector_type, self.vision.hidden_size, hidden_size)
@@ -430,12 +432,16 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     def patch_grid(self) -> tuple[int, int]:
         return self.vision.grid
 
-    def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """What training changes: own modules, CLS, logit scale and LoRA tensors (never base weights)."""
+    def trained_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What training changes: own modules, CLS, logit scale and LoRA tensors (never base weights).
+
+        ``state_dict`` filters a given state dict instead of this model's (FSDP hands a gathered one to
+        ``save_pretrained`` while the model's own tensors are sharded).
+        """
         own_prefixes = tuple(f"{name}." for name in self._own_modules)
         return {
             name: tensor
-            for name, tensor in self.state_dict().items()
+            for name, tensor in (self.state_dict() if state_dict is None else state_dict).items()
             if name.startswith(own_prefixes) or name in self._own_parameters or ".lora_" in name
         }
 
@@ -760,9 +766,9 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """Write config, the two code files, the trained tensors (safetensors) and `lora/adapter_config.json`.
 
-        Extra keyword arguments of `PreTrainedModel.save_pretrained` (`state_dict`, `safe_serialization`,
-        `max_shard_size`, ...) are accepted for Trainer compatibility; the trained tensors are always taken
-        from the model and always written as safetensors.
+        Extra keyword arguments of `PreTrainedModel.save_pretrained` (`safe_serialization`, `max_shard_size`, ...)
+        are accepted for Trainer compatibility. A given `state_dict` (FSDP's gathered one) is filtered to the
+        trained tensors; otherwise they come from the model. Always written as safetensors.
         """
         from safetensors.torch import save_file
         from transformers.dynamic_module_utils import custom_object_save
@@ -777,7 +783,8 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         self.config.architectures = [type(self).__name__]
         custom_object_save(self, save_directory, config=self.config)
         self.config.save_pretrained(save_directory)
-        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.trained_state_dict().items()}
+        trained = self.trained_state_dict(kwargs.pop("state_dict", None))
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in trained.items()}
         save_file(tensors, str(save_directory / TRAINED_WEIGHTS_NAME), metadata={"format": "pt"})
         self.lora_config.save_pretrained(str(save_directory / LORA_SUBFOLDER))
         if push_to_hub:

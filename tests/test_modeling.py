@@ -280,3 +280,14 @@ def test_decoder_text_encoder_and_focal_fusion(make_config):
     assert model.focal_pooling.fusion.layers[0].linear1.weight.grad.abs().sum() > 0
     lora = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)  # the report path trains LoRA too
+
+
+def test_save_filters_a_given_state_dict(tmp_path, model_and_processor):
+    """Under FSDP the Trainer passes a gathered state dict: only its trained tensors are written."""
+    model, _ = model_and_processor
+    gathered = {name: tensor + 1.0 for name, tensor in model.state_dict().items()}
+    model.save_pretrained(tmp_path, state_dict=gathered)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert set(saved) == set(model.trained_state_dict())
+    torch.testing.assert_close(saved["cls_token"], model.cls_token.detach() + 1.0)
+    assert "Qwen2DecoderLayer" in model._no_split_modules
