@@ -414,7 +414,7 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
         model.lm_head_on_all_positions = all_positions
         model.train()
         result = time_training(CFATrainer, model, rows, BenchCollator(cached), shape, args, device,
-                               gradient_checkpointing=checkpointing, **overrides)
+                               activation_checkpointing=checkpointing, **overrides)
         model.activation_checkpointing_disable()
         result.update(cached_features=cached, lm_head_all_positions=all_positions, gradient_checkpointing=checkpointing,
                       **overrides)
@@ -536,15 +536,15 @@ def bench_plain(shape: Shape, bases: dict, args, device, peak_flops: float, resu
     rows = make_rows(shape, args.batch * (args.warmup + args.steps), seed=0)
     tokens = sum(3 + collator.num_image_tokens - 1 + len(r["prompt_ids"]) + len(r["rationale_ids"]) for r in rows) / len(rows)
     model.train()
-    result = time_training(Trainer, model, rows, collator, shape, args, device, gradient_checkpointing=True,
-                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    result = time_training(Trainer, model, rows, collator, shape, args, device, activation_checkpointing=True,
+                           activation_checkpointing_kwargs={"use_reentrant": False})
     result.update(gradient_checkpointing=True, image_tokens=collator.num_image_tokens)
     results["training"].append(_report("plain_qwen2_5_vl_qlora", result, tokens, n_params, peak_flops, args.batch))
     print(_line(results["training"][-1]), flush=True)
 
     # Inference: the diagnosis answered as generated text (how the paper's VLM baselines are used).
     model.eval()
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     generation = PlainCollator(shape, generation=True)
     batch = {k: v.to(device) for k, v in generation(rows[: args.batch]).items()}
     batch["pixel_values"] = batch["pixel_values"].to(next(model.base_model.model.model.visual.parameters()).dtype)
