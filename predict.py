@@ -7,7 +7,8 @@
 For each image it prints the top classes with probabilities, the conformal prediction set when the
 checkpoint was calibrated by evaluate_skinclip.py ("MEL or NV (90% coverage)"), the generated rationale
 (unless --no-rationale), and writes a heatmap PNG of the focal attention blended over the image. With
-``--grounding-words "veil,streaks"`` it also writes one word-region map per word (paper Fig. 4).
+``--grounding-words "veil,streaks"`` it also writes one word-region map per word (paper Fig. 4), and with
+``--ground-rationale`` one per content word of the image's own generated rationale.
 """
 
 from __future__ import annotations
@@ -154,10 +155,32 @@ def prediction_set(probs: np.ndarray, calibration: dict, class_names: list[str])
     return format_prediction_set(members, class_names, conformal["coverage"])
 
 
+# Words that carry no visual finding; left out when the rationale's own words are grounded.
+_STOPWORDS = frozenset(
+    "a an and are as at be by for from has have in is it its of on or the this that to was were with without "
+    "lesion lesions diagnosis shows show typical typically patient skin image dermoscopy dermoscopic".split()
+)
+
+
+def rationale_words(rationale: str, limit: int = 6) -> list[str]:
+    """The distinct content words of a rationale, in order: the words whose grounding maps are drawn."""
+    words = []
+    for token in rationale.lower().replace("/", " ").split():
+        word = token.strip(".,;:()[]\"'!?")
+        if len(word) >= 4 and word.isascii() and word.replace("-", "").isalpha() and word not in _STOPWORDS \
+                and word not in words:
+            words.append(word)
+    return words[:limit]
+
+
 def predict_cases(model, processor, cases: list[Case], out_dir: Path | None, batch_size: int = 8,
                   max_new_tokens: int = 64, top_k: int = 3, grounding_words: list[str] | None = None,
-                  calibration: dict | None = None, progress: bool = True) -> list[dict]:
-    """Run the model over `cases` in batches; unreadable images are reported per case, not fatal."""
+                  calibration: dict | None = None, progress: bool = True, ground_rationale: bool = False) -> list[dict]:
+    """Run the model over `cases` in batches; unreadable images are reported per case, not fatal.
+
+    ``grounding_words`` draws one word-region map per given word for every image; ``ground_rationale`` draws
+    them for the content words of each image's own generated rationale (paper Fig. 4).
+    """
     from tqdm.auto import tqdm
 
     class_names = model.config.class_names
@@ -181,10 +204,6 @@ def predict_cases(model, processor, cases: list[Case], out_dir: Path | None, bat
         inputs = {k: v.to(device) for k, v in inputs.items()}
         prediction = model.predict(**inputs, max_new_tokens=max_new_tokens)
         rationales = processor.decode(prediction.rationale_ids) if prediction.rationale_ids is not None else None
-        maps = None
-        if grounding_words:
-            word_ids, word_mask = processor.tokenize_reports(grounding_words)
-            maps = model.word_grounding(word_ids.to(device), word_mask.to(device), pixel_values=inputs["pixel_values"])
         probs = prediction.probs.float().cpu().numpy()
         for row, (case, image) in enumerate(zip(loaded, images)):
             order = np.argsort(-probs[row])
@@ -204,11 +223,17 @@ def predict_cases(model, processor, cases: list[Case], out_dir: Path | None, bat
                 heatmap_path = out_dir / f"{stem}_focal_attention.png"
                 heatmap_overlay(image, prediction.attention_map[row].float().cpu().numpy()).save(heatmap_path)
                 result["heatmap"] = str(heatmap_path)
-                if maps is not None:
+                words = list(grounding_words or [])
+                if ground_rationale and rationales is not None:
+                    words += [w for w in rationale_words(rationales[row]) if w not in words]
+                if words:
+                    word_ids, word_mask = processor.tokenize_reports(words)
+                    maps = model.word_grounding(word_ids.to(device), word_mask.to(device),
+                                                pixel_values=inputs["pixel_values"][row : row + 1])[0]
                     result["grounding"] = {}
-                    for index, word in enumerate(grounding_words):
+                    for index, word in enumerate(words):
                         word_path = out_dir / f"{stem}_word_{_safe(word)}.png"
-                        heatmap_overlay(image, maps[row, index].float().cpu().numpy()).save(word_path)
+                        heatmap_overlay(image, maps[index].float().cpu().numpy()).save(word_path)
                         result["grounding"][word] = str(word_path)
             results.append(result)
     return results
@@ -246,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grounding-words", default=None, help='comma-separated words, e.g. "veil,streaks"')
+    parser.add_argument("--ground-rationale", action="store_true",
+                        help="also draw a word-region map for each content word of the generated rationale")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if available)")
     return parser
@@ -268,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=0 if args.no_rationale else args.max_new_tokens,
         top_k=args.top_k,
         grounding_words=words,
+        ground_rationale=args.ground_rationale and not args.no_rationale,
         calibration=load_calibration(args.model) if Path(args.model).is_dir() else {},
     )
     if args.json:

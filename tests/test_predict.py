@@ -168,3 +168,19 @@ def test_calibrated_checkpoint_prints_prediction_set(checkpoint, shared_data, tm
     code, out = _run(capsys, "--model", checkpoint, image, "--json", "--out", tmp_path / "o", "--no-rationale")
     (plain,) = json.loads(out)
     assert max(result["probabilities"].values()) < max(plain["probabilities"].values())
+
+
+def test_rationale_words_are_grounded(checkpoint, shared_data, tmp_path, capsys, monkeypatch):
+    # A random decoder writes noise; fix the decoded rationale to check which words get maps.
+    monkeypatch.setattr(SkinClipVLProcessor, "decode",
+                        lambda self, ids: ["Atypical pigment network and a blue-whitish veil; irregular streaks."] * len(ids))
+    assert predict.rationale_words("Atypical pigment network and a blue-whitish veil; irregular streaks.") == [
+        "atypical", "pigment", "network", "blue-whitish", "veil", "irregular"]
+    image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    code, out = _run(capsys, "--model", checkpoint, image, "--json", "--out", tmp_path, "--max-new-tokens", "3",
+                     "--ground-rationale", "--grounding-words", "veil")
+    (result,) = json.loads(out)
+    assert list(result["grounding"]) == ["veil", "atypical", "pigment", "network", "blue-whitish", "irregular"]
+    for path in result["grounding"].values():
+        with Image.open(path) as grounding, Image.open(image) as original:
+            assert grounding.size == original.size
