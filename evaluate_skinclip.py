@@ -53,10 +53,6 @@ def collect_logits(model, processor, split, batch_size: int = 16, progress: bool
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.config.num_labels))
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return sm.apply_temperature(logits, temperature)
-
-
 def subgroup_values(split, num_rows: int) -> dict[str, list]:
     """Metadata columns to stratify by: sex, age band, site, and any other short categorical column."""
     columns = split.column_names
@@ -105,7 +101,7 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
         calibration_labels = np.asarray(dataset[calibration_split]["label"], dtype=int)
         temperature = float(sm.fit_temperature(calibration_logits, calibration_labels))
         predictor = sm.SplitConformal(method=conformal_method, coverage=coverage, seed=seed)
-        predictor.fit(softmax(calibration_logits, temperature), calibration_labels)
+        predictor.fit(sm.apply_temperature(calibration_logits, temperature), calibration_labels)
         calibration = {
             "temperature": temperature,
             "fitted_on": calibration_split,
@@ -117,8 +113,8 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
         warnings.warn(f"no {calibration_split!r} split: temperature scaling and conformal sets are skipped")
 
     temperature = calibration.get("temperature", 1.0)
-    probs_raw = softmax(logits, 1.0)
-    probs = softmax(logits, temperature)
+    probs_raw = sm.apply_temperature(logits, 1.0)
+    probs = sm.apply_temperature(logits, temperature)
     ids = split["image_id"] if "image_id" in split.column_names else [str(i) for i in range(len(split))]
 
     frame = pd.DataFrame(probs, columns=class_names)

@@ -194,10 +194,7 @@ class ClipTower(nn.Module):
             import open_clip
 
             name = vision_config.model_name_or_path
-            has_schema = name.startswith(("hf-hub:", "local-dir:"))
-            self.model = open_clip.create_model(
-                name, pretrained=None if has_schema else vision_config.pretrained, device=device
-            ).to(dtype)
+            self.model = open_clip.create_model(name, pretrained=_open_clip_pretrained(vision_config), device=device).to(dtype)
             visual = self.model.visual
             if not hasattr(visual, "forward_intermediates"):
                 raise ValueError(f"open_clip model {name!r} has no forward_intermediates(): not a ViT tower")
@@ -1065,12 +1062,16 @@ def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
 def _open_clip_transform(vision_config):
     import open_clip
 
-    name = vision_config.model_name_or_path
-    has_schema = name.startswith(("hf-hub:", "local-dir:"))
     _, _, transform = open_clip.create_model_and_transforms(
-        name, pretrained=None if has_schema else vision_config.pretrained, load_weights=False
+        vision_config.model_name_or_path, pretrained=_open_clip_pretrained(vision_config), load_weights=False
     )
     return transform
+
+
+def _open_clip_pretrained(vision_config) -> str | None:
+    # With an "hf-hub:" or "local-dir:" schema the weights come with the name; a tag would be an error.
+    has_schema = vision_config.model_name_or_path.startswith(("hf-hub:", "local-dir:"))
+    return None if has_schema else vision_config.pretrained
 
 
 def _resolve_checkpoint_files(path_or_repo, filenames, revision=None, token=None, cache_dir=None) -> dict[str, str]:

@@ -200,16 +200,17 @@ def predict_cases(model, processor, cases: list[Case], out_dir: Path | None, bat
                 results.append({"image": str(case.path), "error": str(error)})
         if not loaded:
             continue
-        inputs = processor(images, [metadata_sentence(case) for case in loaded])
+        sentences = [metadata_sentence(case) for case in loaded]
+        inputs = processor(images, sentences)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         prediction = model.predict(**inputs, max_new_tokens=max_new_tokens)
         rationales = processor.decode(prediction.rationale_ids) if prediction.rationale_ids is not None else None
         probs = prediction.probs.float().cpu().numpy()
-        for row, (case, image) in enumerate(zip(loaded, images)):
+        for row, (case, image, sentence) in enumerate(zip(loaded, images, sentences)):
             order = np.argsort(-probs[row])
             result = {
                 "image": str(case.path),
-                "metadata_text": metadata_sentence(case),
+                "metadata_text": sentence,
                 "probabilities": {name: float(p) for name, p in zip(class_names, probs[row])},
                 "top": [[class_names[i], float(probs[row, i])] for i in order[:top_k]],
             }

@@ -96,16 +96,6 @@ def none_if_missing(value):
     return None if is_missing(value) else value
 
 
-def to_float(value):
-    if is_missing(value):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if np.isnan(number) else number
-
-
 # ------------------------------------------------------------------------------------------------ images
 
 

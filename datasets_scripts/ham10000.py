@@ -34,10 +34,9 @@ from .common import (
     resolve_image_paths,
     schema_features,
     split_summary,
-    to_float,
 )
 from .isic2019 import class_report
-from .metadata_text import describe_metadata
+from .metadata_text import describe_metadata, to_float
 from .splits import unique_groups
 
 CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"]

@@ -33,9 +33,8 @@ from .common import (
     resolve_image_paths,
     schema_features,
     split_summary,
-    to_float,
 )
-from .metadata_text import describe_metadata
+from .metadata_text import describe_metadata, to_float
 from .splits import unique_groups
 
 CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]

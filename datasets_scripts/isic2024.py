@@ -47,9 +47,8 @@ from .common import (
     schema_features,
     SkipReport,
     split_summary,
-    to_float,
 )
-from .metadata_text import describe_metadata
+from .metadata_text import describe_metadata, to_float
 from .splits import SPLIT_NAMES, unique_groups
 
 CLASS_NAMES = ["benign", "malignant"]

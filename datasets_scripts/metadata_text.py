@@ -54,14 +54,20 @@ def is_missing(value) -> bool:
     return str(value).strip().lower() in _UNKNOWN
 
 
-def _format_age(age) -> str | None:
-    if is_missing(age):
+def to_float(value) -> float | None:
+    """A number, or None for a missing, non-numeric or NaN value."""
+    if is_missing(value):
         return None
     try:
-        number = float(age)
+        number = float(value)
     except (TypeError, ValueError):
         return None
-    if math.isnan(number) or number < 0:
+    return None if math.isnan(number) else number
+
+
+def _format_age(age) -> str | None:
+    number = to_float(age)
+    if number is None or number < 0:
         return None
     return str(int(round(number)))
 
