@@ -55,6 +55,38 @@ def class_texts(class_names: list[str], class_prompts: dict, templates: list[str
     return texts
 
 
+def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    """Whether the weights of `pretrained` were trained with QuickGELU while `model_name`'s config builds GELU.
+
+    OpenAI's CLIP weights (tag ``openai``, and a few others open_clip marks ``quick_gelu``) were trained with
+    QuickGELU, but the plain ``ViT-L-14`` config builds ``nn.GELU``; open_clip only warns about the mismatch and
+    the features are then wrong. With an ``hf-hub:``/``local-dir:`` name the saved config decides.
+    """
+    import open_clip
+
+    if not pretrained or model_name.startswith(("hf-hub:", "local-dir:")):
+        return False
+    return pretrained == "openai" or bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu"))
+
+
+def create_open_clip(model_name: str, pretrained: str | None, device="cpu", load_weights: bool = True):
+    """``open_clip.create_model_and_transforms`` with the activation its pretrained weights were trained with.
+
+    Returns ``(model, eval_preprocess)``. ``load_weights=False`` builds the same architecture without the weights.
+    """
+    import open_clip
+
+    has_schema = model_name.startswith(("hf-hub:", "local-dir:"))
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name,
+        pretrained=None if has_schema else pretrained,
+        load_weights=load_weights,
+        force_quick_gelu=needs_quick_gelu(model_name, pretrained),
+        device=device,
+    )
+    return model, preprocess
+
+
 class ZeroShotClassifier:
     def __init__(self, args: ZeroShotArguments, class_names: list[str], device):
         import open_clip
@@ -64,10 +96,7 @@ class ZeroShotClassifier:
             from tiny_bases import build_tiny_bases
 
             name = build_tiny_bases(args.tiny_bases_dir, open_clip=True)["open_clip"]
-        has_schema = name.startswith(("hf-hub:", "local-dir:"))
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None if has_schema else args.pretrained, device=device
-        )
+        self.model, self.preprocess = create_open_clip(name, args.pretrained, device=device)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         self.device, self.model_name = device, name

@@ -121,6 +121,29 @@ def test_zero_shot_clip_end_to_end(demo_data, tmp_path):
     assert info["prompts"][0][0] == "a dermoscopic image of melanoma."
 
 
+def test_openai_clip_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
+    """`ViT-B-32` + tag `openai` builds QuickGELU (the plain config builds nn.GELU; open_clip only warns)."""
+    import warnings
+
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    # Offline: open_clip resolves the tag's checkpoint path even with load_weights=False; it is never read.
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *args, **kwargs: "never-read.pt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*QuickGELU mismatch.*")
+        model, _ = zero_shot_clip.create_open_clip("ViT-B-32", "openai", load_weights=False)
+    activations = [module.mlp.gelu for module in model.visual.transformer.resblocks]
+    activations += [module.mlp.gelu for module in model.transformer.resblocks]
+    assert activations and all(isinstance(act, QuickGELU) for act in activations)
+
+    assert zero_shot_clip.needs_quick_gelu("ViT-L-14", "openai")
+    assert zero_shot_clip.needs_quick_gelu("ViT-B-32", "metaclip_400m")  # open_clip marks it quick_gelu too
+    assert not zero_shot_clip.needs_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")  # trained with GELU
+    assert not zero_shot_clip.needs_quick_gelu("local-dir:/some/model", "openai")  # the saved config decides
+    assert not zero_shot_clip.needs_quick_gelu("ViT-L-14", None)
+
+
 def test_class_texts_fill_every_template_with_every_description():
     texts = class_texts(["MEL", "NV", "XYZ"], {"MEL": ["melanoma", "a melanoma"], "NV": "a mole", "SCC": ["scc"]},
                         ["a photo of {}.", "{}!"])
