@@ -874,6 +874,9 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
                     f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                     f"{tuple(expected[name].shape)} (labels, decoder or vision tower differ from the config?)"
                 )
+            # A diverged or damaged run's NaN weights would otherwise load and predict garbage without a word.
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{source} ({TRAINED_WEIGHTS_NAME}): trained tensor {name} holds NaN or inf values")
         result = self.load_state_dict(tensors, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{source}: unexpected keys {result.unexpected_keys[:5]}")

@@ -13,6 +13,7 @@ metric that is undefined (fewer than two classes for AUROC) is nan, never an exc
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import Callable, Iterator, Sequence
@@ -743,3 +744,30 @@ def plot_confusion_matrix(labels, probs, class_names: Sequence[str], path, norma
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Strict JSON
+# --------------------------------------------------------------------------------------------------------
+
+
+def _strict_json_value(value):
+    """NumPy and non-finite values → plain JSON: an undefined metric (nan) or an infinity becomes null."""
+    if isinstance(value, dict):
+        return {str(key): _strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json_value(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _strict_json_value(value.tolist())
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def to_strict_json(value, indent: int | None = 2) -> str:
+    """JSON that every parser reads: json.dumps writes a bare ``NaN`` for nan, which is not JSON."""
+    return json.dumps(_strict_json_value(value), indent=indent, allow_nan=False)

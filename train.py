@@ -13,7 +13,6 @@ image processor, model card) in ``output_dir``; Trainer's ``push_to_hub`` option
 
 from __future__ import annotations
 
-import json
 import re
 import logging
 import sys
@@ -27,6 +26,9 @@ from transformers import HfArgumentParser, set_seed
 
 from configuration_skinclip import SkinClipVLConfig
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from skinclip import validation
+from skinclip.errors import UserError, run_entry_point
+from skinclip_metrics import to_strict_json
 from trainer_cfa import CFATrainer, CFATrainingArguments, SkinClipVLCollator, compute_classification_metrics
 
 logger = logging.getLogger("skinclip.train")
@@ -83,6 +85,11 @@ class DataArguments:
         default=False,
         metadata={"help": "Run the frozen CLIP tower once and train on its cached fp16 tokens (needs augment: false)."},
     )
+    # Here because transformers 5's TrainingArguments no longer has it.
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace an earlier run in output_dir (its checkpoints and outputs; other files are kept)."},
+    )
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -111,10 +118,13 @@ def load_yaml_config(path: Path, _seen: tuple = ()) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"training config {path} does not exist")
     if path.resolve() in _seen:
-        raise ValueError(f"training config {path} extends itself through {[str(p) for p in _seen]}")
-    values = _read_yaml(path.read_text()) or {}
+        raise UserError(f"training config {path} extends itself through {[str(p) for p in _seen]}")
+    try:
+        values = _read_yaml(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"training config {path} is not valid YAML: {error}") from error
     if not isinstance(values, dict):
-        raise ValueError(f"training config {path} must be a mapping of field: value")
+        raise UserError(f"training config {path} must be a mapping of field: value")
     parent = values.pop("extends", None)
     if parent:
         values = {**load_yaml_config(path.parent / parent, _seen + (path.resolve(),)), **values}
@@ -122,16 +132,30 @@ def load_yaml_config(path: Path, _seen: tuple = ()) -> dict:
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, CFATrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, CFATrainingArguments))
+    """Fields from the YAML file and ``--field=value`` overrides (a bare ``--flag`` is true), all validated."""
+    dataclass_types = (ModelArguments, DataArguments, CFATrainingArguments)
+    parser = HfArgumentParser(dataclass_types)
     if not argv or not argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_args_into_dataclasses(args=argv)
-    values = load_yaml_config(Path(argv[0]))
-    for override in argv[1:]:
-        if not override.startswith("--") or "=" not in override:
-            raise ValueError(f"override {override!r} must look like --field=value")
-        key, value = override[2:].split("=", 1)
-        values[key] = _read_yaml(value)
-    return parser.parse_dict(values, allow_extra_keys=False)
+        parsed = _user_errors(parser.parse_args_into_dataclasses, "arguments", args=argv)
+    else:
+        values = load_yaml_config(Path(argv[0]))
+        for override in argv[1:]:
+            if not override.startswith("--"):
+                raise UserError(f"override {override!r} must look like --field=value")
+            key, _, value = override[2:].partition("=")
+            values[key] = _read_yaml(value) if "=" in override else True
+        validation.check_field_types(values, dataclass_types, argv[0])
+        parsed = _user_errors(parser.parse_dict, argv[0], values, allow_extra_keys=False)
+    validation.check_training_arguments(*parsed)
+    return parsed
+
+
+def _user_errors(parse, source: str, *args, **kwargs):
+    # TrainingArguments.__post_init__ rejects some values itself (with a ValueError naming the field).
+    try:
+        return tuple(parse(*args, **kwargs))
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{source}: {error}") from error
 
 
 def load_training_data(data_args: DataArguments, seed: int):
@@ -154,12 +178,10 @@ def load_training_data(data_args: DataArguments, seed: int):
     dataset = load_from_disk(data_args.dataset_path)
     for split in filter(None, (data_args.train_split, data_args.eval_split, data_args.test_split)):
         if split not in dataset:
-            raise ValueError(f"{data_args.dataset_path} has no split {split!r} (it has {list(dataset)})")
+            raise UserError(f"{data_args.dataset_path} has no split {split!r} (it has {list(dataset)})")
         missing = [column for column in REQUIRED_COLUMNS if column not in dataset[split].column_names]
         if missing:
-            raise ValueError(f"{data_args.dataset_path} split {split!r} lacks required column(s) {missing}")
-    if not 0.0 < data_args.train_fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1], got {data_args.train_fraction}")
+            raise UserError(f"{data_args.dataset_path} split {split!r} lacks required column(s) {missing}")
     if data_args.train_fraction < 1.0:
         from datasets_scripts.splits import subsample_train
 
@@ -269,20 +291,24 @@ def write_model_card(output_dir: Path, config: SkinClipVLConfig, metrics: dict, 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if data_args.cache_vision_features and training_args.augment:
-        raise ValueError("cache_vision_features needs augment: false (augmented images need fresh CLIP features)")
+    previous_run = validation.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir,
+                                               training_args.resume_from_checkpoint)
     set_seed(training_args.seed)
     # Under a multi-process launch the main process writes the demo data / tiny bases first; the others
     # then read them (all writing one folder at once gave half-written files to the readers).
     with training_args.main_process_first(desc="training data"):
         dataset = load_training_data(data_args, training_args.seed)
-    class_names = dataset[data_args.train_split].features["label"].names
+    class_names = validation.check_split_labels(
+        dataset, data_args.train_split, (data_args.eval_split, data_args.test_split), data_args.dataset_path
+    )
+    validation.check_focal_alpha_count(training_args.focal_alpha, len(class_names))
 
     if model_args.model_name_or_path:
-        model = SkinClipVLModel.from_pretrained(model_args.model_name_or_path)
-        class_names_saved = model.config.class_names
-        if class_names_saved != class_names:
-            raise ValueError(f"checkpoint classes {class_names_saved} differ from the dataset's {class_names}")
+        validation.check_same_classes(
+            validation.load_checkpoint_config(model_args.model_name_or_path).class_names, class_names,
+            f"checkpoint {model_args.model_name_or_path}", "the training split",
+        )
+        model = validation.load_checkpoint(model_args.model_name_or_path)
         config = model.config
         processor = SkinClipVLProcessor.from_pretrained(model_args.model_name_or_path)
     else:
@@ -326,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.get_eval_dataloader = _with_collator(trainer, trainer.get_eval_dataloader, eval_collator)
     trainer.get_test_dataloader = _with_collator(trainer, trainer.get_test_dataloader, eval_collator)
 
+    if previous_run and trainer.is_world_process_zero():
+        remove_previous_run(previous_run)
+    trainer.accelerator.wait_for_everyone()  # no process writes a checkpoint before the old ones are gone
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     output_dir = Path(training_args.output_dir)
     metrics: dict[str, dict] = {}
@@ -337,13 +366,26 @@ def main(argv: list[str] | None = None) -> dict:
             probs = torch.softmax(torch.as_tensor(result.predictions, dtype=torch.float64), -1).numpy()
             ids = dataset[split]["image_id"] if "image_id" in dataset[split].column_names else range(len(probs))
             write_predictions(output_dir / f"{split}_predictions.csv", ids, result.label_ids.astype(int), probs, class_names)
-            (output_dir / f"{split}_metrics.json").write_text(json.dumps(metrics[split], indent=2))
+            (output_dir / f"{split}_metrics.json").write_text(to_strict_json(metrics[split]))
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         write_model_card(output_dir, config, metrics, data_args, counts)
         if training_args.push_to_hub:
             trainer.push_to_hub(commit_message="SkinCLIP-VL checkpoint")
     return metrics
+
+
+def remove_previous_run(entries: list[Path]) -> None:
+    """``--overwrite_output_dir``: delete the earlier run's own outputs (never other files) before training, so
+    that its checkpoints cannot mix with (or be rotated in among) the new run's."""
+    import shutil
+
+    for entry in entries:
+        logger.warning("overwrite_output_dir: removing %s of the previous run", entry)
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _with_collator(trainer, make_loader, collator):
@@ -359,4 +401,4 @@ def _with_collator(trainer, make_loader, collator):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -38,4 +38,5 @@ def run_entry_point(main: Callable[[list[str]], int | None], argv: Sequence[str]
             raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FATAL
-    return EXIT_OK if code is None else int(code)
+    # main may return its results (train/evaluate return their metrics): only an int is an exit code.
+    return int(code) if isinstance(code, int) else EXIT_OK

@@ -1,0 +1,467 @@
+"""The one validation layer for user values: config fields, dataset labels, output folders, checkpoints.
+
+Every check raises :class:`skinclip.errors.UserError` with a message naming the field, file or split, and runs
+before any model or data is built, so a bad value costs seconds instead of a crash (or a silently wrong run)
+inside torch. ``train.py`` and ``evaluate_skinclip.py`` call these; they hold no checks of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from skinclip.errors import UserError
+
+# --------------------------------------------------------------------------------------------------------
+# Config fields: types
+# --------------------------------------------------------------------------------------------------------
+
+_SIMPLE_KINDS = (bool, int, float, str)
+
+
+def _field_kind(hint) -> tuple[Any, bool]:
+    """A field's annotation → (kind to check, None allowed). Kind is a simple type, ``list[str]`` or None
+    (a union of several types or an enum: left to the dataclass's own ``__post_init__``)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        rest = [arg for arg in args if arg is not type(None)]
+        kind = _field_kind(rest[0])[0] if len(rest) == 1 else None
+        return kind, type(None) in args
+    if hint in _SIMPLE_KINDS:
+        return hint, False
+    if origin is list and typing.get_args(hint) == (str,):
+        return list[str], False
+    return None, False
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation this Python cannot resolve: fall back to the declared objects
+        return {f.name: f.type for f in fields(cls)}
+
+
+def _has_kind(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        # Any scalar: YAML reads `resume_from_checkpoint: true` as a bool that the Trainer expects, and a
+        # numeric revision as an int. Only a list or mapping cannot be meant.
+        return isinstance(value, (str, bool, int, float))
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a single value",
+               list[str]: "a list of strings"}
+
+
+def check_field_types(values: dict, dataclass_types: Iterable[type], source: str) -> None:
+    """Each value given in a config has its field's type, and every number is finite.
+
+    YAML hands over what it read: ``learning_rate: fast`` stays the string "fast" and ``lambda_cal: .nan`` a NaN
+    float, and ``HfArgumentParser.parse_dict`` passes both on unchecked, to fail (or not) deep inside torch.
+    """
+    kinds: dict[str, tuple[Any, bool]] = {}
+    for cls in dataclass_types:
+        hints = _type_hints(cls)
+        for dataclass_field in fields(cls):
+            kinds[dataclass_field.name] = _field_kind(hints.get(dataclass_field.name))
+    for name, value in values.items():
+        kind, optional = kinds.get(name, (None, True))
+        if kind is None or (value is None and optional):
+            continue
+        if not _has_kind(value, kind):
+            raise UserError(f"{source}: {name} must be {_KIND_WORDS[kind]}, got {value!r}")
+        if kind in (int, float) and not math.isfinite(value):
+            raise UserError(f"{source}: {name} must be a finite number, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Config fields: ranges and combinations
+# --------------------------------------------------------------------------------------------------------
+
+# field -> (lowest allowed, whether the lowest itself is allowed)
+_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    # CFA loss: a negative weight turns a loss term into a reward (lambda_cal: -5 trains to chance).
+    "lambda_align": (0, True), "lambda_cal": (0, True), "lambda_gen": (0, True), "focal_gamma": (0, True),
+    "learning_rate": (0, False), "weight_decay": (0, True), "max_grad_norm": (0, True),
+    "per_device_train_batch_size": (1, True), "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True), "max_consecutive_nonfinite": (1, True),
+    "logging_steps": (0, False), "dataloader_num_workers": (0, True), "save_total_limit": (1, True),
+    "lora_r": (1, True), "lora_alpha": (0, False), "lora_dropout": (0, True),
+    "focal_dim": (1, True), "alignment_dim": (1, True), "focal_fusion_layers": (0, True),
+    "max_prompt_tokens": (1, True), "max_rationale_tokens": (1, True),
+    "demo_num_per_class": (5, True), "demo_image_size": (8, True), "train_fraction": (0, False),
+}
+# field -> (highest allowed, whether the highest itself is allowed)
+_UPPER_BOUNDS: dict[str, tuple[float, bool]] = {"lora_dropout": (1, False), "train_fraction": (1, True)}
+
+
+def _number(name: str, value: Any) -> float:
+    """The value as a finite number, or a UserError naming the field (also for values set from Python)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def _check_bounds(name: str, value: Any) -> None:
+    if value is None:
+        return
+    value = _number(name, value)
+    if name in _LOWER_BOUNDS:
+        low, inclusive = _LOWER_BOUNDS[name]
+        if value < low or (value == low and not inclusive):
+            raise UserError(f"{name} must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+    if name in _UPPER_BOUNDS:
+        high, inclusive = _UPPER_BOUNDS[name]
+        if value > high or (value == high and not inclusive):
+            raise UserError(f"{name} must be {'<=' if inclusive else '<'} {high}, got {value!r}")
+
+
+def _check_training_length(training_args) -> None:
+    """An explicit ``max_steps > 0`` wins; otherwise ``num_train_epochs`` must be > 0 (0 shipped an untrained
+    checkpoint with a model card)."""
+    max_steps = _number("max_steps", training_args.max_steps)
+    if max_steps > 0:
+        return
+    if max_steps != -1:
+        raise UserError(f"max_steps must be > 0, or -1 to train for num_train_epochs; got {max_steps!r}")
+    epochs = _number("num_train_epochs", training_args.num_train_epochs)
+    if epochs <= 0:
+        raise UserError(f"num_train_epochs must be > 0 (or set max_steps > 0), got {epochs!r}")
+
+
+def _check_choices(model_args) -> None:
+    from configuration_skinclip import DTYPES, PROJECTOR_TYPES, QUANTIZATION_MODES, TEXT_ENCODERS, VISION_BACKENDS
+
+    choices = {"vision_backend": VISION_BACKENDS, "quantization": QUANTIZATION_MODES, "compute_dtype": DTYPES,
+               "text_encoder": TEXT_ENCODERS, "projector_type": PROJECTOR_TYPES}
+    for name, allowed in choices.items():
+        value = getattr(model_args, name, None)
+        if value not in allowed:
+            raise UserError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+
+
+def focal_alpha_weights(setting: Any) -> list[float] | None:
+    """``focal_alpha`` → explicit per-class weights, or None for the named settings; a UserError otherwise."""
+    if setting in ("inverse_frequency", "uniform"):
+        return None
+    try:
+        weights = [float(part) for part in str(setting).split(",")]
+    except ValueError:
+        weights = []
+    if not weights or any(not math.isfinite(w) or w < 0 for w in weights):
+        raise UserError(f"focal_alpha must be 'inverse_frequency', 'uniform' or comma-separated non-negative "
+                        f"weights, got {setting!r}")
+    return weights
+
+
+def check_training_arguments(model_args, data_args, training_args) -> None:
+    """Ranges, choices and combinations of every train.py field that would otherwise fail late or silently."""
+    for args in (model_args, data_args, training_args):
+        names = {f.name for f in fields(args)} if is_dataclass(args) else set(vars(args))
+        for name in sorted(names & (set(_LOWER_BOUNDS) | set(_UPPER_BOUNDS))):
+            _check_bounds(name, getattr(args, name))
+    _check_training_length(training_args)
+    _check_choices(model_args)
+    focal_alpha_weights(training_args.focal_alpha)
+    if data_args.cache_vision_features and training_args.augment:
+        raise UserError("cache_vision_features needs augment: false (augmented images need fresh CLIP features)")
+    if not data_args.train_split:
+        raise UserError("train_split must name a split of the dataset")
+    if getattr(data_args, "overwrite_output_dir", False) and training_args.resume_from_checkpoint:
+        raise UserError("overwrite_output_dir and resume_from_checkpoint contradict each other: choose one")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset labels
+# --------------------------------------------------------------------------------------------------------
+
+
+def split_class_names(dataset, split: str, source: str) -> list[str]:
+    """The ``label`` ClassLabel names of a split: the one source of class names and their order."""
+    from datasets import ClassLabel
+
+    if split not in dataset:
+        raise UserError(f"{source} has no split {split!r} (it has {list(dataset)})")
+    feature = dataset[split].features.get("label")
+    if not isinstance(feature, ClassLabel):
+        raise UserError(f"{source} split {split!r}: column 'label' must be a ClassLabel (names and order of the "
+                        f"classes), got {feature!r}")
+    return list(feature.names)
+
+
+def check_not_empty(dataset, split: str, source: str) -> None:
+    if len(dataset[split]) == 0:
+        raise UserError(f"{source} split {split!r} is empty")
+
+
+def check_same_classes(names: Sequence[str], expected: Sequence[str], where: str, reference: str) -> None:
+    """Same class names in the same order; the message says whether the order or the set differs."""
+    if list(names) == list(expected):
+        return
+    if sorted(names) == sorted(expected):
+        raise UserError(f"{where} lists the classes {list(names)} in another order than {reference} "
+                        f"{list(expected)}: label indices would mean other classes")
+    raise UserError(f"{where} has the classes {list(names)}, {reference} has {list(expected)}")
+
+
+def _label_values(split, where: str, num_classes: int) -> set[int]:
+    present = set(int(label) for label in split["label"])
+    invalid = sorted(label for label in present if not 0 <= label < num_classes)
+    if invalid:
+        raise UserError(f"{where} has label values {invalid[:5]} outside 0..{num_classes - 1} (missing labels?)")
+    return present
+
+
+def check_split_labels(dataset, train_split: str, other_splits: Iterable[str | None], source: str) -> list[str]:
+    """Every split is non-empty, has the training split's classes in its order, and holds no class absent from
+    training (such a class cannot be learned, and evaluation crashed on it after the first epoch).
+
+    Returns the training class names.
+    """
+    class_names = split_class_names(dataset, train_split, source)
+    check_not_empty(dataset, train_split, source)
+    trained = _label_values(dataset[train_split], f"{source} split {train_split!r}", len(class_names))
+    for split in filter(None, dict.fromkeys(other_splits)):
+        if split == train_split:
+            continue
+        where = f"{source} split {split!r}"
+        check_same_classes(split_class_names(dataset, split, source), class_names, where,
+                           f"the training split {train_split!r}")
+        check_not_empty(dataset, split, source)
+        unseen = sorted(_label_values(dataset[split], where, len(class_names)) - trained)
+        if unseen:
+            raise UserError(f"{where} holds class(es) {[class_names[i] for i in unseen]} that the training split "
+                            f"{train_split!r} lacks")
+    return class_names
+
+
+def check_focal_alpha_count(setting: Any, num_classes: int) -> None:
+    weights = focal_alpha_weights(setting)
+    if weights is not None and len(weights) != num_classes:
+        raise UserError(f"focal_alpha gives {len(weights)} weights for {num_classes} classes")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output folder of a training run
+# --------------------------------------------------------------------------------------------------------
+
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
+# What train.py / Trainer / evaluate --save-calibration write into output_dir, by exact name.
+_RUN_DIRS = {"lora", "tokenizer", "report_tokenizer", "image_processor", "runs"}
+_RUN_FILES = {"model.safetensors", "configuration_skinclip.py", "modeling_skinclip.py", "training_args.bin",
+              "calibration.json", "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json"}
+
+
+def _read_start(path: Path, size: int = 4096) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _is_run_output(path: Path) -> bool:
+    """Whether a top-level entry of an output folder was written by a SkinCLIP-VL run.
+
+    Generic names (README.md, config.json, *_metrics.json, *_predictions.csv) are recognised by their content
+    as well, so that --overwrite_output_dir never deletes a user's own file of the same name.
+    """
+    name = path.name
+    if path.is_dir() and not path.is_symlink():
+        return name in _RUN_DIRS or bool(_CHECKPOINT_DIR.match(name))
+    if not path.is_file() or path.is_symlink():
+        return False
+    if name in _RUN_FILES:
+        return True
+    if name == "README.md":
+        return "SkinCLIP-VL checkpoint" in _read_start(path)
+    if name == "config.json":
+        return '"skinclip_vl"' in _read_start(path, 1 << 20)
+    if name.endswith("_metrics.json"):
+        return '"balanced_accuracy"' in _read_start(path) or '"loss"' in _read_start(path)
+    if name.endswith("_predictions.csv"):
+        return _read_start(path, 64).startswith("image_id,label,")
+    return False
+
+
+def _run_would_write(name: str) -> bool:
+    """Names a run writes that a user's own file could also carry (a foreign one would be overwritten)."""
+    return name in {"README.md", "config.json", *_RUN_FILES} or name.endswith(("_metrics.json", "_predictions.csv"))
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool, resume: Any) -> list[Path]:
+    """Refuse an output folder holding anything unless the user asked to overwrite it or to resume into it.
+
+    A new run into a finished run's folder overwrote its model, metrics and card, rotated its checkpoints
+    away and mixed the two runs' checkpoints. Returns the previous run's entries that an overwrite removes
+    (foreign files are never among them).
+    """
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output_dir {folder} is a file, not a folder")
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    if not entries or resume:
+        return []
+    ours = [entry for entry in entries if _is_run_output(entry)]
+    foreign = [entry.name for entry in entries if entry not in ours]
+    if overwrite:
+        clashing = [name for name in foreign if _run_would_write(name)]
+        if clashing:
+            raise UserError(f"output_dir {folder} holds {clashing}, not written by SkinCLIP-VL, which the run "
+                            "would overwrite; move them or choose another output_dir")
+        return ours
+    if any(entry.name == "model.safetensors" for entry in ours):
+        what = "a finished run"
+    elif any(_CHECKPOINT_DIR.match(entry.name) for entry in ours):
+        what = "checkpoints of an unfinished run (continue it with --resume_from_checkpoint=true)"
+    elif ours:
+        what = "outputs of an earlier run"
+    else:
+        what = "files not written by SkinCLIP-VL"
+    if foreign:
+        what += f" and other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+    raise UserError(f"output_dir {folder} already holds {what}; choose another output_dir, or pass "
+                    f"--overwrite_output_dir=true to replace the run's outputs (other files are kept)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path, **kwargs):
+    """``SkinClipVLModel.from_pretrained`` whose failures on a bad checkpoint name the checkpoint.
+
+    A corrupt ``model.safetensors`` raised safetensors' bare "Error while deserializing header".
+    """
+    from modeling_skinclip import TRAINED_WEIGHTS_NAME, SkinClipVLModel
+
+    try:
+        return SkinClipVLModel.from_pretrained(path, **kwargs)
+    except (UserError, FileNotFoundError):
+        raise
+    except ValueError as error:  # mismatched or non-finite tensors, config disagreements: already named
+        raise UserError(f"cannot load checkpoint {path}: {error}") from error
+    except Exception as error:
+        if type(error).__name__ == "SafetensorError":
+            raise UserError(f"{Path(path) / TRAINED_WEIGHTS_NAME} is not a readable safetensors file "
+                            f"(corrupt or truncated?): {error}") from error
+        if isinstance(error, OSError):
+            raise UserError(f"cannot load checkpoint {path}: {error}") from error
+        raise
+
+
+def load_checkpoint_config(path: str | Path):
+    """A checkpoint's config alone (class names and bases), to check data before the model is built."""
+    from configuration_skinclip import SkinClipVLConfig
+
+    if not Path(path).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return SkinClipVLConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the config of checkpoint {path}: {error}") from error
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    folder = Path(path)
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------
+# evaluate_skinclip.py
+# --------------------------------------------------------------------------------------------------------
+
+
+def check_evaluation_arguments(args) -> None:
+    """``--coverage``, ``--bootstrap``, ``--batch-size`` and ``--out`` (never a checkpoint folder)."""
+    coverage = _number("--coverage", args.coverage)
+    if not 0 < coverage < 1:
+        raise UserError(f"--coverage must be in (0, 1), got {coverage}")
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0 (0 = no confidence intervals), got {args.bootstrap}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if is_checkpoint_dir(out) or (out.exists() and Path(args.model).exists() and out.resolve() == Path(args.model).resolve()):
+        # Its calibration.json would silently calibrate the checkpoint; --save-calibration is the one way.
+        raise UserError(f"--out {out} is a checkpoint folder; write the evaluation elsewhere (--save-calibration "
+                        "stores the calibration in the checkpoint)")
+
+
+def load_dataset_dict(path: str | Path, field: str):
+    """``load_from_disk`` of a DatasetDict, with errors naming the option and folder."""
+    from datasets import DatasetDict, load_from_disk
+
+    if not Path(path).exists():
+        raise UserError(f"{field} {path} does not exist")
+    try:
+        dataset = load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise UserError(f"{field} {path} is not a dataset saved with save_to_disk: {error}") from error
+    if not isinstance(dataset, DatasetDict):
+        raise UserError(f"{field} {path} is a single Dataset; a DatasetDict of named splits is needed")
+    return dataset
+
+
+def check_evaluation_splits(dataset, split: str, calibration_split: str | None, class_names: Sequence[str],
+                            source: str) -> bool:
+    """Checks the evaluated and calibration splits before anything is computed or written.
+
+    Returns whether the split is scored in the model's classes (True) or out of distribution as a binary
+    benign/malignant task (False).
+    """
+    data_classes = split_class_names(dataset, split, source)
+    if "image" not in dataset[split].column_names:
+        raise UserError(f"{source} split {split!r} lacks the required column 'image'")
+    check_not_empty(dataset, split, source)
+    where = f"{source} split {split!r}"
+    in_model_classes = sorted(data_classes) == sorted(class_names)
+    if in_model_classes:
+        check_same_classes(data_classes, class_names, where, "the model's")
+    elif len(data_classes) != 2:
+        raise UserError(f"{where} has the classes {data_classes}, which match neither the model's "
+                        f"{list(class_names)} nor a binary benign/malignant task")
+    _label_values(dataset[split], where, len(data_classes))
+    if in_model_classes and calibration_split and calibration_split in dataset:
+        where = f"{source} calibration split {calibration_split!r}"
+        check_same_classes(split_class_names(dataset, calibration_split, source), class_names, where, "the model's")
+        check_not_empty(dataset, calibration_split, source)
+        _label_values(dataset[calibration_split], where, len(class_names))
+    return in_model_classes
+
+
+__all__ = [
+    "check_evaluation_arguments",
+    "check_evaluation_splits",
+    "check_field_types",
+    "check_focal_alpha_count",
+    "check_not_empty",
+    "check_output_dir",
+    "check_same_classes",
+    "check_split_labels",
+    "check_training_arguments",
+    "focal_alpha_weights",
+    "is_checkpoint_dir",
+    "load_checkpoint",
+    "load_checkpoint_config",
+    "load_dataset_dict",
+    "split_class_names",
+]

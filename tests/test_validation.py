@@ -1,0 +1,240 @@
+"""skinclip.validation: config fields, split labels, output folders; skinclip_metrics.to_strict_json."""
+
+import json
+import math
+
+import pytest
+from datasets import ClassLabel, Dataset, DatasetDict, Features
+
+import skinclip_metrics as sm
+from skinclip import validation
+from skinclip.errors import UserError, run_entry_point
+
+# --------------------------------------------------------------------------------------------------------
+# Config fields
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parse(*overrides):
+    import train
+
+    return train.parse_arguments(["configs/demo.yaml", *overrides])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--learning_rate=fast", "learning_rate must be a number, got 'fast'"),
+    ('--lambda_cal="nan"', "lambda_cal must be a number, got 'nan'"),
+    ("--lambda_cal=.nan", "lambda_cal must be a finite number"),
+    ("--learning_rate=.inf", "learning_rate must be a finite number"),
+    ("--lambda_cal=-5", "lambda_cal must be >= 0, got -5"),
+    ("--lambda_align=-1", "lambda_align must be >= 0, got -1"),
+    ("--lambda_gen=-0.5", "lambda_gen must be >= 0"),
+    ("--focal_gamma=-1", "focal_gamma must be >= 0"),
+    ("--learning_rate=0", "learning_rate must be > 0"),
+    ("--num_train_epochs=0", r"num_train_epochs must be > 0 \(or set max_steps > 0\)"),
+    ("--max_steps=0", "max_steps must be > 0, or -1"),
+    ("--max_steps=2.5", "max_steps must be an integer"),
+    ("--per_device_train_batch_size=0", "per_device_train_batch_size must be >= 1"),
+    ("--per_device_eval_batch_size=0", "per_device_eval_batch_size must be >= 1"),
+    ("--gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
+    ("--max_consecutive_nonfinite=0", "max_consecutive_nonfinite must be >= 1"),
+    ("--lora_dropout=1.0", "lora_dropout must be < 1"),
+    ("--lora_r=abc", "lora_r must be an integer"),
+    ("--augment=maybe", "augment must be true or false"),
+    ("--train_fraction=0", "train_fraction must be > 0"),
+    ("--train_fraction=1.5", "train_fraction must be <= 1"),
+    ("--demo_num_per_class=2", "demo_num_per_class must be >= 5"),
+    ("--quantization=nf3", "quantization='nf3' is not supported"),
+    ("--focal_alpha=1,x", "focal_alpha must be"),
+    ("--focal_alpha=1,-2", "focal_alpha must be"),
+    ("--no_such_field=1", r"Some keys are not used.*no_such_field"),
+    ("--eval_strategy=sometimes", "sometimes is not a valid IntervalStrategy"),
+])
+def test_bad_config_values_are_user_errors_naming_the_field(override, message):
+    with pytest.raises(UserError, match=message):
+        _parse(override)
+
+
+def test_the_shipped_demo_config_and_an_explicit_step_count_pass():
+    _parse()
+    _, _, training_args = _parse("--num_train_epochs=0", "--max_steps=3")
+    assert training_args.max_steps == 3
+    _, data_args, _ = _parse("--overwrite_output_dir")  # a bare flag is true
+    assert data_args.overwrite_output_dir is True
+
+
+def test_overwrite_and_resume_together_are_refused():
+    with pytest.raises(UserError, match="overwrite_output_dir and resume_from_checkpoint contradict"):
+        _parse("--overwrite_output_dir=true", "--resume_from_checkpoint=true")
+
+
+def test_cli_arguments_without_a_yaml_file_are_range_checked():
+    import train
+
+    with pytest.raises(UserError, match="lambda_cal must be >= 0"):
+        train.parse_arguments(["--output_dir=x", "--lambda_cal=-5"])
+    with pytest.raises(UserError, match="lambda_cal must be a finite number"):
+        train.parse_arguments(["--output_dir=x", "--lambda_cal=nan"])  # argparse's float() accepts 'nan'
+
+
+def test_field_types_accept_ints_for_floats_and_none_for_optional_fields():
+    import train
+
+    types = (train.ModelArguments, train.DataArguments)
+    validation.check_field_types({"lora_dropout": 0, "vision_pretrained": None, "lora_target_modules": ["q"]},
+                                 types, "cfg")
+    with pytest.raises(UserError, match="cfg: lora_dropout must be a number, got True"):
+        validation.check_field_types({"lora_dropout": True}, types, "cfg")
+    with pytest.raises(UserError, match="cfg: decoder_model must be a single value"):
+        validation.check_field_types({"decoder_model": ["a", "b"]}, types, "cfg")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Labels of the splits
+# --------------------------------------------------------------------------------------------------------
+
+NAMES = ["MEL", "NV", "BCC"]
+
+
+def _split(labels, names=NAMES):
+    return Dataset.from_dict({"label": labels}, features=Features({"label": ClassLabel(names=names)}))
+
+
+def _dataset(**splits):
+    return DatasetDict({name: split for name, split in splits.items()})
+
+
+def test_matching_splits_return_the_training_classes():
+    dataset = _dataset(train=_split([0, 1, 2]), validation=_split([0, 2]), test=_split([1]))
+    assert validation.check_split_labels(dataset, "train", ("validation", "test"), "data") == NAMES
+
+
+def test_classes_in_another_order_are_an_error_naming_the_split():
+    dataset = _dataset(train=_split([0, 1, 2]), validation=_split([0, 1], names=["NV", "MEL", "BCC"]))
+    with pytest.raises(UserError, match=r"split 'validation' lists the classes .* in another order than the "
+                                        r"training split 'train'"):
+        validation.check_split_labels(dataset, "train", ("validation",), "data")
+
+
+def test_other_class_names_are_an_error_naming_the_split():
+    dataset = _dataset(train=_split([0, 1, 2]), test=_split([0, 3], names=NAMES + ["SCC"]))
+    with pytest.raises(UserError, match=r"data split 'test' has the classes \['MEL', 'NV', 'BCC', 'SCC'\]"):
+        validation.check_split_labels(dataset, "train", (None, "test"), "data")
+
+
+def test_a_class_absent_from_training_is_an_error():
+    dataset = _dataset(train=_split([0, 0, 1]), validation=_split([0, 2]))
+    with pytest.raises(UserError, match=r"split 'validation' holds class\(es\) \['BCC'\] that the training split"):
+        validation.check_split_labels(dataset, "train", ("validation",), "data")
+
+
+@pytest.mark.parametrize("empty", ["train", "test"])
+def test_an_empty_split_is_an_error(empty):
+    splits = {"train": _split([0, 1, 2]), "test": _split([0])}
+    splits[empty] = _split([])
+    with pytest.raises(UserError, match=f"data split '{empty}' is empty"):
+        validation.check_split_labels(_dataset(**splits), "train", ("test",), "data")
+
+
+def test_a_label_column_without_class_names_is_an_error():
+    dataset = _dataset(train=Dataset.from_dict({"label": [0, 1]}))
+    with pytest.raises(UserError, match="column 'label' must be a ClassLabel"):
+        validation.check_split_labels(dataset, "train", (), "data")
+
+
+def test_focal_alpha_weights_must_match_the_classes():
+    validation.check_focal_alpha_count("1,2,3", 3)
+    validation.check_focal_alpha_count("inverse_frequency", 3)
+    with pytest.raises(UserError, match="focal_alpha gives 2 weights for 3 classes"):
+        validation.check_focal_alpha_count("1,2", 3)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output folder
+# --------------------------------------------------------------------------------------------------------
+
+
+def _finished_run(folder):
+    (folder / "checkpoint-4").mkdir(parents=True)
+    (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (folder / "lora").mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text('{"model_type": "skinclip_vl"}')
+    (folder / "README.md").write_text("# SkinCLIP-VL checkpoint\n")
+    (folder / "test_metrics.json").write_text('{"balanced_accuracy": 0.5}')
+    (folder / "test_predictions.csv").write_text("image_id,label,MEL\n")
+    return folder
+
+
+def test_a_missing_or_empty_output_dir_is_fine(tmp_path):
+    assert validation.check_output_dir(tmp_path / "new", False, None) == []
+    assert validation.check_output_dir(tmp_path, False, None) == []
+
+
+def test_a_finished_run_is_refused_without_overwrite(tmp_path):
+    _finished_run(tmp_path)
+    with pytest.raises(UserError, match=r"already holds a finished run; .*--overwrite_output_dir=true"):
+        validation.check_output_dir(tmp_path, False, None)
+    assert validation.check_output_dir(tmp_path, False, "true") == []  # resuming into it is fine
+
+
+def test_unfinished_checkpoints_and_foreign_files_are_refused(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(UserError, match="checkpoints of an unfinished run .*--resume_from_checkpoint=true"):
+        validation.check_output_dir(tmp_path, False, None)
+    (tmp_path / "checkpoint-3").rmdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"files not written by SkinCLIP-VL and other files \(notes.txt\)"):
+        validation.check_output_dir(tmp_path, False, None)
+
+
+def test_overwrite_returns_only_the_runs_own_entries(tmp_path):
+    _finished_run(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "checkpoint-old").mkdir()  # not checkpoint-<number>: not Trainer's
+    entries = validation.check_output_dir(tmp_path, True, None)
+    assert sorted(entry.name for entry in entries) == sorted(
+        ["checkpoint-4", "lora", "model.safetensors", "config.json", "README.md", "test_metrics.json",
+         "test_predictions.csv"])
+
+
+def test_overwrite_refuses_a_foreign_file_the_run_would_overwrite(tmp_path):
+    _finished_run(tmp_path)
+    (tmp_path / "README.md").write_text("# My notes on this experiment\n")  # the model card would replace it
+    with pytest.raises(UserError, match=r"README.md.*would overwrite"):
+        validation.check_output_dir(tmp_path, True, None)
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        validation.check_output_dir(tmp_path / "out", False, None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Strict JSON and the entry-point contract
+# --------------------------------------------------------------------------------------------------------
+
+
+def _reject_constant(name):
+    raise AssertionError(f"not strict JSON: {name}")
+
+
+def test_strict_json_writes_null_for_undefined_values():
+    import numpy as np
+
+    text = sm.to_strict_json({"auroc": float("nan"), "n": np.int64(3), "x": np.float32(0.5), "inf": math.inf,
+                              "per_class": {"MEL": [np.nan, 1.0]}, "array": np.array([1.0, np.nan])})
+    assert json.loads(text, parse_constant=_reject_constant) == {
+        "auroc": None, "n": 3, "x": 0.5, "inf": None, "per_class": {"MEL": [None, 1.0]}, "array": [1.0, None]}
+
+
+def test_entry_point_exit_codes(capsys):
+    def failing(argv):
+        raise UserError("lambda_cal must be >= 0, got -5")
+
+    assert run_entry_point(lambda argv: {"metrics": 1}, []) == 0  # main returning its metrics is a success
+    assert run_entry_point(failing, []) == 1
+    assert capsys.readouterr().err == "error: lambda_cal must be >= 0, got -5\n"
+    with pytest.raises(UserError):
+        run_entry_point(failing, ["--debug"])
