@@ -20,7 +20,7 @@ Temperature scaling and split-conformal prediction are fitted on ``--calibration
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 import skinclip_metrics as sm
+from skinclip import validation
+from skinclip.errors import UserError, run_entry_point
 
 ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
 SUBGROUP_COLUMNS = {
@@ -35,6 +37,7 @@ SUBGROUP_COLUMNS = {
     "site": ("anatom_site_general", "site", "location", "localization"),
 }
 AGE_COLUMNS = ("age_approx", "age", "age_years")
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # the search interval of the fitted temperature
 
 
 @torch.no_grad()
@@ -82,24 +85,22 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
     """Run the whole evaluation and write every report file; returns the metrics dict."""
     import pandas as pd
 
-    if split_name not in dataset:
-        raise ValueError(f"dataset has no split {split_name!r} (it has {list(dataset)})")
-    split = dataset[split_name]
-    for column in ("image", "label"):
-        if column not in split.column_names:
-            raise ValueError(f"split {split_name!r} lacks the required column {column!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     class_names = model.config.class_names
+    # Every split is checked before anything is computed or written (an empty one crashed half-way).
+    in_model_classes = validation.check_evaluation_splits(dataset, split_name, calibration_split, class_names,
+                                                          "dataset")
+    split = dataset[split_name]
+    out_dir.mkdir(parents=True, exist_ok=True)
     data_classes = split.features["label"].names
     labels = np.asarray(split["label"], dtype=int)
     logits = collect_logits(model, processor, split, batch_size, progress)
 
     calibration: dict = {}
     predictor = None
-    if calibration_split and calibration_split in dataset and data_classes == class_names:
+    if calibration_split and calibration_split in dataset and in_model_classes:
         calibration_logits = collect_logits(model, processor, dataset[calibration_split], batch_size, progress)
         calibration_labels = np.asarray(dataset[calibration_split]["label"], dtype=int)
-        temperature = float(sm.fit_temperature(calibration_logits, calibration_labels))
+        temperature = float(sm.fit_temperature(calibration_logits, calibration_labels, bounds=TEMPERATURE_BOUNDS))
         predictor = sm.SplitConformal(method=conformal_method, coverage=coverage, seed=seed)
         predictor.fit(sm.apply_temperature(calibration_logits, temperature), calibration_labels)
         calibration = {
@@ -109,6 +110,10 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
                           **({"raps_lambda": predictor.raps_lambda, "raps_k_reg": predictor.raps_k_reg}
                              if conformal_method == "raps" else {})},
         }
+        bound_warning = temperature_bound_warning(temperature, calibration_split)
+        if bound_warning:
+            warnings.warn(bound_warning)
+            calibration["warning"] = bound_warning
     elif calibration_split and calibration_split not in dataset:
         warnings.warn(f"no {calibration_split!r} split: temperature scaling and conformal sets are skipped")
 
@@ -126,7 +131,10 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
 
     report: dict = {"split": split_name, "num_images": int(len(labels)), "classes": class_names,
                     "temperature": temperature}
-    if data_classes == class_names:
+    report["calibration"] = calibration or None
+    if "warning" in calibration:
+        report["temperature_warning"] = calibration["warning"]
+    if in_model_classes:
         report["uncalibrated"] = sm.classification_metrics(labels, probs_raw, class_names)
         report["calibrated"] = (
             sm.classification_metrics_with_ci(labels, probs, class_names, n_resamples=n_bootstrap, seed=seed)
@@ -145,7 +153,7 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
                                    "method": conformal_method, "target_coverage": coverage}
         if set(ISIC2019_CLASSES) <= set(class_names):
             sm.write_isic2019_submission(out_dir / "isic2019_submission.csv", [str(i) for i in ids], probs, class_names)
-    elif len(data_classes) == 2:
+    else:
         # Out of distribution: a multi-class model scored on a binary benign/malignant dataset.
         malignant = sm.malignant_score(probs, class_names)
         positive = _positive_index(data_classes)
@@ -156,14 +164,34 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
             "partial_auc_above_80_tpr": float(sm.partial_auc_above_tpr(y_true, malignant, min_tpr=0.8)),
             "malignant_classes": [c for c in ("MEL", "BCC", "SCC") if c in class_names],
         }
-    else:
-        raise ValueError(f"dataset classes {data_classes} match neither the model's {class_names} nor a binary task")
 
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    # Strict JSON: an undefined metric is null (json.dumps wrote a bare NaN, which parsers reject).
+    (out_dir / "metrics.json").write_text(sm.to_strict_json(report))
     (out_dir / "metrics.md").write_text(_markdown(report, class_names))
     if calibration:
-        (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2))
+        (out_dir / "calibration.json").write_text(sm.to_strict_json(calibration))
     return report
+
+
+def save_calibration(calibration: dict | None, checkpoint: Path) -> None:
+    """``--save-calibration``: the one way a calibration reaches a checkpoint (from_pretrained applies it)."""
+    if not calibration:
+        warnings.warn("--save-calibration: no calibration was fitted (no calibration split, or an out-of-"
+                      "distribution dataset); the checkpoint is left unchanged")
+        return
+    (checkpoint / "calibration.json").write_text(sm.to_strict_json(calibration))
+
+
+def temperature_bound_warning(temperature: float, calibration_split: str) -> str | None:
+    """A warning when the fitted temperature sits at an end of its search interval: the calibration split did
+    not determine it (a model always right on it drives T to the lower bound), so it is not a calibration."""
+    reasons = ("a model always right on it", "a model no better than chance on it")
+    for bound, reason in zip(TEMPERATURE_BOUNDS, reasons):
+        if abs(np.log(temperature / bound)) < 1e-3:
+            return (f"the temperature fitted on {calibration_split!r} ({temperature:.4g}) sits at its search bound "
+                    f"{bound}: that split does not determine it (too few images, or {reason}); treat the "
+                    "calibration as unreliable")
+    return None
 
 
 def _largest_gaps(table) -> dict:
@@ -190,14 +218,6 @@ def _has_tabulate() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _jsonable(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def _markdown(report: dict, class_names: list[str]) -> str:
@@ -240,27 +260,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--save-calibration", action="store_true", help="write calibration.json into the checkpoint")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
-    if not 0 < args.coverage < 1:
-        parser.error(f"--coverage must be in (0, 1), got {args.coverage}")
+    validation.check_evaluation_arguments(args)
+    if args.save_calibration and not Path(args.model).is_dir():
+        raise UserError("--save-calibration needs a local checkpoint directory for --model")
 
-    from datasets import load_from_disk
+    from modeling_skinclip import SkinClipVLProcessor
 
-    from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
-
-    model = SkinClipVLModel.from_pretrained(args.model, device=args.device)
+    # Data and labels are checked against the checkpoint's config before the model is built.
+    dataset = validation.load_dataset_dict(args.dataset, "--dataset")
+    class_names = validation.load_checkpoint_config(args.model).class_names
+    validation.check_evaluation_splits(dataset, args.split, args.calibration_split or None, class_names, args.dataset)
+    model = validation.load_checkpoint(args.model, device=args.device)
     model.calibration_temperature.fill_(1.0)  # evaluate raw logits; the calibration is refitted here
     processor = SkinClipVLProcessor.from_pretrained(args.model)
-    dataset = load_from_disk(args.dataset)
     out_dir = Path(args.out)
     report = evaluate(model, processor, dataset, args.split, out_dir, args.calibration_split or None, args.coverage,
                       args.conformal_method, args.bootstrap, args.batch_size)
-    if args.save_calibration and (out_dir / "calibration.json").is_file():
-        if not Path(args.model).is_dir():
-            parser.error("--save-calibration needs a local checkpoint directory")
-        (Path(args.model) / "calibration.json").write_text((out_dir / "calibration.json").read_text())
+    if args.save_calibration:
+        save_calibration(report["calibration"], Path(args.model))
     print((out_dir / "metrics.md").read_text())
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -416,9 +416,25 @@ def load_dataset_dict(path: str | Path, field: str):
         dataset = load_from_disk(str(path))
     except FileNotFoundError as error:
         raise UserError(f"{field} {path} is not a dataset saved with save_to_disk: {error}") from error
+    except Exception as error:
+        # datasets cannot read back a split saved with no rows (IndexError deep inside pyarrow concatenation).
+        for split in _saved_empty_splits(Path(path)):
+            raise UserError(f"{path} split {split!r} is empty") from error
+        raise UserError(f"{field} {path} cannot be read as a DatasetDict: {error!r}") from error
     if not isinstance(dataset, DatasetDict):
         raise UserError(f"{field} {path} is a single Dataset; a DatasetDict of named splits is needed")
     return dataset
+
+
+def _saved_empty_splits(folder: Path) -> list[str]:
+    empty = []
+    for state in sorted(folder.glob("*/state.json")):
+        try:
+            if not json.loads(state.read_text()).get("_data_files"):
+                empty.append(state.parent.name)
+        except (OSError, ValueError):
+            continue
+    return empty
 
 
 def check_evaluation_splits(dataset, split: str, calibration_split: str | None, class_names: Sequence[str],

@@ -103,3 +103,142 @@ def test_report_carries_bootstrap_intervals(checkpoint_and_data):
         assert low <= high
     assert calibrated["ci"]["n_resamples"] == 100
     assert "95% bootstrap CI of balanced_accuracy" in (out / "metrics.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------
+# User errors and what evaluation may write
+# --------------------------------------------------------------------------------------------------------
+
+
+def _folder_bytes(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _saved(root, name, dataset):
+    dataset.save_to_disk(str(root / name))
+    return str(root / name)
+
+
+def test_out_in_a_checkpoint_folder_is_refused_and_the_checkpoint_is_untouched(checkpoint_and_data):
+    """Its calibration.json would have calibrated the checkpoint without --save-calibration."""
+    from skinclip.errors import UserError
+
+    root, _ = checkpoint_and_data
+    before = _folder_bytes(root / "model")
+    with pytest.raises(UserError, match="--out .* is a checkpoint folder"):
+        evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "data"),
+                                "--out", str(root / "model"), "--bootstrap", "0"])
+    assert _folder_bytes(root / "model") == before
+
+
+def test_calibration_reaches_the_checkpoint_only_with_save_calibration(checkpoint_and_data, tmp_path):
+    import shutil
+
+    root, _ = checkpoint_and_data
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    (model / "calibration.json").unlink(missing_ok=True)
+    evaluate_skinclip.main(["--model", str(model), "--dataset", str(root / "data"), "--out", str(tmp_path / "eval"),
+                            "--bootstrap", "0"])
+    assert (tmp_path / "eval" / "calibration.json").is_file()
+    assert not (model / "calibration.json").exists()
+
+
+def test_a_temperature_at_its_search_bound_is_warned_about(checkpoint_and_data):
+    """A calibration split the model always gets right drives T to the lower bound: a warning, not a number
+    silently stored as the calibration."""
+    root, dataset = checkpoint_and_data
+    model = SkinClipVLModel.from_pretrained(root / "model", device="cpu")
+    model.calibration_temperature.fill_(1.0)
+    processor = SkinClipVLProcessor.from_pretrained(root / "model")
+    predicted = evaluate_skinclip.collect_logits(model, processor, dataset["validation"], progress=False).argmax(1)
+    always_right = dataset["validation"].remove_columns("label").add_column("label", predicted.tolist()).cast_column(
+        "label", dataset["validation"].features["label"])
+    data = _saved(root, "always-right", DatasetDict({"test": dataset["test"], "validation": always_right}))
+    with pytest.warns(UserWarning, match=r"sits at its search bound 0.05"):
+        report = evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", data,
+                                         "--out", str(root / "eval-bound"), "--bootstrap", "0"])
+    assert report["temperature"] == pytest.approx(0.05, rel=1e-3)
+    saved = json.loads((root / "eval-bound" / "metrics.json").read_text())
+    assert "search bound" in saved["temperature_warning"]
+    assert evaluate_skinclip.temperature_bound_warning(1.3, "validation") is None
+
+
+def test_an_empty_split_fails_with_one_line_before_anything_is_written(checkpoint_and_data):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    root, dataset = checkpoint_and_data
+    data = _saved(root, "empty-test", DatasetDict({"test": dataset["test"].select([]),
+                                                   "validation": dataset["validation"]}))
+    out = root / "eval-empty"
+    result = subprocess.run([sys.executable, "evaluate_skinclip.py", "--model", str(root / "model"), "--dataset", data,
+                             "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {data} split 'test' is empty"] and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_an_empty_calibration_split_in_memory_is_refused_before_anything_is_written(checkpoint_and_data):
+    from skinclip.errors import UserError
+
+    root, dataset = checkpoint_and_data
+    model = SkinClipVLModel.from_pretrained(root / "model", device="cpu")
+    processor = SkinClipVLProcessor.from_pretrained(root / "model")
+    splits = DatasetDict({"test": dataset["test"], "validation": dataset["validation"].select([])})
+    out = root / "eval-empty-calibration"
+    with pytest.raises(UserError, match="calibration split 'validation'.*|split 'validation' is empty"):
+        evaluate_skinclip.evaluate(model, processor, splits, "test", out, progress=False, n_bootstrap=0)
+    assert not out.exists()
+
+
+def test_classes_in_another_order_than_the_model_are_refused(checkpoint_and_data):
+    from skinclip.errors import UserError
+
+    root, dataset = checkpoint_and_data
+    names = dataset["test"].features["label"].names
+    reordered = dataset["test"].cast_column("label", ClassLabel(names=list(reversed(names))))
+    data = _saved(root, "reordered", DatasetDict({"test": reordered}))
+    with pytest.raises(UserError, match=r"split 'test' lists the classes .* in another order than the model's"):
+        evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", data, "--out", str(root / "eval-order")])
+    assert not (root / "eval-order").exists()
+
+
+def test_metrics_json_is_strict_json_with_null_for_undefined_metrics(checkpoint_and_data):
+    """With a single class in the split, AUROC is undefined: null, never a bare NaN."""
+    root, dataset = checkpoint_and_data
+    one_class = dataset["test"].filter(lambda row: row["label"] == 0)
+    data = _saved(root, "one-class", DatasetDict({"test": one_class}))
+    evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", data, "--out", str(root / "eval-one"),
+                            "--bootstrap", "0", "--calibration-split", ""])
+
+    def reject(constant):
+        raise AssertionError(f"metrics.json holds {constant}, which is not JSON")
+
+    saved = json.loads((root / "eval-one" / "metrics.json").read_text(), parse_constant=reject)
+    assert saved["calibrated"]["auroc_macro"] is None
+
+
+def test_a_corrupt_or_nonfinite_checkpoint_is_named(checkpoint_and_data, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from skinclip.errors import UserError
+
+    root, _ = checkpoint_and_data
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    tensors = load_file(model / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name][..., 0] = float("nan")
+    save_file(tensors, model / "model.safetensors")
+    arguments = ["--model", str(model), "--dataset", str(root / "data"), "--out", str(tmp_path / "eval")]
+    with pytest.raises(UserError, match=rf"model.safetensors\): trained tensor {name} holds NaN or inf"):
+        evaluate_skinclip.main(arguments)
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match=r"model/model.safetensors:? (is )?not a readable safetensors file"):
+        evaluate_skinclip.main(arguments)
