@@ -19,9 +19,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 NEUTRAL_TEXT = "A skin lesion."
+MIN_AGE, MAX_AGE = 0.0, 120.0  # years; anything else is a typo or a unit mix-up, never a patient
+MAX_TEXT_CHARS = 100  # a metadata value (site, sex, an observation) longer than this is cut: it feeds a prompt
 
 _UNKNOWN = {"", "unknown", "unk", "nan", "none", "null", "n/a", "na", "missing", "?"}
 
@@ -55,28 +59,93 @@ def is_missing(value) -> bool:
 
 
 def to_float(value) -> float | None:
-    """A number, or None for a missing, non-numeric or NaN value."""
+    """A finite number, or None for a missing, non-numeric, NaN or infinite value."""
     if is_missing(value):
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return None if math.isnan(number) else number
+    return number if math.isfinite(number) else None
+
+
+# ------------------------------------------------------------------ metadata validation (the one place)
+
+
+@dataclass(frozen=True)
+class MetadataIssue:
+    """A metadata value that was left out or cut, and where it came from (``row``: file and line or image id)."""
+
+    row: str
+    field: str
+    value: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.row}: {self.field} {self.value!r} {self.problem}"
+
+
+def _shown(value, limit: int = 40) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def age_problem(value) -> str | None:
+    """Why ``value`` is not a usable age (None when it is usable or simply missing)."""
+    if is_missing(value):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return "is not a number"
+    if not math.isfinite(number):
+        return "is not a finite number"
+    if not MIN_AGE <= number <= MAX_AGE:
+        return f"is outside {MIN_AGE:g}-{MAX_AGE:g} years"
+    return None
+
+
+def clean_age(value, row: str = "", issues: list | None = None, field: str = "age") -> float | None:
+    """A finite age in 0-120 years, or None; a present but unusable value is recorded in ``issues`` (left out)."""
+    problem = age_problem(value)
+    if problem is not None:
+        if issues is not None:
+            issues.append(MetadataIssue(row, field, _shown(value), problem + "; left out"))
+        return None
+    return None if is_missing(value) else float(value)
+
+
+def clean_text(value, row: str = "", issues: list | None = None, field: str = "text",
+               max_chars: int = MAX_TEXT_CHARS) -> str | None:
+    """One line of printable text, at most ``max_chars`` long, or None when missing; a cut is recorded."""
+    if is_missing(value):
+        return None
+    text = re.sub(r"\s+", " ", "".join(c if c.isprintable() else " " for c in str(value))).strip()
+    if len(text) > max_chars:
+        if issues is not None:
+            issues.append(MetadataIssue(row, field, _shown(text), f"is longer than {max_chars} characters; cut"))
+        text = text[:max_chars].rstrip()
+    return text or None
+
+
+def clean_number(value, row: str = "", issues: list | None = None, field: str = "value") -> float | None:
+    """A finite number or None; a present but non-numeric or infinite value is recorded in ``issues``."""
+    number = to_float(value)
+    if number is None and not is_missing(value) and issues is not None:
+        issues.append(MetadataIssue(row, field, _shown(value), "is not a finite number; left out"))
+    return number
 
 
 def _format_age(age) -> str | None:
-    number = to_float(age)
-    if number is None or number < 0:
+    if age_problem(age) is not None or is_missing(age):
         return None
-    return str(int(round(number)))
+    return str(round(float(age)))
 
 
-def _format_number(value) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value).strip()
+def _format_number(value) -> str | None:
+    number = to_float(value)
+    if number is None or abs(number) > 1e6:  # not a measurement: left out rather than printed as 300 digits
+        return None
     return f"{number:.1f}".rstrip("0").rstrip(".")
 
 
@@ -91,11 +160,13 @@ def describe_metadata(age=None, sex=None, site=None, **extra) -> str:
     ``extra`` holds further allowed observations in the caller's order (e.g. ``elevation="palpable"``,
     ``diameter_mm=9.3``); each known one becomes its own short sentence.
     """
+    # Never raises: an unusable value (age "abc" or inf, a 10 MB site) is left out or cut, as `clean_*` does.
     age_text = _format_age(age)
     sex_text = None if is_missing(sex) else _SEX_WORDS.get(str(sex).strip().lower())
     site_text = None
-    if not is_missing(site):
-        site_key = str(site).strip().lower().replace("_", " ")
+    site_key = clean_text(site)
+    if site_key is not None:
+        site_key = site_key.lower().replace("_", " ")
         site_text = _SITE_WORDS.get(site_key, site_key)
 
     sentences = []
@@ -109,14 +180,14 @@ def describe_metadata(age=None, sex=None, site=None, **extra) -> str:
                 sentence += f" aged about {age_text}"
         sentences.append(sentence + ".")
     for key, value in extra.items():
-        if is_missing(value):
+        shown = _format_number(value) if key.endswith("_mm") else clean_text(value)
+        if shown is None:
             continue
         template = _EXTRA_TEMPLATES.get(key)
         if template is None:
-            sentences.append(f"{key.replace('_', ' ').capitalize()}: {str(value).strip()}.")
+            sentences.append(f"{key.replace('_', ' ').capitalize()}: {shown}.")
         else:
-            shown = _format_number(value) if key.endswith("_mm") else str(value).strip().lower()
-            sentences.append(template.format(value=shown))
+            sentences.append(template.format(value=shown if key.endswith("_mm") else shown.lower()))
     if not sentences:
         return NEUTRAL_TEXT
     if not (age_text or sex_text or site_text):

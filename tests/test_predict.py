@@ -1,6 +1,12 @@
-"""predict.py on the real sample images with a tiny random model; bad image inputs."""
+"""predict.py on the real sample images with a tiny random model; bad image inputs, bad CSV rows, exit codes."""
 
 import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +15,9 @@ from PIL import Image
 
 import predict
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from skinclip.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, run_entry_point
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +130,14 @@ def test_bad_file_in_a_batch_is_reported_not_fatal(checkpoint, shared_data, tmp_
     bad = tmp_path / "broken.jpg"
     bad.write_text("oops")
     good = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
-    code, out = _run(capsys, "--model", checkpoint, good, bad, "--json", "--out", tmp_path / "o", "--no-rationale")
-    results = json.loads(out)
-    assert code == 0
-    assert "error" not in results[0] if results[0]["image"] == str(good) else True
-    errors = [r for r in results if "error" in r]
-    assert len(errors) == 1 and "broken.jpg" in errors[0]["error"]
+    code = predict.main([str(a) for a in ("--model", checkpoint, good, bad, "--json", "--out", tmp_path / "o",
+                                          "--no-rationale")])
+    captured = capsys.readouterr()
+    good_result, bad_result = json.loads(captured.out)
+    assert code == EXIT_PARTIAL
+    assert good_result["image"] == str(good) and "error" not in good_result
+    assert bad_result["error"].startswith(f"{bad}: not a readable image")
+    assert "summary: 1 of 2 input(s) predicted, 1 failed" in captured.err
 
 
 def test_grounding_words_write_maps(checkpoint, shared_data, tmp_path, capsys):
@@ -150,9 +161,8 @@ def test_heatmap_overlay_follows_attention():
 
 
 def test_calibrated_checkpoint_prints_prediction_set(checkpoint, shared_data, tmp_path, capsys):
-    import shutil
-
-    calibrated = tmp_path / "calibrated"
+    # Beside the original: a checkpoint may name its bases by a path relative to its own folder.
+    calibrated = checkpoint.parent / f"calibrated-{tmp_path.name}"
     shutil.copytree(checkpoint, calibrated)
     (calibrated / "calibration.json").write_text(json.dumps(
         {"temperature": 2.0, "conformal": {"method": "aps", "coverage": 0.9, "qhat": 0.6}}))
@@ -184,3 +194,218 @@ def test_rationale_words_are_grounded(checkpoint, shared_data, tmp_path, capsys,
     for path in result["grounding"].values():
         with Image.open(path) as grounding, Image.open(image) as original:
             assert grounding.size == original.size
+
+
+# ------------------------------------------------------------------------------ hostile inputs (issue 12)
+
+
+def _write_palette_png(path, side, bit_depth=1):
+    """A valid 1-bit palette PNG of side x side whose rows are all zero, compressed row by row (never in memory).
+
+    20000 px gives a 48 KB file that declares 400 megapixels.
+    """
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + bytes((side * bit_depth + 7) // 8)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    with open(path, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n")
+        handle.write(chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, bit_depth, 3, 0, 0, 0)))
+        handle.write(chunk(b"PLTE", bytes([200, 150, 120, 40, 30, 20])))
+        handle.write(chunk(b"IDAT", data))
+        handle.write(chunk(b"IEND", b""))
+    return path
+
+
+PEAK_RSS_BOUND_KB = 2 * 1024 * 1024  # 2 GiB; the 13000² image alone would need ~3.4 GiB in the old float64 path
+
+
+def test_huge_images_do_not_cost_the_batch_and_memory_is_bounded(checkpoint, shared_data, tmp_path):
+    """A 48 KB PNG declaring 20000² px is one error; a 13000² one is predicted on a bounded copy; 5 real images
+    keep their results; the whole process peaks below 2 GiB (measured with getrusage in a subprocess)."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    goods = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[:5]
+    for good in goods:
+        shutil.copy(good, folder / good.name)
+    bomb = _write_palette_png(folder / "bomb_20000.png", 20000)
+    large = _write_palette_png(folder / "large_13000.png", 13000)
+    assert bomb.stat().st_size < 60_000
+    wrapper = ("import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+               "print(json.dumps({'rc': r.returncode, 'out': r.stdout, 'err': r.stderr,"
+               " 'peak_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    command = [sys.executable, "-c", wrapper, sys.executable, "predict.py", "--model", str(checkpoint), str(folder),
+               "--json", "--no-rationale", "--batch-size", "4", "--out", str(tmp_path / "out")]
+    run = json.loads(subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout)
+    results = {Path(r["image"]).name: r for r in json.loads(run["out"])}
+    print(f"peak RSS of predict.py: {run['peak_kb'] / 1024:.0f} MiB")
+    assert run["rc"] == EXIT_PARTIAL, run["err"]
+    assert sorted(results) == sorted([g.name for g in goods] + [bomb.name, large.name])
+    assert results[bomb.name]["error"] == (f"{bomb}: image too large (Image size (400000000 pixels) exceeds limit of "
+                                           "200000000 pixels, could be decompression bomb DOS attack.)")
+    assert [name for name, r in results.items() if "error" in r] == [bomb.name]
+    with Image.open(results[large.name]["heatmap"]) as heatmap:
+        assert heatmap.size == (2048, 2048)  # drawn on the bounded working copy
+    assert "summary: 6 of 7 input(s) predicted, 1 failed" in run["err"]
+    assert run["peak_kb"] < PEAK_RSS_BOUND_KB
+
+
+def test_large_image_is_downscaled_once_and_header_checked(tmp_path):
+    large = predict.load_image(_write_palette_png(tmp_path / "large.png", 13000))
+    assert large.mode == "RGB" and large.size == (2048, 2048) and large.getpixel((7, 7)) == (200, 150, 120)
+    with pytest.raises(predict.ImageInputError, match=r"bomb\.png: image too large"):
+        predict.load_image(_write_palette_png(tmp_path / "bomb.png", 20000))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (3000, 1000)).save(tmp_path / "wide.jpg", exif=exif.tobytes())
+    assert predict.load_image(tmp_path / "wide.jpg").size == (683, 2048)  # downscaled, then turned upright
+
+
+def test_memory_error_on_one_input_is_that_inputs_error(checkpoint, shared_data, tmp_path, capsys, monkeypatch):
+    images = sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[:3]
+    real_load = predict.load_image
+
+    def load(path, **kwargs):
+        if Path(path) == images[1]:
+            raise MemoryError
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(predict, "load_image", load)
+    code, out = _run(capsys, "--model", checkpoint, *images, "--json", "--out", tmp_path, "--no-rationale")
+    results = json.loads(out)
+    assert code == EXIT_PARTIAL
+    assert [r.get("error") for r in results] == [None, f"{images[1]}: out of memory while predicting this input", None]
+
+
+def test_results_are_printed_as_they_are_produced(checkpoint, shared_data, tmp_path, capsys, monkeypatch):
+    images = sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[:3]
+    real_predict = SkinClipVLModel.predict
+    calls = []
+
+    def predict_then_die(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run dies during the second batch
+        return real_predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(SkinClipVLModel, "predict", predict_then_die)
+    code = run_entry_point(predict.main, ["--model", str(checkpoint), *map(str, images), "--json",
+                                          "--batch-size", "1", "--out", str(tmp_path), "--no-rationale"])
+    captured = capsys.readouterr()
+    assert code == 130 and "error: interrupted" in captured.err
+    (first,) = json.loads(captured.out)  # the list is closed even so, holding the finished result
+    assert first["image"] == str(images[0]) and "probabilities" in first
+
+
+def test_nan_probabilities_are_errors_not_percentages(checkpoint, shared_data, tmp_path, capsys, monkeypatch):
+    real_predict = SkinClipVLModel.predict
+
+    def nan_predict(self, *args, **kwargs):
+        prediction = real_predict(self, *args, **kwargs)
+        prediction.probs = torch.full_like(prediction.probs, float("nan"))
+        return prediction
+
+    monkeypatch.setattr(SkinClipVLModel, "predict", nan_predict)
+    image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    code, out = _run(capsys, "--model", checkpoint, image, "--out", tmp_path, "--no-rationale")
+    assert code == EXIT_FATAL
+    assert "nan" not in out.lower().replace("non-finite class probabilities (nan or inf)", "")
+    assert out.strip() == (f"{image}: ERROR {image}: the checkpoint gave non-finite class probabilities (NaN or "
+                           "inf); its weights are likely broken")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_same_stems_get_their_own_outputs(checkpoint, shared_data, tmp_path, capsys):
+    """Two inputs named x.jpg (different sizes) and one image listed twice in a CSV: each its own heatmap."""
+    source = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    for folder, size in (("a", (250, 250)), ("b", (120, 90))):
+        (tmp_path / folder).mkdir()
+        Image.open(source).resize(size).save(tmp_path / folder / "x.jpg")
+    table = tmp_path / "cases.csv"
+    table.write_text("image\na/x.jpg\na/x.jpg\n")
+    out = tmp_path / "out"
+    code, printed = _run(capsys, "--model", checkpoint, tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg", table,
+                         "--json", "--out", out, "--no-rationale", "--grounding-words", "blue veil,blue-veil")
+    results = json.loads(printed)
+    assert code == EXIT_OK
+    heatmaps = [r["heatmap"] for r in results]
+    assert heatmaps == [str(out / "x_focal_attention.png"), str(out / "x-2_focal_attention.png"),
+                        str(out / "a/x_focal_attention.png"), str(out / "a/x-2_focal_attention.png")]
+    assert results[1]["grounding"] == {"blue veil": str(out / "x-2_word_blue_veil.png"),
+                                       "blue-veil": str(out / "x-2_word_blue_veil-2.png")}
+    for result in results:
+        with Image.open(result["heatmap"]) as heatmap, Image.open(result["image"]) as original:
+            assert heatmap.size == original.size  # each JSON entry points at its own image's map
+
+
+def test_folder_is_walked_and_skipped_files_are_reported(checkpoint, shared_data, tmp_path, capsys):
+    folder = tmp_path / "in"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    images = sorted((shared_data / "images" / "isic2024").glob("*.jpg"))
+    shutil.copy(images[0], folder / images[0].name)
+    shutil.copy(images[1], folder / "sub" / "deeper" / images[1].name)
+    Image.open(images[2]).save(folder / "sub" / "anim.gif")
+    (folder / "notes.txt").write_text("not an image")
+    out = folder / "predictions"  # inside the input folder: never walked
+    code = predict.main([str(a) for a in ("--model", checkpoint, folder, "--json", "--out", out, "--no-rationale")])
+    captured = capsys.readouterr()
+    code_again = predict.main([str(a) for a in ("--model", checkpoint, folder, "--json", "--out", out, "--no-rationale")])
+    again = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert code == code_again == EXIT_OK
+    assert [r["heatmap"] for r in results] == [str(out / images[0].with_suffix("").name) + "_focal_attention.png",
+                                               str(out / "sub/deeper" / images[1].stem) + "_focal_attention.png"]
+    assert f"skipped: {folder / 'notes.txt'} (not a supported image type (.txt))" in captured.err
+    assert f"skipped: {folder / 'sub' / 'anim.gif'} (not a supported image type (.gif))" in captured.err
+    assert "2 file(s) skipped" in captured.err
+    assert len(json.loads(again.out)) == 2 and "predictions" not in again.err
+
+
+def test_bad_csv_rows_are_per_row(checkpoint, shared_data, tmp_path, capsys):
+    """age=abc, age=inf, age=300 are left out with a warning naming the line; a non-UTF-8 row is that row's error."""
+    image = sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[0]
+    table = tmp_path / "cases.csv"
+    table.write_bytes(
+        b"image,age,sex,site\n"
+        + f"{image},abc,male,back\n{image},inf,female,\n{image},300,,\n".encode()
+        + f"{image},55,male,".encode() + b"\xff\xfeback\n"
+        + f"{image},40,female,{'x' * 500}\n".encode()
+    )
+    code = predict.main([str(a) for a in ("--model", checkpoint, table, "--json", "--out", tmp_path / "o",
+                                          "--no-rationale")])
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert code == EXIT_PARTIAL
+    assert [r.get("error") for r in results] == [None, None, None, f"{table} line 5: not UTF-8 text", None]
+    assert results[0]["warnings"] == [f"{table} line 2: age 'abc' is not a number; left out"]
+    assert results[1]["warnings"] == [f"{table} line 3: age 'inf' is not a finite number; left out"]
+    assert results[2]["warnings"] == [f"{table} line 4: age '300' is outside 0-120 years; left out"]
+    assert results[0]["metadata_text"] == "A lesion on the back of a male patient."
+    assert results[1]["metadata_text"] == "A lesion of a female patient."
+    assert "is longer than 100 characters; cut" in results[4]["warnings"][0]
+    assert len(results[4]["metadata_text"]) < 200
+    assert f"warning: {table} line 2: age 'abc' is not a number; left out" in captured.err
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(checkpoint, shared_data, tmp_path, capsys):
+    image = sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[0]
+    assert run_entry_point(predict.main, ["--model", str(tmp_path / "absent"), str(image)]) == EXIT_FATAL
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot load the checkpoint: ") and err.endswith(f"(--model {tmp_path / 'absent'})")
+    assert "\n" not in err
+    assert run_entry_point(predict.main, ["--model", str(checkpoint), str(image), "--age", "inf"]) == EXIT_FATAL
+    assert capsys.readouterr().err == "error: age 'inf' is not a finite number (--age)\n"
+    with pytest.raises(predict.UserError):
+        run_entry_point(predict.main, ["--model", str(checkpoint), str(image), "--age", "abc", "--debug"])
+
+
+def test_every_input_failing_is_fatal(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    code, out = _run(capsys, "--model", checkpoint, bad, tmp_path / "absent.jpg", "--out", tmp_path / "o")
+    assert code == EXIT_FATAL
+    assert out.splitlines() == [f"{bad}: ERROR {bad}: not a readable image (UnidentifiedImageError: cannot identify "
+                                f"image file '{bad}')",
+                                f"{tmp_path / 'absent.jpg'}: ERROR {tmp_path / 'absent.jpg'}: no such file"]
