@@ -15,6 +15,7 @@ Each term is a small function or module, tested against its reference in tests/t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import zlib
@@ -30,6 +31,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import rotate_checkpoints
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------
 # Loss terms
@@ -69,8 +72,47 @@ def class_balanced_alpha(class_counts: Sequence[int]) -> torch.Tensor:
     return inverse * len(counts) / inverse.sum()
 
 
+# Two hashes modulo primes below 2**31: every product fits in int64, so the hash runs on the device (no host sync).
+_HASH_MODULI = (2_147_483_647, 2_147_483_629)
+_HASH_BASES = (1_000_003, 998_244_353)
+
+
+def report_keys(report_ids: torch.Tensor, report_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One int64 key per row of right-padded report tokens: identical reports ↔ identical keys.
+
+    A 62-bit polynomial hash of the unpadded tokens (padding adds zeros at the end, which the hash ignores, so
+    the same report padded to other lengths, in another batch or process, gets the same key). Different reports
+    collide with probability about 2**-62 per pair.
+    """
+    values = report_ids.long() + 1  # 0 is reserved for padding
+    if report_attention_mask is not None:
+        values = values * (report_attention_mask != 0).long()
+    keys = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
+    for modulus, base in zip(_HASH_MODULI, _HASH_BASES):
+        powers = torch.tensor([pow(base, t, modulus) for t in range(values.shape[1])], device=values.device)
+        digest = ((values % modulus) * powers % modulus).sum(-1) % modulus
+        keys = keys * (1 << 31) + digest
+    return keys
+
+
+def _all_gather_no_grad(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
+
+
 class AlignmentLoss(nn.Module):
     """Symmetric InfoNCE over the global batch (open_clip ``ClipLoss``).
+
+    ``report_keys`` (one per sample, see `report_keys`) turns on multi-positive targets: samples whose report
+    tokens are identical, anywhere in the gathered global batch, are positives of each other, and each row's
+    target is the uniform distribution over its positives (soft-target cross-entropy). In ISIC 2019 every image
+    of a class has the same report, so one-hot targets make same-class samples each other's negatives. Without
+    duplicates the targets are one-hot and the loss is ``ClipLoss``'s. When duplicates also have identical
+    text embeddings (a deterministic text tower) the two targets give the same loss and gradients: one-hot
+    InfoNCE then already treats them symmetrically. They differ when per-sample weights (focal modulation) or
+    a stochastic text path break that symmetry. Either way a group of k duplicates keeps its rows' loss at or
+    above log k (the targets' entropy).
 
     ``focal_modulation=True`` implements the paper's Eq. (4) reading: each sample's alignment term is weighted
     by its detached focal factor ``(1 - p_y)^gamma``, so easy samples stop dominating the alignment. This
@@ -91,20 +133,37 @@ class AlignmentLoss(nn.Module):
         logit_scale: torch.Tensor,
         class_logits: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        report_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
-        if not self.focal_modulation:
+        if not self.focal_modulation and report_keys is None:
             return self.clip_loss(image_embeds, text_embeds, logit_scale)
-        all_image, all_text = image_embeds, text_embeds
+        all_image, all_text, all_keys = image_embeds, text_embeds, report_keys
         if self.world_size > 1:
             all_image, all_text = gather_features(
                 image_embeds, text_embeds, local_loss=True, gather_with_grad=True, rank=self.rank, world_size=self.world_size
             )
-        targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + self.rank * image_embeds.shape[0]
+            if report_keys is not None:
+                all_keys = _all_gather_no_grad(report_keys, self.world_size)
+        if self.focal_modulation:
+            # Local rows against every gathered column; DDP's gradient average makes it the global mean.
+            rows_image, rows_text, rows_keys = image_embeds, text_embeds, report_keys
+            rows = torch.arange(image_embeds.shape[0], device=image_embeds.device) + self.rank * image_embeds.shape[0]
+        else:
+            # Every global row on every process, as ClipLoss(local_loss=False, gather_with_grad=True) does.
+            rows_image, rows_text, rows_keys = all_image, all_text, all_keys
+            rows = torch.arange(all_image.shape[0], device=image_embeds.device)
+        if report_keys is None:
+            targets = rows
+        else:
+            positives = (rows_keys[:, None] == all_keys[None, :]).float()
+            targets = positives / positives.sum(-1, keepdim=True)  # uniform over positives (the row's own is one)
         per_sample = 0.5 * (
-            F.cross_entropy(logit_scale * image_embeds @ all_text.T, targets, reduction="none")
-            + F.cross_entropy(logit_scale * text_embeds @ all_image.T, targets, reduction="none")
+            F.cross_entropy(logit_scale * rows_image @ all_text.T, targets, reduction="none")
+            + F.cross_entropy(logit_scale * rows_text @ all_image.T, targets, reduction="none")
         )
+        if not self.focal_modulation:
+            return per_sample.mean()
         p_true = torch.softmax(class_logits.detach().float(), -1).gather(1, labels[:, None]).squeeze(1)
         weights = (1.0 - p_true).clamp(min=0) ** self.gamma
         return (weights * per_sample).mean()
@@ -130,14 +189,31 @@ class CFALoss(nn.Module):
         self.lambda_align, self.lambda_cal, self.lambda_gen = lambda_align, lambda_cal, lambda_gen
         self.alignment = AlignmentLoss(rank, world_size, focal_modulation, gamma)
 
-    def forward(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        outputs,
+        labels: torch.Tensor,
+        report_keys: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        accumulation_steps: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted total and each unweighted term.
+
+        Args:
+            report_keys: one key per sample (`report_keys`); given, identical reports are alignment positives.
+            num_items_in_batch: rationale tokens in the whole optimizer step: every process and every
+                accumulated micro-batch. Given, the LM term becomes this micro-batch's share of that step's token
+                mean (see `_globally_normalised`); ``accumulation_steps`` is then the number of micro-batches.
+        """
         logits = outputs.logits
         terms = {"focal": focal_loss(logits, labels, self.gamma, self.alpha)}
         total = terms["focal"]
         if self.lambda_align:
             if outputs.t_global is None:
                 raise ValueError("lambda_align > 0 needs report_ids in the batch (the ground-truth report text)")
-            terms["align"] = self.alignment(outputs.v_global, outputs.t_global, outputs.logit_scale, logits, labels)
+            terms["align"] = self.alignment(
+                outputs.v_global, outputs.t_global, outputs.logit_scale, logits, labels, report_keys=report_keys
+            )
             total = total + self.lambda_align * terms["align"]
         if self.lambda_cal:
             terms["cal"] = brier_loss(logits, labels)
@@ -146,19 +222,34 @@ class CFALoss(nn.Module):
             if outputs.lm_loss is None:
                 raise ValueError("lambda_gen > 0 needs rationale_ids in the batch")
             terms["gen"] = outputs.lm_loss
-            total = total + self.lambda_gen * self._globally_normalised(outputs.lm_loss, outputs.lm_tokens)
+            total = total + self.lambda_gen * self._globally_normalised(
+                outputs.lm_loss, outputs.lm_tokens, num_items_in_batch, accumulation_steps
+            )
         return total, terms
 
-    def _globally_normalised(self, lm_loss: torch.Tensor, lm_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Per-process token mean → this process's share of the global token mean.
+    def _globally_normalised(
+        self,
+        lm_loss: torch.Tensor,
+        lm_tokens: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        accumulation_steps: int = 1,
+    ) -> torch.Tensor:
+        """Per-micro-batch token mean → its share of the token mean over the whole step.
 
-        DDP averages gradients over processes; processes hold different numbers of rationale tokens, so the
-        average of per-process means is not the mean over all tokens. Scaling by local/global tokens times
-        world size makes the averaged gradient that of the global mean (as on the concatenated batch).
+        DDP averages gradients over processes and the Trainer averages them over accumulated micro-batches;
+        micro-batches hold different numbers of rationale tokens, so the average of their means is not the mean
+        over all tokens. Scaling by local / total tokens times (processes × micro-batches) makes the averaged
+        gradient that of the mean over every token of the step (as on one concatenated batch). Without
+        ``num_items_in_batch`` the total is this micro-batch's tokens summed over processes.
         """
-        if self.alignment.world_size == 1 or lm_tokens is None:
+        if lm_tokens is None:
             return lm_loss
         local = lm_tokens.detach().float().reshape(())
+        if num_items_in_batch is not None:
+            total = torch.as_tensor(num_items_in_batch, dtype=torch.float, device=local.device).reshape(())
+            return lm_loss * local * (self.alignment.world_size * accumulation_steps) / total.clamp(min=1)
+        if self.alignment.world_size == 1:
+            return lm_loss
         total = local.clone()
         torch.distributed.all_reduce(total)
         return lm_loss * local * self.alignment.world_size / total.clamp(min=1)
@@ -342,9 +433,56 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return os.path.join(output_dir, max(steps)[1]) if steps else None
 
 
+class TermAverages:
+    """Running, weighted sums of the CFA terms, merged over every process when read.
+
+    Each micro-batch adds ``value`` with a ``weight``: its samples for the sample means (focal, align, cal), its
+    rationale tokens for the LM token mean. The read-out is then the mean over every sample / token since the
+    last read, on all processes and accumulated micro-batches together: what one concatenated batch gives for
+    focal, cal and gen (for align, the sample-weighted mean of its per-micro-batch values). Non-finite values
+    (skipped steps) are left out, so they cannot turn the mean into NaN; a term with only non-finite values
+    reads NaN. `compute` is a collective under torch.distributed: every process calls it with the same names.
+    """
+
+    def __init__(self):
+        self._values: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def add(self, name: str, value: torch.Tensor, weight: torch.Tensor | int | float) -> None:
+        # Kept on the device as tensors: reading them would sync the host at every micro-batch.
+        value = value.detach().float().reshape(())
+        self._values[name].append(torch.stack([value, torch.as_tensor(weight, dtype=torch.float, device=value.device)]))
+
+    def clear(self) -> None:
+        self._values.clear()
+
+    def compute(self, names: Sequence[str], device: torch.device | str) -> dict[str, float]:
+        """``{name: mean}`` over everything added since the last call (then cleared), on every process."""
+        sums = torch.zeros(len(names), 3, device=device)  # weighted sum, weight, number of values
+        for row, name in enumerate(names):
+            if self._values.get(name):
+                value, weight = torch.stack(self._values[name]).to(device).unbind(-1)
+                finite = torch.isfinite(value)
+                sums[row, 0] = torch.where(finite, value * weight, 0.0).sum()
+                sums[row, 1] = torch.where(finite, weight, 0.0).sum()
+                sums[row, 2] = len(value)
+        self.clear()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(sums)
+        return {
+            name: (total / weight if weight > 0 else float("nan"))
+            for name, (total, weight, count) in zip(names, sums.tolist())
+            if count > 0
+        }
+
+
 # --------------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------------
+
+# What only the alignment term trains: Focal Pooling feeds nothing but v_global. With lambda_align = 0 these get
+# no gradient, which DDP with find_unused_parameters=False rejects at the second step; frozen, they are still
+# saved and loaded with the checkpoint (trained_state_dict goes by name).
+ALIGNMENT_ONLY_MODULES = ("focal_pooling", "image_alignment", "text_alignment", "logit_scale")
 
 
 @dataclass
@@ -362,6 +500,11 @@ class CFATrainingArguments(TrainingArguments):
     focal_modulated_alignment: bool = field(
         default=False, metadata={"help": "Weight each alignment term by (1-p_y)^gamma (paper Eq. 4 reading)."}
     )
+    multi_positive_alignment: bool = field(
+        default=True,
+        metadata={"help": "Samples with identical report tokens (across the global batch) are alignment positives "
+                          "of each other (soft targets), not negatives."},
+    )
     augment: bool = field(default=True, metadata={"help": "Random flips / right-angle rotations of training images."})
     max_consecutive_nonfinite: int = field(
         default=5,
@@ -370,6 +513,14 @@ class CFATrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image/report columns for the collator."})
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Batch key of labels."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "No unused trained parameters."})
+
+
+def _rationale_tokens(batch: dict[str, Any]) -> torch.Tensor:
+    """Rationale tokens the LM loss averages over in one batch (as the model counts them: the attention mask)."""
+    mask = batch.get("rationale_attention_mask")
+    if mask is None:
+        return torch.tensor(batch["rationale_ids"].numel())
+    return (mask != 0).sum()
 
 
 def resolve_focal_alpha(setting: str, class_counts: Sequence[int] | None, num_labels: int) -> torch.Tensor | None:
@@ -387,15 +538,42 @@ def resolve_focal_alpha(setting: str, class_counts: Sequence[int] | None, num_la
 
 
 class CFATrainer(Trainer):
-    """`Trainer` whose `compute_loss` is the CFA loss; each term is logged as `focal`, `align`, `cal`, `gen`.
+    """`Trainer` whose `compute_loss` is the CFA loss; each term is logged as `loss_focal`, `loss_align`, ...
+
+    Gradient accumulation: ``k`` micro-batches of ``b`` give the loss and gradients of one batch of ``k·b`` for
+    the focal, calibration and LM terms (the LM term is normalised by the rationale tokens of the whole step,
+    over micro-batches and processes). The alignment term is the mean of the micro-batches' InfoNCE: each
+    micro-batch's samples see only the negatives of that micro-batch (gathered over processes), so the number
+    of negatives is ``per_device_train_batch_size × processes``, whatever the accumulation.
 
     Args:
         class_counts: training-set count per class, for `focal_alpha="inverse_frequency"`.
     """
 
+    # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps. (A model whose
+    # forward takes **kwargs would otherwise be assumed to scale the loss itself, summing accumulated gradients.)
+    loss_is_scaled_for_ga = False
+
     def __init__(self, *args, class_counts: Sequence[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         args = self.args
+        # forward(**kwargs) only rejects unknown names; it takes no loss kwargs (the LM count is ours, below).
+        self.model_accepts_loss_kwargs = False
+        if not args.lambda_align:
+            frozen = [name for name, param in self.model.named_parameters()
+                      if param.requires_grad and name.split(".")[0] in ALIGNMENT_ONLY_MODULES]
+            for name, param in self.model.named_parameters():
+                if name in frozen:
+                    param.requires_grad_(False)
+            if frozen:
+                logger.info("lambda_align = 0: froze %d tensors only the alignment term trains (%s)",
+                            len(frozen), ", ".join(ALIGNMENT_ONLY_MODULES))
+        if args.gradient_accumulation_steps > 1 and args.lambda_align:
+            logger.warning(
+                "gradient_accumulation_steps=%d with lambda_align > 0: each micro-batch's InfoNCE has only its own "
+                "%d × %d samples as negatives; accumulation does not enlarge the contrastive batch.",
+                args.gradient_accumulation_steps, args.per_device_train_batch_size, args.world_size,
+            )
         num_labels = self.model.config.num_labels
         self.cfa_loss = CFALoss(
             gamma=args.focal_gamma,
@@ -407,7 +585,9 @@ class CFATrainer(Trainer):
             rank=args.process_index,
             world_size=args.world_size,
         )
-        self._cfa_metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._term_names = [name for name, weight in (("focal", 1.0), ("align", args.lambda_align),
+                                                      ("cal", args.lambda_cal), ("gen", args.lambda_gen)) if weight]
+        self._term_averages = {"train": TermAverages(), "eval": TermAverages()}
         self.add_callback(NonFiniteGuard(args.max_consecutive_nonfinite))
         if hasattr(self.data_collator, "epoch"):
             self.add_callback(AugmentationEpochCallback(self.data_collator))
@@ -464,31 +644,50 @@ class CFATrainer(Trainer):
                 use_mtime=True,  # as Trainer does
             )
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        # Trainer would count `labels` (here one class per sample). The LM term needs the rationale tokens of the
+        # whole optimizer step, every micro-batch on every process, to be one token mean (see CFALoss).
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not self.args.lambda_gen or not batch_samples or "rationale_ids" not in batch_samples[0]:
+            return batch_samples, None
+        tokens = sum(_rationale_tokens(batch) for batch in batch_samples).to(device)
+        if self.args.world_size > 1:
+            tokens = self.accelerator.gather(tokens).sum()
+        return batch_samples, tokens
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        loss, terms = self.cfa_loss(outputs, labels)
+        keys = None
+        if self.args.lambda_align and self.args.multi_positive_alignment and inputs.get("report_ids") is not None:
+            keys = report_keys(inputs["report_ids"], inputs.get("report_attention_mask"))
+        loss, terms = self.cfa_loss(
+            outputs,
+            labels,
+            report_keys=keys,
+            num_items_in_batch=num_items_in_batch,
+            accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1),
+        )
         mode = "train" if model.training else "eval"
         if model.training:
             self.nonfinite_guard.observe_loss(loss)
         for name, value in terms.items():
-            self._cfa_metrics[mode][name].append(value.detach().float())
+            weight = outputs.lm_tokens if name == "gen" and outputs.lm_tokens is not None else labels.shape[0]
+            self._term_averages[mode].add(name, value, weight)
         if return_outputs:
             # Only the class logits go to evaluation: the Trainer concatenates whatever is returned here.
             return loss, {"logits": outputs.logits}
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._cfa_metrics[mode].items():
-            if values:
-                # Non-finite terms of skipped steps would turn the whole mean into NaN.
-                stacked = torch.stack(values)
-                finite = stacked[torch.isfinite(stacked)]
-                logs[f"{prefix}loss_{name}"] = round(finite.mean().item(), 6) if len(finite) else float("nan")
-        self._cfa_metrics[mode].clear()
+        # Evaluation logs carry "<prefix>_runtime" (prefix "eval" unless evaluate() was given another one);
+        # training logs carry "loss" and, at the end, "train_runtime".
+        prefix = next((key[: -len("runtime")] for key in logs if key.endswith("_runtime") and key != "train_runtime"), None)
+        mode = "train" if prefix is None else "eval"
+        # Every process reaches log() (Trainer gathers the loss just before), so the terms are merged here.
+        for name, value in self._term_averages[mode].compute(self._term_names, self.args.device).items():
+            logs[f"{prefix or ''}loss_{name}"] = round(value, 6)
         if mode == "train":
             logs["nonfinite_steps_skipped"] = self.nonfinite_guard.skipped
         super().log(logs, start_time)
@@ -530,10 +729,12 @@ __all__ = [
     "NonFiniteGuard",
     "CFATrainingArguments",
     "SkinClipVLCollator",
+    "TermAverages",
     "brier_loss",
     "class_balanced_alpha",
     "compute_classification_metrics",
     "focal_loss",
     "latest_complete_checkpoint",
+    "report_keys",
     "resolve_focal_alpha",
 ]

@@ -7,18 +7,22 @@ import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
 from open_clip.loss import ClipLoss
 from PIL import Image
+from transformers import TrainerCallback
 
 from modeling_skinclip import SkinClipVLModel, SkinClipVLOutput, SkinClipVLProcessor
 from trainer_cfa import (
+    ALIGNMENT_ONLY_MODULES,
     AlignmentLoss,
     CFALoss,
     CFATrainer,
     CFATrainingArguments,
     SkinClipVLCollator,
+    TermAverages,
     brier_loss,
     class_balanced_alpha,
     compute_classification_metrics,
     focal_loss,
+    report_keys,
     resolve_focal_alpha,
 )
 
@@ -83,6 +87,95 @@ def test_focal_modulated_alignment_reduces_to_clip_loss_at_gamma_zero(logits_lab
     # With gamma > 0 confident (easy) samples weigh less than with gamma = 0.
     easy = AlignmentLoss(focal_modulation=True, gamma=2.0)(image, text, scale, logits, labels)
     assert easy < modulated
+
+
+def _soft_target_infonce_numpy(image, text, scale, keys):
+    """Symmetric InfoNCE whose row targets are uniform over the samples with the same key (the reference)."""
+    logits = (scale * image @ text.T).double().numpy()
+    keys = np.asarray(keys)
+    targets = (keys[:, None] == keys[None, :]).astype(float)
+    targets /= targets.sum(1, keepdims=True)
+
+    def soft_cross_entropy(m):
+        m = m - m.max(1, keepdims=True)
+        log_probs = m - np.log(np.exp(m).sum(1, keepdims=True))
+        return np.mean(-(targets * log_probs).sum(1))
+
+    return 0.5 * (soft_cross_entropy(logits) + soft_cross_entropy(logits.T))
+
+
+def test_multi_positive_alignment_without_duplicates_is_clip_loss():
+    image, text, scale = _embeddings()
+    ours = AlignmentLoss()(image, text, scale, report_keys=torch.arange(8) * 7919)
+    torch.testing.assert_close(ours, ClipLoss()(image, text, scale))
+
+
+def test_multi_positive_alignment_with_duplicates_matches_the_formula(logits_labels):
+    image, text, scale = _embeddings(batch=8)
+    keys = torch.tensor([3, 1, 3, 5, 1, 3, 9, 0])  # three of key 3, two of key 1
+    ours = AlignmentLoss()(image, text, scale, report_keys=keys)
+    assert ours.item() == pytest.approx(_soft_target_infonce_numpy(image, text, scale, keys), rel=1e-6)
+    assert not torch.allclose(ours, ClipLoss()(image, text, scale))
+    # Focal modulation composes with it: at gamma 0 every weight is 1.
+    logits, labels = logits_labels
+    modulated = AlignmentLoss(focal_modulation=True, gamma=0.0)(image, text, scale, logits[:8], labels[:8], report_keys=keys)
+    torch.testing.assert_close(modulated, ours)
+
+
+def test_multi_positive_changes_nothing_when_duplicate_reports_embed_identically(logits_labels):
+    """Identical report tokens through a deterministic text tower give identical t_global. Then one-hot InfoNCE
+    already treats the duplicates symmetrically: its loss and gradients equal the multi-positive ones (and both
+    are bounded below by the targets' entropy, log k per group of k). Multi-positive targets only change the
+    loss when duplicates embed differently (a stochastic text path) or per-sample weights break the symmetry
+    (focal modulation), as here.
+    """
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.tensor([3, 1, 3, 5, 1, 3, 9, 0])
+    image = F.normalize(torch.randn(8, 6, generator=generator), dim=-1).requires_grad_()
+    per_report = F.normalize(torch.randn(8, 6, generator=generator), dim=-1).requires_grad_()
+    first = torch.tensor([keys.tolist().index(k) for k in keys.tolist()])
+    scale = torch.tensor(14.3)
+
+    def loss_and_gradients(loss):
+        return (loss.detach(), *torch.autograd.grad(loss, [image, per_report]))
+
+    one_hot = loss_and_gradients(ClipLoss()(image, per_report[first], scale))
+    multi_positive = loss_and_gradients(AlignmentLoss()(image, per_report[first], scale, report_keys=keys))
+    for ours, reference in zip(multi_positive, one_hot):
+        torch.testing.assert_close(ours, reference)
+    logits, labels = logits_labels
+    modulated = [AlignmentLoss(focal_modulation=True)(image, per_report[first], scale, logits[:8], labels[:8], report_keys=k)
+                 for k in (torch.arange(8), keys)]
+    assert not torch.allclose(*modulated)
+
+
+def test_report_keys_ignore_padding_and_tell_reports_apart(make_config):
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 9, 0], [5, 6, 0, 0, 0], [5, 6, 7, 0, 0]])
+    mask = (ids != 0).long()
+    keys = report_keys(ids, mask)
+    assert keys[0] == keys[3] and len(set(keys.tolist())) == 3
+    torch.testing.assert_close(report_keys(ids[:, :3], mask[:, :3])[[0, 2]], keys[[0, 2]])  # other padding
+    # Token id 0 inside a report is a token, not padding.
+    assert report_keys(torch.tensor([[0, 4]]), torch.ones(1, 2))[0] != report_keys(torch.tensor([[4]]))[0]
+    # The same report in two batches padded differently by the real processor gets the same key.
+    processor = SkinClipVLProcessor.from_pretrained(None, config=make_config())
+    short = processor.tokenize_reports(["Nevus.", "Melanoma."])
+    long = processor.tokenize_reports(["Melanoma: atypical network, blue-whitish veil and regression.", "Nevus."])
+    assert report_keys(*short)[0] == report_keys(*long)[1]
+    assert report_keys(*short)[1] != report_keys(*long)[0]
+
+
+def test_term_averages_weight_values_and_skip_non_finite():
+    averages = TermAverages()
+    averages.add("gen", torch.tensor(2.0), 10)
+    averages.add("gen", torch.tensor(5.0), 30)
+    averages.add("gen", torch.tensor(float("nan")), 5)
+    averages.add("cal", torch.tensor(float("inf")), 4)
+    result = averages.compute(["focal", "gen", "cal"], "cpu")
+    assert set(result) == {"gen", "cal"}  # nothing was added for focal
+    assert result["gen"] == pytest.approx((2.0 * 10 + 5.0 * 30) / 40)
+    assert np.isnan(result["cal"])
+    assert averages.compute(["gen"], "cpu") == {}  # reading clears
 
 
 def test_class_balanced_alpha_is_inverse_frequency_with_mean_one():
@@ -200,3 +293,79 @@ def test_augmentation_is_keyed_by_seed_epoch_and_image(make_config):
     assert not torch.equal(first, next_epoch)
     plain = SkinClipVLCollator(processor, augment=False)(rows)["pixel_values"]
     assert not torch.equal(first, plain)
+
+
+# ---- gradient accumulation and the frozen alignment modules ---------------------------------------------
+
+
+class _CaptureGradients(TrainerCallback):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.gradients = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _uneven_rationale_dataset():
+    """8 rows whose report lengths grow by distinct powers of two: any two halves hold different token counts."""
+    data = _colour_dataset(3, seed=2).select(range(8))
+    repeats = [0, 1, 2, 4, 8, 16, 32, 64]
+    return data.map(lambda row, i: {"report": row["report"] + " irregular" * repeats[i]}, with_indices=True)
+
+
+def _one_optimizer_step(tmp_path, config, dataset, batch_size, accumulation, **cfa_settings):
+    torch.manual_seed(0)  # the same new heads in every run
+    model = SkinClipVLModel(config, device="cpu")
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    args = CFATrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_grad_norm=0.0, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", eval_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, use_cpu=True,
+        augment=False, disable_tqdm=True, **cfa_settings,
+    )
+    capture = _CaptureGradients()
+    trainer = CFATrainer(model=model, args=args, train_dataset=dataset, data_collator=SkinClipVLCollator(processor),
+                         callbacks=[capture], class_counts=[3, 3, 2])
+    trainer.train()
+    return capture.gradients, trainer.state.log_history[0]
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, make_config):
+    """2 micro-batches of 4 give the loss, the logged terms and the gradients of one batch of 8.
+
+    Alignment off: with it, each micro-batch's InfoNCE has only its own negatives (CFATrainer's docstring).
+    Before the fix the gradients were summed (Trainer took forward(**kwargs) for a loss-scaling model) and the LM
+    term was a mean of per-micro-batch token means.
+    """
+    config = make_config(class_names=tuple(COLOURS), max_rationale_tokens=256)
+    dataset = _uneven_rationale_dataset()
+    settings = dict(lambda_align=0.0, lambda_cal=1.0, lambda_gen=0.5)
+    big_gradients, big_log = _one_optimizer_step(tmp_path / "8", config, dataset, 8, 1, **settings)
+    accumulated_gradients, accumulated_log = _one_optimizer_step(tmp_path / "4x2", config, dataset, 4, 2, **settings)
+
+    assert set(accumulated_gradients) == set(big_gradients) and any(".lora_" in n for n in big_gradients)
+    for name, gradient in big_gradients.items():
+        torch.testing.assert_close(accumulated_gradients[name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+    for key in ("loss", "loss_focal", "loss_cal", "loss_gen"):
+        assert accumulated_log[key] == pytest.approx(big_log[key], rel=1e-4), key
+
+
+def test_lambda_align_zero_freezes_exactly_what_gets_no_gradient(tmp_path, make_config):
+    """Under DDP (find_unused_parameters=False) every trained tensor must get a gradient at every step."""
+    config = make_config(class_names=tuple(COLOURS))
+    model = SkinClipVLModel(config, device="cpu")
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    batch = SkinClipVLCollator(processor, with_report=False)(list(_colour_dataset(2, seed=0)))
+    labels = batch.pop("labels")
+    loss, _ = CFALoss(lambda_align=0.0)(model(**batch), labels)
+    loss.backward()
+    no_gradient = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert no_gradient and {n.split(".")[0] for n in no_gradient} == set(ALIGNMENT_ONLY_MODULES)
+    model.zero_grad(set_to_none=True)
+
+    def trainer(lambda_align):
+        args = CFATrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, lambda_align=lambda_align)
+        return CFATrainer(model=model, args=args, train_dataset=_colour_dataset(2, seed=0), class_counts=[2, 2, 2])
+
+    trainer(0.5)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n in model.trained_state_dict())
+    trainer(0.0)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad and n in model.trained_state_dict()}
+    assert frozen == no_gradient  # and, named in trained_state_dict, they are still saved and loaded
