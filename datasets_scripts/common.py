@@ -2,13 +2,18 @@
 
 Failures name what is wrong (the file and the column, or the image id), early, instead of crashing deep inside
 training; nothing already on disk is touched until a complete output exists (temp dir + rename).
+
+Output safety: an output folder may not be, contain or lie inside an input folder, and ``--overwrite`` replaces
+only a folder that holds `MARKER_NAME`, the file every conversion writes into its output (or an empty folder).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +23,28 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .metadata_text import is_missing, load_offline_descriptions
+from skinclip.errors import UserError
+
+from .metadata_text import MetadataIssue, is_missing, load_offline_descriptions
 from .splits import SPLIT_NAMES, make_splits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff")
 DOWNSAMPLED_SUFFIX = "_downsampled"
 SKIP_REPORT_NAME = "skipped_images.csv"
 SPLITS_FILE_NAME = "splits.csv"
+METADATA_WARNINGS_NAME = "metadata_warnings.csv"
+MARKER_NAME = ".skinclip-conversion.json"  # "this folder is a converter's output": --overwrite may replace it
 MAX_SHARD_BYTES = 500 * 1024 * 1024
+CSV_ENCODING = "utf-8-sig"  # UTF-8, with or without the byte-order mark spreadsheets write
+MAX_WARNINGS_SHOWN = 20
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file, column or image id."""
+
+
+class OutputExistsError(DataError, FileExistsError):
+    """The output folder exists and ``--overwrite`` was not given."""
 
 
 def schema_features(class_names: Sequence[str], **metadata_columns):
@@ -59,7 +74,14 @@ def read_csv(path, required_columns: Sequence[str] = (), aliases: dict[str, str]
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding=CSV_ENCODING)
+    except UnicodeDecodeError as error:
+        line, column = _first_undecodable(path)
+        raise DataError(f"{path}: line {line}, column {column} is not UTF-8 text ({error.reason}); "
+                        "save the file as UTF-8") from error
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{path}: not a readable CSV ({' '.join(str(error).split())})") from error
     table.columns = [column.strip() for column in table.columns]
     for alias, canonical in (aliases or {}).items():
         if alias in table.columns and canonical not in table.columns:
@@ -68,6 +90,17 @@ def read_csv(path, required_columns: Sequence[str] = (), aliases: dict[str, str]
     if missing:
         raise DataError(f"{path}: missing required column(s) {missing} (found {list(table.columns)})")
     return table
+
+
+def _first_undecodable(path: Path) -> tuple[int, int]:
+    """(line, column), both from 1, of the first bytes of ``path`` that are not UTF-8."""
+    with path.open("rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return line_number, error.start + 1
+    return 0, 0
 
 
 def check_unique_ids(ids: Iterable, source) -> None:
@@ -208,22 +241,74 @@ def assign_splits(table: pd.DataFrame, val_fraction: float, test_fraction: float
 # -------------------------------------------------------------------------------------------------- saving
 
 
-def prepare_output_dir(output_dir, overwrite: bool) -> Path:
-    """Fail before any work if the target exists and ``overwrite`` is off."""
+def check_output_location(output_dir, input_dirs: Sequence = (), input_files: Sequence = ()) -> None:
+    """Refuse an output folder that is, contains or lies inside an input folder, or that contains an input file.
+
+    Replacing such a folder (``--overwrite``) would delete the raw data; writing inside it would make the next
+    run index its own output as input images.
+    """
+    output = Path(output_dir).resolve()
+    for folder in filter(None, input_dirs):
+        relation = _relation(output, Path(folder).resolve())
+        if relation:
+            raise DataError(f"output folder {output_dir} {relation} the input folder {folder}; "
+                            "choose a folder outside the input (--output-dir)")
+    for file in filter(None, input_files):
+        if Path(file).resolve().is_relative_to(output):
+            raise DataError(f"output folder {output_dir} contains the input file {file}; choose another folder "
+                            "(--output-dir)")
+
+
+def _relation(output: Path, folder: Path) -> str | None:
+    """How ``output`` overlaps ``folder`` (both resolved), or None when they are apart."""
+    if output == folder:
+        return "is"
+    if folder.is_relative_to(output):
+        return "contains"
+    if output.is_relative_to(folder):
+        return "lies inside"
+    return None
+
+
+def is_conversion_output(folder) -> bool:
+    """True for a folder written by a converter (it holds `MARKER_NAME`) or an empty folder: safe to replace."""
+    folder = Path(folder)
+    return (folder / MARKER_NAME).is_file() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def prepare_output_dir(output_dir, overwrite: bool, input_dirs: Sequence = (), input_files: Sequence = ()) -> Path:
+    """Fail before any work if the target is unsafe (see `check_output_location`) or exists without ``overwrite``.
+
+    With ``overwrite`` only a previous conversion's output (or an empty folder) may be replaced.
+    """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    check_output_location(output_dir, input_dirs, input_files)
+    if output_dir.exists() or output_dir.is_symlink():
+        if not output_dir.is_dir() or output_dir.is_symlink():
+            raise DataError(f"{output_dir} exists and is not a folder; choose another --output-dir")
+        if not overwrite:
+            raise OutputExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+        if not is_conversion_output(output_dir):
+            raise DataError(f"{output_dir} is not the output of a previous conversion (no {MARKER_NAME}); "
+                            "--overwrite replaces only those: delete it yourself or choose another --output-dir")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     return output_dir
 
 
+def write_marker(folder, description: str = "") -> None:
+    """The file that lets a later ``--overwrite`` recognise ``folder`` as a converter's output."""
+    content = {"written_by": "skinclip datasets_scripts", "description": description}
+    (Path(folder) / MARKER_NAME).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
 def atomic_save(dataset_dict, output_dir, overwrite: bool = False, extra_files: dict[str, object] | None = None,
-                num_shards: dict[str, int] | None = None) -> Path:
+                num_shards: dict[str, int] | None = None, input_dirs: Sequence = (), input_files: Sequence = ()) -> Path:
     """``save_to_disk`` into a temp dir beside ``output_dir``, then rename: a failed run leaves the old output intact.
 
-    ``extra_files`` maps file names to a `SkipReport`, a DataFrame (written as CSV) or a string.
+    ``extra_files`` maps file names to a `SkipReport`, a DataFrame (written as CSV) or a string. The output gets
+    `MARKER_NAME`; ``overwrite`` replaces only an earlier output that has it (`prepare_output_dir`).
     """
-    output_dir = prepare_output_dir(output_dir, overwrite)
+    output_dir = prepare_output_dir(output_dir, overwrite, input_dirs, input_files)
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     old_dir = None
     try:
@@ -240,6 +325,7 @@ def atomic_save(dataset_dict, output_dir, overwrite: bool = False, extra_files: 
                 content.to_csv(target / name, index=False)
             else:
                 (target / name).write_text(str(content), encoding="utf-8")
+        write_marker(target, _description_of(dataset_dict))
         if output_dir.exists():
             old_dir = temp_dir / "previous"
             os.replace(output_dir, old_dir)
@@ -251,6 +337,12 @@ def atomic_save(dataset_dict, output_dir, overwrite: bool = False, extra_files: 
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     return output_dir
+
+
+def _description_of(dataset_dict) -> str:
+    for split in dataset_dict.values():
+        return split.info.description or ""
+    return ""
 
 
 def shards_for(paths: Sequence[str]) -> int:
@@ -325,16 +417,19 @@ def apply_train_fraction(table: pd.DataFrame, fraction: float, seed: int) -> pd.
 def finish_conversion(table: pd.DataFrame, features, *, output_dir=None, overwrite: bool = False, strict: bool = False,
                       verify_images: bool = True, descriptions=None, val_fraction: float = 0.15,
                       test_fraction: float = 0.15, seed: int = 0, train_fraction: float = 1.0, description: str = "",
-                      image_problems: dict[str, str] | None = None):
+                      image_problems: dict[str, str] | None = None, input_dirs: Sequence = (),
+                      input_files: Sequence = (), metadata_issues: Sequence[MetadataIssue] = ()):
     """Shared tail of every file-based converter.
 
     ``table`` has one row per image with the columns of ``features`` (``image`` holding file paths and ``label``
     holding class indices) and optionally a ``split`` column (official splits, e.g. Derm7pt). Steps: offline
     descriptions → image check (skip report / ``strict``) → grouped stratified splits → ``train_fraction`` →
-    `DatasetDict` → atomic save with ``skipped_images.csv`` and ``splits.csv`` beside it.
+    `DatasetDict` → atomic save with ``skipped_images.csv``, ``splits.csv`` and ``metadata_warnings.csv`` (the
+    values left out or cut, ``metadata_issues``, also printed) beside it.
     """
     if output_dir is not None:
-        prepare_output_dir(output_dir, overwrite)
+        prepare_output_dir(output_dir, overwrite, input_dirs, input_files)
+    print_metadata_issues(metadata_issues)
     table = apply_offline_descriptions(table.reset_index(drop=True), descriptions)
     keep, report = validate_images(table["image_id"].tolist(), table["image"].tolist(), strict=strict, verify=verify_images)
     table = table[keep].reset_index(drop=True)
@@ -350,8 +445,27 @@ def finish_conversion(table: pd.DataFrame, features, *, output_dir=None, overwri
             dataset_dict,
             output_dir,
             overwrite=overwrite,
-            extra_files={SKIP_REPORT_NAME: report, SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]]},
+            extra_files={SKIP_REPORT_NAME: report, SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]],
+                         METADATA_WARNINGS_NAME: metadata_issue_table(metadata_issues)},
             num_shards={name: min(shards_for(paths[name]), max(1, len(paths[name]))) for name in SPLIT_NAMES},
+            input_dirs=input_dirs,
+            input_files=input_files,
         )
     dataset_dict.skip_report = report  # read by the CLIs and tests; not saved by save_to_disk
+    dataset_dict.metadata_issues = list(metadata_issues)
     return dataset_dict
+
+
+def metadata_issue_table(issues: Sequence[MetadataIssue]) -> pd.DataFrame:
+    """``metadata_warnings.csv``: one row per value left out or cut (row, field, value, problem)."""
+    return pd.DataFrame([vars(issue) for issue in issues], columns=["row", "field", "value", "problem"])
+
+
+def print_metadata_issues(issues: Sequence[MetadataIssue], stream=None) -> None:
+    """One ``warning:`` line per issue on stderr, at most `MAX_WARNINGS_SHOWN`, then a count of the rest."""
+    stream = stream or sys.stderr
+    for issue in issues[:MAX_WARNINGS_SHOWN]:
+        print(f"warning: {issue}", file=stream)
+    if len(issues) > MAX_WARNINGS_SHOWN:
+        print(f"warning: ... and {len(issues) - MAX_WARNINGS_SHOWN} more (all in {METADATA_WARNINGS_NAME})",
+              file=stream)

@@ -18,8 +18,11 @@ random (seeded) and never depends on the class. Deterministic for a seed.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
+
+from skinclip.errors import run_entry_point
 
 from .isic2019 import class_report
 from .metadata_text import describe_metadata
@@ -129,4 +132,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -19,21 +19,24 @@ Each case is one lesion: ``group_id`` is ``case:<case_num>``. Its images may not
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
+
+from skinclip.errors import run_entry_point
 
 from .common import (
     DataError,
     add_common_arguments,
     check_unique_ids,
     finish_conversion,
-    none_if_missing,
+    prepare_output_dir,
     read_csv,
     schema_features,
     split_summary,
 )
-from .metadata_text import describe_metadata
+from .metadata_text import clean_text, describe_metadata
 
 CLASS_NAMES = ["BCC", "NEV", "MEL", "MISC", "SK"]
 DIAGNOSIS_TO_CLASS = {
@@ -88,8 +91,11 @@ def features():
     return schema_features(CLASS_NAMES, **metadata)
 
 
-def load_table(meta_csv, index_dir=None) -> pd.DataFrame:
-    """Checked table of all cases with label, report, metadata text and the official ``split`` (no images)."""
+def load_table(meta_csv, index_dir=None, issues: list | None = None) -> pd.DataFrame:
+    """Checked table of all cases with label, report, metadata text and the official ``split`` (no images).
+
+    Over-long prompt texts (location, sex, elevation) are cut and recorded in ``issues`` (file and case named).
+    """
     meta_csv = Path(meta_csv)
     index_dir = Path(index_dir) if index_dir is not None else meta_csv.parent
     meta = read_csv(meta_csv, REQUIRED_COLUMNS)
@@ -102,7 +108,7 @@ def load_table(meta_csv, index_dir=None) -> pd.DataFrame:
     split = pd.Series([None] * len(meta), dtype=object)
     for name, file_name in SPLIT_FILES.items():
         index_csv = index_dir / file_name
-        indexes = read_csv(index_csv, ["indexes"])["indexes"].astype(int)
+        indexes = _row_indexes(index_csv)
         out_of_range = [index for index in indexes if not 0 <= index < len(meta)]
         if out_of_range:
             raise DataError(f"{index_csv}: row index(es) {out_of_range[:10]} outside meta.csv (0..{len(meta) - 1})")
@@ -114,6 +120,9 @@ def load_table(meta_csv, index_dir=None) -> pd.DataFrame:
     if unassigned:
         raise DataError(f"{index_dir}: case(s) {unassigned[:10]} are in no official split file")
 
+    rows = [f"{meta_csv} case {image_id}" for image_id in meta["image_id"]]
+    for column in ("sex", "location", "elevation"):
+        meta[column] = [clean_text(value, row, issues, column) for value, row in zip(meta[column], rows)]
     table = pd.DataFrame(
         {
             "image_id": meta["image_id"],
@@ -126,9 +135,9 @@ def load_table(meta_csv, index_dir=None) -> pd.DataFrame:
             "group_id": "case:" + meta["case_num"].astype(str),
             "case_num": meta["case_num"],
             "diagnosis": meta["diagnosis"],
-            "elevation": [none_if_missing(value) for value in meta["elevation"]],
-            "location": [none_if_missing(value) for value in meta["location"]],
-            "sex": [none_if_missing(value) for value in meta["sex"]],
+            "elevation": meta["elevation"],
+            "location": meta["location"],
+            "sex": meta["sex"],
             "clinic_path": meta["clinic"],
             "derm_path": meta["derm"],
             "split": split.to_numpy(),
@@ -137,6 +146,16 @@ def load_table(meta_csv, index_dir=None) -> pd.DataFrame:
     for column in CHECKLIST:
         table[column] = meta[column]
     return table
+
+
+def _row_indexes(index_csv) -> pd.Series:
+    """The ``indexes`` column as integers; a value that is not a whole number is a `DataError` naming it."""
+    raw = read_csv(index_csv, ["indexes"])["indexes"]
+    numbers = pd.to_numeric(raw, errors="coerce")
+    bad = raw[numbers.isna() | (numbers != numbers.round())].tolist()
+    if bad:
+        raise DataError(f"{index_csv}: row index(es) {bad[:10]} are not whole numbers (column 'indexes')")
+    return numbers.astype(int)
 
 
 def convert(data_dir=None, output_dir=None, *, meta_csv=None, index_dir=None, image_dir=None, image_type: str = "derm",
@@ -148,7 +167,11 @@ def convert(data_dir=None, output_dir=None, *, meta_csv=None, index_dir=None, im
     data_dir = Path(data_dir) if data_dir is not None else None
     meta_csv = Path(meta_csv or data_dir / "meta" / "meta.csv")
     image_dir = Path(image_dir or data_dir / "images")
-    table = load_table(meta_csv, index_dir)
+    inputs = {"input_dirs": [data_dir, image_dir, index_dir], "input_files": [meta_csv, descriptions]}
+    if output_dir is not None:
+        prepare_output_dir(output_dir, overwrite, **inputs)  # before any work: never into the raw data
+    issues: list = []
+    table = load_table(meta_csv, index_dir, issues)
     relative = table[f"{image_type}_path"]
     # Exact, case-sensitive paths (a case-insensitive file system would hide a wrong case).
     paths = [image_dir / path for path in relative]
@@ -163,6 +186,8 @@ def convert(data_dir=None, output_dir=None, *, meta_csv=None, index_dir=None, im
     return finish_conversion(
         table,
         features(),
+        **inputs,
+        metadata_issues=issues,
         output_dir=output_dir,
         overwrite=overwrite,
         strict=strict,
@@ -192,4 +217,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from skinclip.errors import UserError, run_entry_point
 
 ISIC_2019_BASE_URL = "https://isic-challenge-data.s3.amazonaws.com/2019/"
 ISIC_2019_FILES = (
@@ -27,7 +30,7 @@ ISIC_2019_FILES = (
 CHUNK_BYTES = 1 << 20
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UserError, RuntimeError):
     """The downloaded bytes do not have the expected sha256."""
 
 
@@ -93,8 +96,16 @@ def main(argv=None) -> None:
     parser.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX", help="expected checksum of a file (repeatable)")
     parser.add_argument("--extract", action="store_true", help="unzip ISIC_2019_Training_Input.zip afterwards")
     args = parser.parse_args(argv)
+    bad = [item for item in args.sha256 if "=" not in item]
+    if bad:
+        raise UserError(f"expected FILE=HEX, got {bad[0]!r} (--sha256)")
     checksums = dict(item.split("=", 1) for item in args.sha256)
-    paths = download_isic2019(args.output_dir, checksums, args.base_url)
+    try:
+        paths = download_isic2019(args.output_dir, checksums, args.base_url)
+    except (urllib.error.URLError, OSError) as error:  # network or disk: the user's to retry (it resumes)
+        if isinstance(error, (FileNotFoundError, PermissionError)):
+            raise
+        raise UserError(f"download failed: {error}; run again to resume ({args.base_url})") from error
     if args.extract:
         import zipfile
 
@@ -105,4 +116,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -18,10 +18,13 @@ confirmed: follow_up occurs only for nv, confocal only for bkl) leaks the label 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from skinclip.errors import run_entry_point
 
 from .common import (
     add_common_arguments,
@@ -30,13 +33,15 @@ from .common import (
     finish_conversion,
     index_image_files,
     none_if_missing,
+    prepare_output_dir,
+    print_metadata_issues,
     read_csv,
     resolve_image_paths,
     schema_features,
     split_summary,
 )
 from .isic2019 import class_report
-from .metadata_text import describe_metadata, to_float
+from .metadata_text import clean_age, clean_text, describe_metadata
 from .splits import unique_groups
 
 CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"]
@@ -56,20 +61,25 @@ def features(with_source_dataset: bool = False):
     return schema_features(CLASS_NAMES, **metadata)
 
 
-def load_table(metadata_csv) -> pd.DataFrame:
-    """Checked table (no images): label, group, metadata text, report; ``dx_type`` dropped."""
+def load_table(metadata_csv, issues: list | None = None) -> pd.DataFrame:
+    """Checked table (no images): label, group, metadata text, report; ``dx_type`` dropped.
+
+    Unusable ages and over-long texts are left out or cut and recorded in ``issues`` (file and image named).
+    """
     meta = read_csv(metadata_csv, ["lesion_id", "image_id", "dx", "age", "sex", "localization"])
     check_unique_ids(meta["image_id"], metadata_csv)
     check_labels(meta["dx"], list(DX_TO_CLASS), meta["image_id"], metadata_csv)
+    rows = [f"{metadata_csv} image {image_id}" for image_id in meta["image_id"]]
     table = pd.DataFrame(
         {
             "image_id": meta["image_id"],
             "label": [CLASS_NAMES.index(DX_TO_CLASS[dx]) for dx in meta["dx"]],
             "lesion_id": [none_if_missing(value) for value in meta["lesion_id"]],
             "dx": meta["dx"],
-            "age": [to_float(value) for value in meta["age"]],
-            "sex": [none_if_missing(value) for value in meta["sex"]],
-            "localization": [none_if_missing(value) for value in meta["localization"]],
+            "age": [clean_age(value, row, issues) for value, row in zip(meta["age"], rows)],
+            "sex": [clean_text(value, row, issues, "sex") for value, row in zip(meta["sex"], rows)],
+            "localization": [clean_text(value, row, issues, "localization")
+                             for value, row in zip(meta["localization"], rows)],
         }
     )
     if "dataset" in meta.columns:
@@ -88,11 +98,17 @@ def convert(data_dir=None, output_dir=None, *, metadata_csv=None, image_dirs=Non
     """Convert HAM10000; images are searched recursively under ``image_dirs`` (default: ``data_dir``)."""
     metadata_csv = Path(metadata_csv or Path(data_dir) / METADATA_FILE)
     image_dirs = [Path(path) for path in (image_dirs or [data_dir])]
-    table = load_table(metadata_csv)
+    inputs = {"input_dirs": [data_dir, *image_dirs], "input_files": [metadata_csv, descriptions]}
+    if output_dir is not None:
+        prepare_output_dir(output_dir, overwrite, **inputs)  # before any work: never into the raw data
+    issues: list = []
+    table = load_table(metadata_csv, issues)
     table["image"] = resolve_image_paths(table["image_id"].tolist(), index_image_files(image_dirs), image_dirs)
     return finish_conversion(
         table,
         features("dataset" in table.columns),
+        **inputs,
+        metadata_issues=issues,
         output_dir=output_dir,
         overwrite=overwrite,
         strict=strict,
@@ -118,7 +134,9 @@ def main(argv=None) -> None:
     if args.data_dir is None and not (args.metadata_csv and (args.image_dirs or args.csv_only)):
         parser.error("give --data-dir or --metadata-csv with --image-dir")
     if args.csv_only:
-        table = load_table(args.metadata_csv or Path(args.data_dir) / METADATA_FILE)
+        issues: list = []
+        table = load_table(args.metadata_csv or Path(args.data_dir) / METADATA_FILE, issues)
+        print_metadata_issues(issues)
         counts = np.bincount(table["label"], minlength=len(CLASS_NAMES))
         print(f"{len(table)} rows, {table['group_id'].nunique()} lesions; " + ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, counts)))
         print(SUBSET_NOTE)
@@ -135,4 +153,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

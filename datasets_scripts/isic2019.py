@@ -16,25 +16,30 @@ in ``_downsampled``: the column ``image_id`` keeps the ground-truth name, image 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from skinclip.errors import run_entry_point
+
 from .common import (
+    DataError,
     add_common_arguments,
     check_labels,
     check_unique_ids,
-    DataError,
     finish_conversion,
     index_image_files,
     none_if_missing,
+    prepare_output_dir,
+    print_metadata_issues,
     read_csv,
     resolve_image_paths,
     schema_features,
     split_summary,
 )
-from .metadata_text import describe_metadata, to_float
+from .metadata_text import clean_age, clean_text, describe_metadata
 from .splits import unique_groups
 
 CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
@@ -76,12 +81,13 @@ def features():
                            sex=Value("string"), lesion_id=Value("string"))
 
 
-def load_table(ground_truth_csv, metadata_csv) -> pd.DataFrame:
+def load_table(ground_truth_csv, metadata_csv, issues: list | None = None) -> pd.DataFrame:
     """Join and check the two CSVs; one row per image with label, group, metadata text and report (no images).
 
     This is the "CSV check" path: it needs no image file. Raises `DataError` for a missing column (file and
     column named), a duplicated id, a row with no or several classes (id named) or a metadata/ground-truth
-    mismatch.
+    mismatch. An unusable age (not a finite number in 0-120) or an over-long text is left out or cut and
+    recorded in ``issues`` (`MetadataIssue`, naming the file and image).
     """
     truth = read_csv(ground_truth_csv, ["image", *CLASS_NAMES])
     metadata = read_csv(metadata_csv, ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"], aliases={"gender": "sex"})
@@ -107,9 +113,11 @@ def load_table(ground_truth_csv, metadata_csv) -> pd.DataFrame:
 
     table = truth[["image"]].assign(label=labels).merge(metadata, on="image", how="left", validate="one_to_one")
     table = table.rename(columns={"image": "image_id"})
-    table["age_approx"] = [to_float(value) for value in table["age_approx"]]
-    for column in ("anatom_site_general", "sex", "lesion_id"):
-        table[column] = [none_if_missing(value) for value in table[column]]
+    rows = [f"{metadata_csv} image {image_id}" for image_id in table["image_id"]]
+    table["age_approx"] = [clean_age(v, row, issues, "age_approx") for v, row in zip(table["age_approx"], rows)]
+    for column in ("anatom_site_general", "sex"):
+        table[column] = [clean_text(value, row, issues, column) for value, row in zip(table[column], rows)]
+    table["lesion_id"] = [none_if_missing(value) for value in table["lesion_id"]]
     table["group_id"] = unique_groups(table["lesion_id"], table["image_id"])
     table["metadata_text"] = [
         describe_metadata(age=age, sex=sex, site=site)
@@ -131,11 +139,17 @@ def convert(data_dir=None, output_dir=None, *, ground_truth_csv=None, metadata_c
     ground_truth_csv = Path(ground_truth_csv or data_dir / GROUND_TRUTH_FILE)
     metadata_csv = Path(metadata_csv or data_dir / METADATA_FILE)
     image_dir = Path(image_dir or data_dir / IMAGE_DIR)
-    table = load_table(ground_truth_csv, metadata_csv)
+    inputs = {"input_dirs": [data_dir, image_dir], "input_files": [ground_truth_csv, metadata_csv, descriptions]}
+    if output_dir is not None:
+        prepare_output_dir(output_dir, overwrite, **inputs)  # before any work: never into the raw data
+    issues: list = []
+    table = load_table(ground_truth_csv, metadata_csv, issues)
     table["image"] = resolve_image_paths(table["image_id"].tolist(), index_image_files([image_dir]), image_dir)
     return finish_conversion(
         table,
         features(),
+        **inputs,
+        metadata_issues=issues,
         output_dir=output_dir,
         overwrite=overwrite,
         strict=strict,
@@ -164,7 +178,10 @@ def main(argv=None) -> None:
     if not args.csv_only and not args.output_dir:
         parser.error("--output-dir is required (unless --csv-only)")
     if args.csv_only:
-        table = load_table(args.ground_truth_csv or Path(args.data_dir) / GROUND_TRUTH_FILE, args.metadata_csv or Path(args.data_dir) / METADATA_FILE)
+        issues: list = []
+        table = load_table(args.ground_truth_csv or Path(args.data_dir) / GROUND_TRUTH_FILE,
+                           args.metadata_csv or Path(args.data_dir) / METADATA_FILE, issues)
+        print_metadata_issues(issues)
         counts = np.bincount(table["label"], minlength=len(CLASS_NAMES))
         print(f"{len(table)} rows, {table['group_id'].nunique()} groups; " + ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, counts)))
         return
@@ -179,4 +196,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

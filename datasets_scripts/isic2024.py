@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,9 +30,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from skinclip.errors import run_entry_point
+
 from .common import (
+    METADATA_WARNINGS_NAME,
     SKIP_REPORT_NAME,
     SPLITS_FILE_NAME,
+    DataError,
+    SkipReport,
     add_common_arguments,
     apply_offline_descriptions,
     apply_train_fraction,
@@ -39,22 +45,23 @@ from .common import (
     atomic_save,
     check_labels,
     check_unique_ids,
-    DataError,
     image_problem,
+    metadata_issue_table,
     none_if_missing,
     prepare_output_dir,
+    print_metadata_issues,
     read_csv,
     schema_features,
-    SkipReport,
     split_summary,
 )
-from .metadata_text import describe_metadata, to_float
+from .metadata_text import clean_age, clean_number, clean_text, describe_metadata
 from .splits import SPLIT_NAMES, unique_groups
 
 CLASS_NAMES = ["benign", "malignant"]
 MALIGNANT_CLASSES = ("MEL", "BCC", "SCC")
 LEAK_COLUMNS = ["target", "lesion_id", "iddx_full", "tbp_lv_dnn_lesion_confidence"]
 LEAK_PREFIXES = ("iddx_", "mel_")
+PROMPT_TEXT_COLUMNS = ("sex", "anatom_site_general")  # cut to a prompt-sized length; other strings kept whole
 STRING_COLUMNS = [
     "patient_id", "sex", "anatom_site_general", "image_type", "tbp_tile_type", "tbp_lv_location",
     "tbp_lv_location_simple", "attribution", "copyright_license",
@@ -80,19 +87,21 @@ def malignant_probability(probabilities, class_names, ak_malignant: bool = False
     return probabilities[:, columns].sum(axis=1)
 
 
-def load_table(metadata_csv) -> pd.DataFrame:
-    """Checked table without the leak columns; ``label`` from ``target``; no images read."""
+def load_table(metadata_csv, issues: list | None = None) -> pd.DataFrame:
+    """Checked table without the leak columns; ``label`` from ``target``; no images read.
+
+    Unusable numbers (an age outside 0-120, "abc", inf) are left out and over-long prompt texts cut; each is
+    recorded in ``issues`` (file and image named).
+    """
     meta = read_csv(metadata_csv, ["isic_id", "target", "patient_id"])
     check_unique_ids(meta["isic_id"], metadata_csv)
     check_labels(meta["target"].str.strip(), ["0", "1"], meta["isic_id"], metadata_csv)
     labels = meta["target"].astype(int).to_numpy()
     allowed = [column for column in meta.columns if not is_leak_column(column) and column != "isic_id"]
     table = pd.DataFrame({"image_id": meta["isic_id"], "label": labels})
+    rows = [f"{metadata_csv} image {image_id}" for image_id in meta["isic_id"]]
     for column in allowed:
-        if column in STRING_COLUMNS:
-            table[column] = [none_if_missing(value) for value in meta[column]]
-        else:
-            table[column] = [to_float(value) for value in meta[column]]
+        table[column] = [_clean_value(column, value, row, issues) for value, row in zip(meta[column], rows)]
     table["group_id"] = unique_groups(table["patient_id"], table["image_id"])
     table["metadata_text"] = [
         describe_metadata(age=row.get("age_approx"), sex=row.get("sex"), site=row.get("anatom_site_general"), diameter_mm=row.get("clin_size_long_diam_mm"))
@@ -100,6 +109,17 @@ def load_table(metadata_csv) -> pd.DataFrame:
     ]
     table["report"] = [REPORTS[label] for label in labels]
     return table
+
+
+def _clean_value(column: str, value, row: str, issues: list | None):
+    """One metadata value through the shared checks of `metadata_text` (the one place they live)."""
+    if column == "age_approx":
+        return clean_age(value, row, issues, column)
+    if column in PROMPT_TEXT_COLUMNS:
+        return clean_text(value, row, issues, column)
+    if column in STRING_COLUMNS:
+        return none_if_missing(value)
+    return clean_number(value, row, issues, column)
 
 
 def features(table: pd.DataFrame):
@@ -137,9 +157,12 @@ def convert(metadata_csv, hdf5_path, output_dir=None, *, ood_only: bool = False,
     import h5py
     from datasets import Dataset, DatasetDict, DatasetInfo
 
+    inputs = {"input_files": [metadata_csv, hdf5_path, descriptions]}
     if output_dir is not None:
-        prepare_output_dir(output_dir, overwrite)
-    table = apply_offline_descriptions(load_table(metadata_csv), descriptions)
+        prepare_output_dir(output_dir, overwrite, **inputs)  # before any work: never over the raw data
+    issues: list = []
+    table = apply_offline_descriptions(load_table(metadata_csv, issues), descriptions)
+    print_metadata_issues(issues)
     report = SkipReport()
     keep = np.ones(len(table), dtype=bool)
     with h5py.File(hdf5_path, "r") as handle:
@@ -179,14 +202,16 @@ def convert(metadata_csv, hdf5_path, output_dir=None, *, ood_only: bool = False,
             dataset_dict[name].info.description = info.description
     if output_dir is not None:
         try:
-            atomic_save(dataset_dict, output_dir, overwrite=overwrite,
-                        extra_files={SKIP_REPORT_NAME: report, SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]]})
+            atomic_save(dataset_dict, output_dir, overwrite=overwrite, **inputs,
+                        extra_files={SKIP_REPORT_NAME: report, SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]],
+                                     METADATA_WARNINGS_NAME: metadata_issue_table(issues)})
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         from datasets import load_from_disk
 
         dataset_dict = load_from_disk(str(output_dir))
     dataset_dict.skip_report = report
+    dataset_dict.metadata_issues = issues
     return dataset_dict
 
 
@@ -209,4 +234,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

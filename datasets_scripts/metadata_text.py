@@ -144,7 +144,7 @@ def _format_age(age) -> str | None:
 
 def _format_number(value) -> str | None:
     number = to_float(value)
-    if number is None or abs(number) > 1e6:  # not a measurement: left out rather than printed as 300 digits
+    if number is None or not 0 <= number <= 1e6:  # not a length: left out rather than printed as 300 digits
         return None
     return f"{number:.1f}".rstrip("0").rstrip(".")
 

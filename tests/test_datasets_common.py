@@ -114,7 +114,7 @@ def test_missing_column_names_file_and_column(tiny_isic):
     root, truth, _ = tiny_isic
     truth.drop(columns=["BKL"]).to_csv(root / isic2019.GROUND_TRUTH_FILE, index=False)
     with pytest.raises(DataError, match=r"ISIC_2019_Training_GroundTruth\.csv: missing required column\(s\) \['BKL'\]"):
-        isic2019.convert(root, root / "out")
+        isic2019.convert(root, root.parent / "out")
     other = root / "other.csv"
     other.write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match=r"other\.csv: missing required column\(s\) \['nope'\]"):
@@ -127,21 +127,21 @@ def test_label_outside_class_list_names_the_id(tiny_isic):
     truth.loc[3, "UNK"] = "1.0"
     truth.to_csv(root / isic2019.GROUND_TRUTH_FILE, index=False)
     with pytest.raises(DataError, match=truth.loc[3, "image"]):
-        isic2019.convert(root, root / "out")
+        isic2019.convert(root, root.parent / "out")
 
 
 def test_duplicated_id_named(tiny_isic):
     root, truth, _ = tiny_isic
     pd.concat([truth, truth.iloc[[5]]]).to_csv(root / isic2019.GROUND_TRUTH_FILE, index=False)
     with pytest.raises(DataError, match=f"duplicated image id.*{truth.loc[5, 'image']}"):
-        isic2019.convert(root, root / "out")
+        isic2019.convert(root, root.parent / "out")
 
 
 def test_image_absent_on_disk_named(tiny_isic):
     root, truth, _ = tiny_isic
     (root / isic2019.IMAGE_DIR / f"{truth.loc[7, 'image']}.jpg").unlink()
     with pytest.raises(DataError, match=f"absent on disk.*{truth.loc[7, 'image']}"):
-        isic2019.convert(root, root / "out")
+        isic2019.convert(root, root.parent / "out")
 
 
 def test_truncated_and_non_image_files_skipped_or_strict(tiny_isic):
@@ -154,35 +154,35 @@ def test_truncated_and_non_image_files_skipped_or_strict(tiny_isic):
     (root / isic2019.IMAGE_DIR / f"{truncated}.jpg").write_bytes(data[: len(data) // 2])
     (root / isic2019.IMAGE_DIR / f"{not_image}.jpg").write_text("<html>not an image</html>")
 
-    dataset = isic2019.convert(root, root / "out", val_fraction=0.2, test_fraction=0.2)
+    dataset = isic2019.convert(root, root.parent / "out", val_fraction=0.2, test_fraction=0.2)
     assert sorted(dataset.skip_report.image_ids) == sorted([truncated, not_image])
-    skipped = pd.read_csv(root / "out" / "skipped_images.csv")
+    skipped = pd.read_csv(root.parent / "out" / "skipped_images.csv")
     assert sorted(skipped["image_id"]) == sorted([truncated, not_image])
-    loaded = load_from_disk(str(root / "out"))
+    loaded = load_from_disk(str(root.parent / "out"))
     assert sum(len(split) for split in loaded.values()) == 10
     for split in loaded.values():
         for row in split:  # every kept row decodes: no crash deep inside training
             assert row["image"].size == (8, 8)
 
     with pytest.raises(DataError, match=f"{truncated}|{not_image}"):
-        isic2019.convert(root, root / "strict", strict=True)
-    assert not (root / "strict").exists()
+        isic2019.convert(root, root.parent / "strict", strict=True)
+    assert not (root.parent / "strict").exists()
 
 
 def test_failed_run_leaves_previous_output_intact(tiny_isic):
     from datasets import load_from_disk
 
     root, truth, _ = tiny_isic
-    isic2019.convert(root, root / "out", val_fraction=0.2, test_fraction=0.2)
-    before = sorted((root / "out").rglob("*"))
+    isic2019.convert(root, root.parent / "out", val_fraction=0.2, test_fraction=0.2)
+    before = sorted((root.parent / "out").rglob("*"))
     with pytest.raises(FileExistsError):
-        isic2019.convert(root, root / "out")
+        isic2019.convert(root, root.parent / "out")
     (root / isic2019.IMAGE_DIR / f"{truth.loc[0, 'image']}.jpg").write_bytes(b"garbage")
     with pytest.raises(DataError):
-        isic2019.convert(root, root / "out", overwrite=True, strict=True)
-    assert sorted((root / "out").rglob("*")) == before
-    assert sum(len(split) for split in load_from_disk(str(root / "out")).values()) == 12
-    assert not [path for path in root.iterdir() if path.name.startswith(".out.tmp-")]
+        isic2019.convert(root, root.parent / "out", overwrite=True, strict=True)
+    assert sorted((root.parent / "out").rglob("*")) == before
+    assert sum(len(split) for split in load_from_disk(str(root.parent / "out")).values()) == 12
+    assert not [path for path in root.parent.iterdir() if path.name.startswith(".out.tmp-")]
 
 
 def test_offline_descriptions_replace_template(tiny_isic):
@@ -235,3 +235,138 @@ def test_demo_classes_learnable_from_image():
 
     model = LogisticRegression(max_iter=2000).fit(train_x, train_y)
     assert (model.predict(test_x) == test_y).mean() >= 0.85
+
+
+# ------------------------------------------------------------------------ output safety (issue 12)
+
+
+def _hashes(folder):
+    """sha256 of every file under ``folder`` (relative path → digest): a byte-identical check of the raw data."""
+    import hashlib
+
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_destructive_output_folder_is_refused_and_data_untouched(tiny_isic):
+    """`--output-dir` = the download folder with --overwrite used to delete the CSVs, the images and all else."""
+    import subprocess
+    import sys
+
+    root, _, _ = tiny_isic
+    (root / "my_notes.txt").write_text("unrelated file the user keeps here")
+    before = _hashes(root.parent)
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    for output in (root, root.parent, root / isic2019.IMAGE_DIR):
+        run = subprocess.run([sys.executable, "-m", "datasets_scripts.isic2019", "--data-dir", str(root),
+                              "--output-dir", str(output), "--overwrite", "--no-verify-images"],
+                             cwd=repo, capture_output=True, text=True)
+        relation = {root: "is", root.parent: "contains", root / isic2019.IMAGE_DIR: "lies inside"}[output]
+        assert run.returncode == 1, run.stderr
+        assert run.stderr.splitlines() == [f"error: output folder {output} {relation} the input folder {root}; "
+                                           "choose a folder outside the input (--output-dir)"]
+        assert _hashes(root.parent) == before
+
+
+def test_overwrite_replaces_only_a_previous_conversion(tiny_isic, capsys):
+    from skinclip.errors import run_entry_point
+
+    root, _, _ = tiny_isic
+    mine = root.parent / "my_folder"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("do not delete")
+    before = _hashes(mine)
+    argv = ["--data-dir", str(root), "--output-dir", str(mine), "--overwrite", "--no-verify-images",
+            "--val-fraction", "0.2", "--test-fraction", "0.2"]
+    assert run_entry_point(isic2019.main, argv) == 1
+    assert capsys.readouterr().err == (f"error: {mine} is not the output of a previous conversion (no "
+                                       ".skinclip-conversion.json); --overwrite replaces only those: delete it "
+                                       "yourself or choose another --output-dir\n")
+    assert _hashes(mine) == before
+
+    output = root.parent / "converted"
+    argv[3] = str(output)
+    assert run_entry_point(isic2019.main, argv) == 0
+    marker = json.loads((output / ".skinclip-conversion.json").read_text())
+    assert marker["written_by"] == "skinclip datasets_scripts" and "ISIC 2019" in marker["description"]
+    (output / "stale.txt").write_text("from the previous conversion")
+    assert run_entry_point(isic2019.main, argv) == 0  # a marked folder is replaced whole
+    assert not (output / "stale.txt").exists() and (output / ".skinclip-conversion.json").is_file()
+    assert run_entry_point(isic2019.main, argv[:4] + argv[5:]) == 1  # exists, no --overwrite
+    assert capsys.readouterr().err.endswith(f"error: {output} exists; pass overwrite=True (--overwrite) to replace it\n")
+
+
+def test_isic2024_output_may_not_contain_its_input_files(tmp_path, capsys):
+    from datasets_scripts import isic2024
+    from skinclip.errors import run_entry_point
+
+    (tmp_path / "train-metadata.csv").write_text("isic_id,target,patient_id\nISIC_1,0,P1\n")
+    (tmp_path / "train-image.hdf5").write_bytes(b"not read")
+    before = _hashes(tmp_path)
+    code = run_entry_point(isic2024.main, ["--metadata-csv", str(tmp_path / "train-metadata.csv"), "--hdf5",
+                                           str(tmp_path / "train-image.hdf5"), "--output-dir", str(tmp_path),
+                                           "--overwrite"])
+    assert code == 1 and _hashes(tmp_path) == before
+    assert capsys.readouterr().err == (f"error: output folder {tmp_path} contains the input file "
+                                       f"{tmp_path / 'train-metadata.csv'}; choose another folder (--output-dir)\n")
+
+
+# ---------------------------------------------------------------------- hostile metadata (issue 12)
+
+
+def test_bad_ages_and_long_texts_are_dropped_per_row_with_warnings(tiny_isic, capsys):
+    from datasets import load_from_disk
+
+    root, truth, metadata = tiny_isic
+    ids = truth["image"].tolist()
+    metadata.loc[0, "age_approx"] = "abc"
+    metadata.loc[1, "age_approx"] = "inf"
+    metadata.loc[2, "age_approx"] = "-5"
+    metadata.loc[3, "age_approx"] = "1e400"
+    metadata.loc[4, "anatom_site_general"] = "posterior torso " * 50
+    metadata.to_csv(root / isic2019.METADATA_FILE, index=False)
+    output = root.parent / "out"
+    dataset = isic2019.convert(root, output, val_fraction=0.2, test_fraction=0.2, verify_images=False)
+    meta_csv = root / isic2019.METADATA_FILE
+    expected = [
+        f"{meta_csv} image {ids[0]}: age_approx 'abc' is not a number; left out",
+        f"{meta_csv} image {ids[1]}: age_approx 'inf' is not a finite number; left out",
+        f"{meta_csv} image {ids[2]}: age_approx '-5' is outside 0-120 years; left out",
+        f"{meta_csv} image {ids[3]}: age_approx '1e400' is not a finite number; left out",
+    ]
+    assert [str(issue) for issue in dataset.metadata_issues][:4] == expected
+    assert str(dataset.metadata_issues[4]).endswith("is longer than 100 characters; cut")
+    assert len(dataset.metadata_issues) == 5
+    err = capsys.readouterr().err
+    assert all(f"warning: {line}" in err for line in expected)
+    saved = pd.read_csv(output / "metadata_warnings.csv")
+    assert saved["row"].tolist() == [f"{meta_csv} image {image_id}" for image_id in ids[:5]]
+    rows = {row["image_id"]: row for split in load_from_disk(str(output)).values() for row in split}
+    assert all(rows[image_id]["age_approx"] is None for image_id in ids[:4])
+    assert rows[ids[0]]["metadata_text"] == describe_metadata(sex=metadata.loc[0, "sex"],
+                                                              site=metadata.loc[0, "anatom_site_general"])
+    assert len(rows[ids[4]]["anatom_site_general"]) <= 100 and len(rows) == 12
+
+
+def test_non_utf8_csv_names_file_and_line(tiny_isic, capsys):
+    from skinclip.errors import run_entry_point
+
+    root, _, _ = tiny_isic
+    meta_csv = root / isic2019.METADATA_FILE
+    lines = meta_csv.read_bytes().split(b"\n")
+    lines[4] = lines[4].replace(b",", b",\xe9", 1)  # a Latin-1 byte in the fourth data row (line 5)
+    meta_csv.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"line 5, column \d+ is not UTF-8 text"):
+        isic2019.load_table(root / isic2019.GROUND_TRUTH_FILE, meta_csv)
+    assert run_entry_point(isic2019.main, ["--data-dir", str(root), "--csv-only"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {meta_csv}: line 5, column ") and err.endswith("save the file as UTF-8\n")
+    assert err.count("\n") == 1
+
+
+def test_describe_metadata_never_raises_on_hostile_values():
+    hostile = ["abc", "inf", "-inf", "nan", "1e400", 1e308, float("inf"), -3, 10**400, "\x00", "x" * 10**6, b"\xff"]
+    for value in hostile:
+        text = describe_metadata(age=value, sex=value, site=value, elevation=value, diameter_mm=value)
+        assert isinstance(text, str) and len(text) < 400
+        assert "aged" not in text and "diameter" not in text  # no such value is an age or a measurement

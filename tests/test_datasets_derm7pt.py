@@ -82,3 +82,12 @@ def test_unknown_diagnosis_names_the_case(release, tmp_path):
         shutil.copy(release / "meta" / name, tmp_path / name)
     with pytest.raises(DataError, match="derm7pt_case_0005.*psoriasis"):
         derm7pt.load_table(tmp_path / "meta.csv")
+
+
+def test_non_integer_split_index_names_file_and_value(release, tmp_path):
+    shutil.copy(release / "meta" / "meta.csv", tmp_path / "meta.csv")
+    for name in ["train_indexes.csv", "valid_indexes.csv", "test_indexes.csv"]:
+        shutil.copy(release / "meta" / name, tmp_path / name)
+    (tmp_path / "valid_indexes.csv").write_text("indexes\n3\nabc\n4.5\n")
+    with pytest.raises(DataError, match=r"valid_indexes\.csv: row index\(es\) \['abc', '4\.5'\] are not whole numbers"):
+        derm7pt.load_table(tmp_path / "meta.csv")

@@ -40,11 +40,12 @@ def test_subset_of_isic2019(table, shared_data):
 def test_convert_with_dataset_column(shared_data, tmp_path):
     meta = pd.read_csv(shared_data / "ham10000" / "HAM10000_metadata_with_dataset.csv", dtype=str)
     meta = meta[meta["lesion_id"].isin(meta.groupby("dx")["lesion_id"].head(6))]
-    (tmp_path / "HAM10000_images_part_1").mkdir()
-    meta.to_csv(tmp_path / ham10000.METADATA_FILE, index=False)
+    data_dir = tmp_path / "ham"
+    (data_dir / "HAM10000_images_part_1").mkdir(parents=True)
+    meta.to_csv(data_dir / ham10000.METADATA_FILE, index=False)
     for image_id in meta["image_id"]:
-        Image.new("RGB", (6, 6), (200, 120, 90)).save(tmp_path / "HAM10000_images_part_1" / f"{image_id}.jpg")
-    dataset = ham10000.convert(tmp_path, tmp_path / "out", val_fraction=0.2, test_fraction=0.2)
+        Image.new("RGB", (6, 6), (200, 120, 90)).save(data_dir / "HAM10000_images_part_1" / f"{image_id}.jpg")
+    dataset = ham10000.convert(data_dir, tmp_path / "out", val_fraction=0.2, test_fraction=0.2)
     assert sum(len(split) for split in dataset.values()) == len(meta)
     assert "dataset" in dataset["train"].column_names and "dx_type" not in dataset["train"].column_names
     assert ham10000.SUBSET_NOTE in dataset["train"].info.description
