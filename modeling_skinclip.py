@@ -170,20 +170,28 @@ class ClipTower(nn.Module):
     ``text_embeds`` the projected text embedding of the report. All weights are frozen.
     """
 
-    def __init__(self, vision_config, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, vision_config, dtype: torch.dtype, device: torch.device | str, hub_kwargs: dict | None = None):
         super().__init__()
         self.backend = vision_config.backend
         self.feature_layer = vision_config.feature_layer
+        device = torch.device(device)
+        name = vision_config.model_name_or_path
         if self.backend == "hf":
-            from transformers import AutoModel
+            from transformers import AutoConfig, AutoModel
 
-            self.model = AutoModel.from_pretrained(
-                vision_config.model_name_or_path, revision=vision_config.revision, dtype=dtype
-            ).to(device)
+            if device.type == "meta":
+                with torch.device("meta"):
+                    self.model = AutoModel.from_config(
+                        AutoConfig.from_pretrained(name, revision=vision_config.revision, **(hub_kwargs or {})), dtype=dtype
+                    )
+            else:
+                self.model = AutoModel.from_pretrained(
+                    name, revision=vision_config.revision, dtype=dtype, **(hub_kwargs or {})
+                ).to(device)
             model_config = self.model.config
             if not hasattr(self.model, "vision_model") or not hasattr(self.model, "get_text_features"):
                 raise ValueError(
-                    f"vision_config.model_name_or_path={vision_config.model_name_or_path!r} is a {type(self.model).__name__}, "
+                    f"vision_config.model_name_or_path={name!r} is a {type(self.model).__name__}, "
                     "not a CLIP-style model with vision and text towers"
                 )
             self.hidden_size = model_config.vision_config.hidden_size
@@ -193,8 +201,8 @@ class ClipTower(nn.Module):
         else:
             import open_clip
 
-            name = vision_config.model_name_or_path
-            self.model = open_clip.create_model(name, pretrained=_open_clip_pretrained(vision_config), device=device).to(dtype)
+            pretrained = None if device.type == "meta" else _open_clip_pretrained(vision_config)
+            self.model = open_clip.create_model(name, pretrained=pretrained, device=device).to(dtype)
             visual = self.model.visual
             if not hasattr(visual, "forward_intermediates"):
                 raise ValueError(f"open_clip model {name!r} has no forward_intermediates(): not a ViT tower")
@@ -256,46 +264,160 @@ def _bnb_config(decoder_config):
     return None
 
 
-def load_decoder(decoder_config, device: torch.device | str) -> nn.Module:
-    """Load the causal LM; for a vision-language checkpoint keep only its language stack and LM head.
+def read_decoder_config(decoder_config, hub_kwargs: dict | None = None):
+    """(config, generation config or None) of the decoder: two small files, read before any weight."""
+    from transformers import AutoConfig, GenerationConfig
 
-    Qwen2.5-VL is not a ``AutoModelForCausalLM`` type: it is loaded as image-text-to-text and its own vision
-    tower is dropped (SkinCLIP-VL sees images through the frozen CLIP tower). With no image tokens its
-    mRoPE reduces to ordinary 1-D RoPE, so 1-D ``position_ids`` suffice.
+    name, revision = decoder_config.model_name_or_path, decoder_config.revision
+    base_config = AutoConfig.from_pretrained(name, revision=revision, **(hub_kwargs or {}))
+    try:
+        generation_config = GenerationConfig.from_pretrained(name, revision=revision, **(hub_kwargs or {}))
+    except OSError:  # no generation_config.json: the ids come from config.json
+        generation_config = None
+    return base_config, generation_config
+
+
+def check_lora_targets(base_config, decoder_config) -> None:
+    """Refuse LoRA targets the decoder's language stack lacks, from its architecture on the meta device (no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = _language_only_class(base_config)
+    with torch.device("meta"):
+        skeleton = (
+            model_class._from_config(base_config) if model_class is not None else AutoModelForCausalLM.from_config(base_config)
+        )
+    found = {name.rsplit(".", 1)[-1] for name, _ in skeleton.get_decoder().named_modules()}
+    missing = [target for target in decoder_config.lora_target_modules if target not in found]
+    if missing:
+        raise ValueError(
+            f"decoder {decoder_config.model_name_or_path!r} ({type(skeleton.get_decoder()).__name__}) has no module "
+            f"named {missing} for LoRA; set decoder_config.lora_target_modules to attention projections it has"
+        )
+
+
+def load_decoder(decoder_config, device: torch.device | str, hub_kwargs: dict | None = None, base_config=None) -> nn.Module:
+    """Load the causal LM; for a vision-language checkpoint build and read only its language stack and LM head.
+
+    Qwen2-VL / Qwen2.5-VL are not ``AutoModelForCausalLM`` types. Their vision tower (0.68 B parameters for
+    Qwen2.5-VL-7B) is never built, quantised or moved: `_language_only_class` builds the model without it, and
+    only the checkpoint's language-stack tensors are read (SkinCLIP-VL sees images through the CLIP tower).
+    With no image tokens, mRoPE reduces to ordinary 1-D RoPE, so 1-D ``position_ids`` suffice.
+
+    Every tensor, embeddings and LM head included, stays in the compute dtype: peft's
+    ``prepare_model_for_kbit_training`` would upcast them to fp32 (4.4 GB for Qwen2.5-7B's embeddings and head)
+    and the residual stream would follow. The decoder is frozen and only LoRA trains, so nothing needs it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    hub_kwargs = dict(hub_kwargs or {})
     dtype = _DTYPES[decoder_config.compute_dtype]
-    base_config = AutoConfig.from_pretrained(decoder_config.model_name_or_path, revision=decoder_config.revision)
-    auto_class = (
-        AutoModelForCausalLM if base_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
-    )
+    name = decoder_config.model_name_or_path
+    if base_config is None:
+        base_config = AutoConfig.from_pretrained(name, revision=decoder_config.revision, **hub_kwargs)
+    load_kwargs: dict[str, Any] = {}
+    if base_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        model_class = AutoModelForCausalLM
+    else:
+        model_class = _language_only_class(base_config)
+        if model_class is None:
+            raise ValueError(
+                f"decoder_config.model_name_or_path={name!r} is a {base_config.model_type!r} model, which is neither a "
+                "causal LM nor a vision-language model whose language stack SkinCLIP-VL knows how to load alone "
+                f"(supported: {sorted(_LANGUAGE_ONLY_TYPES)})"
+            )
+        load_kwargs["key_mapping"] = _LANGUAGE_ONLY_KEY_MAPPING
     quantization = _bnb_config(decoder_config)
     device = torch.device(device)
-    device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
-    language_model = auto_class.from_pretrained(
-        decoder_config.model_name_or_path,
-        revision=decoder_config.revision,
-        dtype=dtype,
-        quantization_config=quantization,
-        device_map=device_map,
-        attn_implementation=decoder_config.attn_implementation,
-    )
-    inner = getattr(language_model, "model", None)
-    if inner is not None and getattr(inner, "visual", None) is not None:
-        del inner.visual
-        inner.visual = None
-    if quantization is not None and quantization.load_in_4bit:
-        _quantize_unloaded_4bit_weights(language_model, quantization, device)
+    if device.type == "meta":
+        # Shapes only (train.py --dry_run, tests at the paper's size): no file beyond the config is read.
+        with torch.device("meta"):
+            language_model = model_class.from_config(base_config, dtype=dtype) if model_class is AutoModelForCausalLM \
+                else model_class._from_config(base_config, dtype=dtype)
+    else:
+        device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+        language_model = model_class.from_pretrained(
+            name,
+            revision=decoder_config.revision,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map=device_map,
+            attn_implementation=decoder_config.attn_implementation,
+            **hub_kwargs,
+            **load_kwargs,
+        )
+        if quantization is not None and quantization.load_in_4bit:
+            _quantize_unloaded_4bit_weights(language_model, quantization, device)
     language_model.requires_grad_(False)
-    if quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # Casts the small non-quantised tensors (norms, embeddings) to fp32 for stable training; gradient
-        # checkpointing is switched on later, by the trainer, through SkinClipVLModel.
-        language_model = prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=False)
     return language_model
+
+
+# Vision-language decoders whose ForConditionalGeneration class nests ``model.visual`` and ``model.language_model``.
+_LANGUAGE_ONLY_TYPES = {"qwen2_5_vl", "qwen2_vl"}
+# Hub checkpoints of these models store the flat names (``model.layers.*``, ``visual.*``); transformers 5 nests
+# the language stack under ``model.language_model``. The vision tensors map to names the model does not have,
+# so they are never materialised (tests/test_real_bases.py checks which tensors are read).
+_LANGUAGE_ONLY_KEY_MAPPING = {
+    r"^visual\.": "model.visual.",
+    r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
+}
+
+
+def _language_only_class(base_config):
+    """A subclass of the VL model's ``ForConditionalGeneration`` class that builds no vision tower, or None."""
+    if base_config.model_type not in _LANGUAGE_ONLY_TYPES:
+        return None
+    from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    vl_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(base_config)]
+    pretrained_base = vl_class.__mro__[1]  # e.g. Qwen2_5_VLPreTrainedModel: weight init, no-split modules
+
+    class LanguageStack(nn.Module):
+        """Stands where ``Qwen2_5_VLModel`` stands, holding only ``language_model`` (``visual`` is None)."""
+
+        def __init__(self, config):
+            super().__init__()
+            self.visual = None
+            self.language_model = AutoModel.from_config(config.text_config)
+
+        def get_decoder(self):
+            return self.language_model
+
+        def get_input_embeddings(self):
+            return self.language_model.get_input_embeddings()
+
+        def set_input_embeddings(self, value):
+            self.language_model.set_input_embeddings(value)
+
+    class LanguageOnlyForCausalLM(vl_class):
+        def __init__(self, config):
+            pretrained_base.__init__(self, config)
+            self.model = LanguageStack(config)
+            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+            self.post_init()
+
+    LanguageOnlyForCausalLM.__name__ = LanguageOnlyForCausalLM.__qualname__ = f"{vl_class.__name__}LanguageOnly"
+    return LanguageOnlyForCausalLM
+
+
+def generation_token_ids(base_config, generation_config, source: str) -> tuple[list[int], int]:
+    """(every eos id, pad id) of the decoder: its ``generation_config.json`` first, then its ``config.json``.
+
+    The real Qwen2.5-VL config has no top-level eos/pad (transformers 5 keeps them in ``text_config`` and the
+    generation config); Instruct models end a turn with ``<|im_end|>`` (151645) and text with ``<|endoftext|>``
+    (151643), so generation stops on either.
+    """
+    candidates = [generation_config, base_config, getattr(base_config, "text_config", None)]
+    eos = next((c.eos_token_id for c in candidates if getattr(c, "eos_token_id", None) is not None), None)
+    if eos is None:
+        raise ValueError(
+            f"decoder {source!r} gives no eos token id: neither its generation_config.json nor its config.json "
+            "(or text_config) has eos_token_id; add one there"
+        )
+    eos_ids = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    pad = next((c.pad_token_id for c in candidates if getattr(c, "pad_token_id", None) is not None), None)
+    return eos_ids, int(_first(pad)) if pad is not None else eos_ids[0]
 
 
 def _quantize_unloaded_4bit_weights(language_model: nn.Module, quantization, device: torch.device) -> None:
@@ -325,14 +447,7 @@ def attach_lora(language_model: nn.Module, decoder_config):
     from peft import LoraConfig, inject_adapter_in_model
 
     text_stack = language_model.get_decoder()
-    targets = list(decoder_config.lora_target_modules)
-    found = {name.rsplit(".", 1)[-1] for name, _ in text_stack.named_modules()}
-    missing = [target for target in targets if target not in found]
-    if missing:
-        raise ValueError(
-            f"decoder {decoder_config.model_name_or_path!r} ({type(text_stack).__name__}) has no module named "
-            f"{missing} for LoRA; set decoder_config.lora_target_modules to attention projections it has"
-        )
+    targets = list(decoder_config.lora_target_modules)  # checked against the architecture by check_lora_targets
     lora_config = LoraConfig(
         r=decoder_config.lora_r,
         lora_alpha=decoder_config.lora_alpha,
@@ -392,12 +507,19 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     # (the default) only on the rationale positions. Both give the same loss (tests/test_benchmarks.py).
     lm_head_on_all_positions: bool = False
 
-    def __init__(self, config: SkinClipVLConfig, device: torch.device | str | None = None):
+    def __init__(
+        self, config: SkinClipVLConfig, device: torch.device | str | None = None, hub_kwargs: dict | None = None
+    ):
         super().__init__(config)
         device = torch.device(device) if device is not None else default_device()
         dtype = _DTYPES[config.decoder_config.compute_dtype]
-        self.vision = ClipTower(config.vision_config, dtype=dtype, device=device)
-        self.language_model = load_decoder(config.decoder_config, device=device)
+        # hub_kwargs (cache_dir, token, local_files_only, ...) reach both bases' downloads.
+        # Every check that needs only the decoder's small files runs before any weight loads.
+        decoder_files = read_decoder_config(config.decoder_config, hub_kwargs)
+        self.eos_token_ids, self.pad_token_id = generation_token_ids(*decoder_files, config.decoder_config.model_name_or_path)
+        check_lora_targets(decoder_files[0], config.decoder_config)
+        self.vision = ClipTower(config.vision_config, dtype=dtype, device=device, hub_kwargs=hub_kwargs)
+        self.language_model = load_decoder(config.decoder_config, device, hub_kwargs, base_config=decoder_files[0])
         self.lora_config = attach_lora(self.language_model, config.decoder_config)
         # Shard/offload per decoder layer (FSDP auto-wrap, device_map), whichever decoder was loaded.
         self._no_split_modules = list(getattr(self.language_model, "_no_split_modules", None) or [])
@@ -683,7 +805,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
     ) -> SkinClipVLPrediction:
@@ -691,12 +813,16 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
 
         Written here rather than through `generate()` because the prefix mixes image embeddings, padding in
         the middle and the CLS token, whose positions `generate()` would recompute differently.
+        A row stops at any of the decoder's eos ids (`eos_token_id` overrides them; its default comes from the
+        decoder's generation_config.json, e.g. `<|im_end|>` and `<|endoftext|>` for Qwen2.5-VL-Instruct).
         """
         if prompt_attention_mask is None:
             prompt_attention_mask = torch.ones_like(prompt_ids)
-        lm_config = self.language_model.config
-        eos_token_id = eos_token_id if eos_token_id is not None else _first(lm_config.eos_token_id)
-        pad_token_id = pad_token_id if pad_token_id is not None else (_first(lm_config.pad_token_id) or eos_token_id)
+        eos_ids = torch.tensor(
+            self.eos_token_ids if eos_token_id is None else [int(i) for i in torch.tensor(eos_token_id).flatten()],
+            device=prompt_ids.device,
+        )
+        pad_token_id = self.pad_token_id if pad_token_id is None else pad_token_id
         image_tokens, patches = self.encode_image(pixel_values, vision_features)
         _, focal_attention = self._alignment_image_embedding(patches)
         embeds, mask, cls_index = self._decoder_inputs(image_tokens, prompt_ids, prompt_attention_mask)
@@ -714,7 +840,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             tokens = _sample(token_logits, do_sample, temperature, top_p, generator)
             tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
             generated.append(tokens)
-            finished |= tokens == eos_token_id
+            finished |= torch.isin(tokens, eos_ids)
             if bool(finished.all()):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -779,7 +905,8 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             return
         self.config.architectures = [type(self).__name__]
         custom_object_save(self, save_directory, config=self.config)
-        self.config.save_pretrained(save_directory)
+        # Local bases are recorded relative to the checkpoint, so it loads from any working directory.
+        _relative_base_paths(self.config, save_directory).save_pretrained(save_directory)
         trained = self.trained_state_dict(kwargs.pop("state_dict", None))
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in trained.items()}
         save_file(tensors, str(save_directory / TRAINED_WEIGHTS_NAME), metadata={"format": "pt"})
@@ -802,40 +929,50 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         config: SkinClipVLConfig | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
-        cache_dir: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
         device: torch.device | str | None = None,
+        device_map: str | int | torch.device | dict | None = None,
+        dtype: str | torch.dtype | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = None,
         **kwargs,
     ) -> "SkinClipVLModel":
         """Rebuild the whole model: bases from their own ids or paths, then the trained tensors of the checkpoint.
 
-        Works for a local directory or a Hub repo (`revision` pins it). A `config` passed explicitly must agree
-        with the checkpoint's on labels, decoder and vision tower.
+        Works for a local folder or a Hub repo. Hub arguments are honoured, for the checkpoint and for both bases:
+        `revision` (pins the checkpoint; the bases are pinned by their own `revision` in the config), `cache_dir`,
+        `token`, `local_files_only`, `force_download`. `dtype` (or `torch_dtype`) sets the compute dtype,
+        `device_map` a single device (`"cuda:0"`, `0`, `"cpu"`); sharding maps (`"auto"`, a dict) are refused.
+        Local base paths in the config resolve relative to the checkpoint folder first, then the working
+        directory. A `config` passed explicitly must agree with the checkpoint's on labels, decoder and vision tower.
         """
         from safetensors.torch import load_file
 
         if model_args:
             raise TypeError(f"unexpected positional arguments {model_args}")
-        device_map = kwargs.pop("device_map", None)
-        if device is None and isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
-            device = device_map
-        for ignored in ("trust_remote_code", "torch_dtype", "dtype", "local_files_only", "_from_auto", "adapter_kwargs",
-                        "_commit_hash", "code_revision", "subfolder", "force_download", "proxies", "use_safetensors"):
-            kwargs.pop(ignored, None)
-        if kwargs:
-            raise TypeError(f"SkinClipVLModel.from_pretrained got unexpected arguments {sorted(kwargs)}")
-        files = _resolve_checkpoint_files(
-            pretrained_model_name_or_path,
-            ["config.json", TRAINED_WEIGHTS_NAME, f"{LORA_SUBFOLDER}/{LORA_CONFIG_NAME}"],
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-        )
-        saved_config = SkinClipVLConfig.from_json_file(files["config.json"])
+        device = _single_device(device, device_map)
+        # Consumed by the Auto classes / remote-code machinery before we get here; nothing left to do with them.
+        for handled_upstream in ("trust_remote_code", "_from_auto", "adapter_kwargs", "_commit_hash", "code_revision"):
+            kwargs.pop(handled_upstream, None)
+        _refuse_unsupported_loading_arguments(kwargs)
+        hub_kwargs = _hub_kwargs(cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                                 force_download=force_download)
+        folder = checkpoint_folder(pretrained_model_name_or_path, revision=revision, **hub_kwargs)
+        _require_files(folder, ["config.json", TRAINED_WEIGHTS_NAME, f"{LORA_SUBFOLDER}/{LORA_CONFIG_NAME}"])
+        saved_config = resolve_base_paths(SkinClipVLConfig.from_json_file(str(folder / "config.json")), folder)
         if config is None:
             config = saved_config
         else:
+            config = resolve_base_paths(config, folder)
             _check_same_bases(config, saved_config, pretrained_model_name_or_path)
-        lora_saved = json.loads(Path(files[f"{LORA_SUBFOLDER}/{LORA_CONFIG_NAME}"]).read_text())
+        requested_dtype = torch_dtype if dtype is None else dtype
+        if requested_dtype is not None and str(requested_dtype) != "auto":
+            config.decoder_config.compute_dtype = _dtype_name(requested_dtype)
+        if attn_implementation is not None:
+            config.decoder_config.attn_implementation = attn_implementation
+        lora_saved = json.loads((folder / LORA_SUBFOLDER / LORA_CONFIG_NAME).read_text())
         decoder = config.decoder_config
         if (lora_saved.get("r"), lora_saved.get("lora_alpha")) != (decoder.lora_r, decoder.lora_alpha) or sorted(
             lora_saved.get("target_modules") or []
@@ -846,11 +983,16 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
                 f"config.decoder_config (r={decoder.lora_r}, alpha={decoder.lora_alpha}, "
                 f"targets={decoder.lora_target_modules})"
             )
-        model = cls(config, device=device)
-        model.load_trained_tensors(load_file(files[TRAINED_WEIGHTS_NAME]), source=str(pretrained_model_name_or_path))
-        calibration = _optional_checkpoint_file(pretrained_model_name_or_path, CALIBRATION_NAME, revision, token, cache_dir)
-        if calibration is not None:
-            temperature = float(json.loads(Path(calibration).read_text()).get("temperature", 1.0))
+        model = cls(config, device=device, hub_kwargs=hub_kwargs)
+        weights = folder / TRAINED_WEIGHTS_NAME
+        try:
+            tensors = load_file(str(weights))
+        except Exception as error:  # safetensors raises its own error types; name the file
+            raise ValueError(f"{weights}: not a readable safetensors file ({error})") from error
+        model.load_trained_tensors(tensors, source=str(weights))
+        calibration = folder / CALIBRATION_NAME
+        if calibration.is_file():
+            temperature = float(json.loads(calibration.read_text()).get("temperature", 1.0))
             if not math.isfinite(temperature) or temperature <= 0:
                 raise ValueError(f"{calibration}: temperature must be a positive number, got {temperature}")
             model.calibration_temperature.fill_(temperature)
@@ -904,15 +1046,28 @@ class SkinClipVLProcessor:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str | os.PathLike | None = None, config: SkinClipVLConfig | None = None,
-                        revision: str | None = None) -> "SkinClipVLProcessor":
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike | None = None,
+        config: SkinClipVLConfig | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> "SkinClipVLProcessor":
+        """Processor of a checkpoint (local folder or Hub repo, resolved like the model) or of a config's bases."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
+        hub_kwargs = _hub_kwargs(cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                                 force_download=force_download)
+        local = checkpoint_folder(path_or_repo, revision=revision, **hub_kwargs) if path_or_repo is not None else None
         if config is None:
-            if path_or_repo is None:
+            if local is None:
                 raise ValueError("pass a checkpoint path/repo or a SkinClipVLConfig")
-            config = SkinClipVLConfig.from_pretrained(path_or_repo, revision=revision)
-        local = Path(path_or_repo) if path_or_repo is not None and Path(path_or_repo).is_dir() else None
+            config = SkinClipVLConfig.from_json_file(str(local / "config.json"))
+        if local is not None:
+            config = resolve_base_paths(config, local)
         vision, decoder = config.vision_config, config.decoder_config
 
         def source(subfolder: str, marker: str, base: str, base_revision: str | None) -> dict:
@@ -920,7 +1075,7 @@ class SkinClipVLProcessor:
             # (a custom-code config) is never read as a tokenizer or image-processor config.
             if local is not None and (local / subfolder / marker).is_file():
                 return {"pretrained_model_name_or_path": str(local / subfolder)}
-            return {"pretrained_model_name_or_path": base, "revision": base_revision}
+            return {"pretrained_model_name_or_path": base, "revision": base_revision, **hub_kwargs}
 
         tokenizer = AutoTokenizer.from_pretrained(
             **source(TOKENIZER_SUBFOLDER, "tokenizer_config.json", decoder.model_name_or_path, decoder.revision)
@@ -930,7 +1085,7 @@ class SkinClipVLProcessor:
                 **source(IMAGE_PROCESSOR_SUBFOLDER, "preprocessor_config.json", vision.model_name_or_path, vision.revision)
             )
         else:
-            image_processor = _open_clip_transform(vision)
+            image_processor = _open_clip_transform(vision, hub_kwargs)
         if config.text_encoder == "decoder":
             report_tokenizer = tokenizer
         elif vision.backend == "hf":
@@ -1062,13 +1217,42 @@ def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _open_clip_transform(vision_config):
-    import open_clip
+def _open_clip_transform(vision_config, hub_kwargs: dict | None = None):
+    """open_clip's evaluation transform, built from config files alone (no model, no weights fetched).
 
-    _, _, transform = open_clip.create_model_and_transforms(
-        vision_config.model_name_or_path, pretrained=_open_clip_pretrained(vision_config), load_weights=False
-    )
-    return transform
+    ``create_model_and_transforms(..., load_weights=False)`` would build a second ViT, and may still fetch
+    weights; the preprocessing needs only the image size and the pretrained tag's mean/std/resize settings,
+    merged in open_clip's own order (defaults, model config, pretrained tag).
+    """
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    name = vision_config.model_name_or_path
+    preprocess = asdict(PreprocessCfg())
+    if name.startswith(_LOCAL_DIR_PREFIX) or name.startswith("hf-hub:"):
+        if name.startswith(_LOCAL_DIR_PREFIX):
+            config_file = Path(name[len(_LOCAL_DIR_PREFIX):]) / "open_clip_config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(
+                name.removeprefix("hf-hub:"), "open_clip_config.json", revision=vision_config.revision, **(hub_kwargs or {})
+            ))
+        file_config = json.loads(config_file.read_text())
+        model_config = file_config["model_cfg"]
+        preprocess = merge_preprocess_dict(preprocess, file_config.get("preprocess_cfg", {}))
+    else:
+        model_config = open_clip.get_model_config(name)
+        if model_config is None:
+            raise ValueError(f"open_clip has no model config named {name!r}")
+        tag = _open_clip_pretrained(vision_config)
+        if tag:
+            preprocess = merge_preprocess_dict(preprocess, open_clip.get_pretrained_cfg(name, tag))
+    image_size = model_config["vision_cfg"].get("image_size", preprocess["size"])
+    preprocess["size"] = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+    return image_transform_v2(PreprocessCfg(**preprocess), is_train=False)
 
 
 def _open_clip_pretrained(vision_config) -> str | None:
@@ -1077,41 +1261,142 @@ def _open_clip_pretrained(vision_config) -> str | None:
     return None if has_schema else vision_config.pretrained
 
 
-def _resolve_checkpoint_files(path_or_repo, filenames, revision=None, token=None, cache_dir=None) -> dict[str, str]:
-    """Local directory or Hub repo → local paths of `filenames`; names every missing file."""
-    local = Path(path_or_repo)
+def _hub_kwargs(cache_dir=None, token=None, local_files_only: bool = False, force_download: bool = False) -> dict:
+    """The Hub arguments that were set (None/False ones are left out, so library defaults apply)."""
+    given = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download)
+    return {name: value for name, value in given.items() if value not in (None, False)}
+
+
+def checkpoint_folder(path_or_repo: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> Path:
+    """A local checkpoint folder, or the snapshot folder of a Hub repo (downloaded or from the cache).
+
+    The model, the processor and ``calibration.json`` all resolve their files through this one rule.
+    """
+    local = Path(path_or_repo).expanduser()
     if local.is_dir():
-        missing = [name for name in filenames if not (local / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{local} is not a complete SkinCLIP-VL checkpoint: missing {missing} "
-                f"(expected {filenames}; was it written by SkinClipVLModel.save_pretrained?)"
-            )
-        return {name: str(local / name) for name in filenames}
-    from huggingface_hub import hf_hub_download
-
-    resolved = {}
-    for name in filenames:
-        try:
-            resolved[name] = hf_hub_download(
-                str(path_or_repo), name, revision=revision, token=token, cache_dir=cache_dir
-            )
-        except Exception as error:  # the hub raises several types; the message is what matters
-            raise FileNotFoundError(f"could not get {name} from {path_or_repo!r} (revision {revision}): {error}") from error
-    return resolved
-
-
-def _optional_checkpoint_file(path_or_repo, filename, revision=None, token=None, cache_dir=None) -> str | None:
-    local = Path(path_or_repo)
-    if local.is_dir():
-        return str(local / filename) if (local / filename).is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+        return local.resolve()
+    if local.exists():
+        raise NotADirectoryError(f"{local} is a file; a SkinCLIP-VL checkpoint is a folder (or a Hub repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
-        return hf_hub_download(str(path_or_repo), filename, revision=revision, token=token, cache_dir=cache_dir)
-    except EntryNotFoundError:
-        return None
+        validate_repo_id(str(path_or_repo))
+    except HFValidationError:
+        raise FileNotFoundError(f"{path_or_repo}: no such checkpoint folder (and not a Hub repo id)") from None
+    try:
+        return Path(snapshot_download(str(path_or_repo), revision=revision, **hub_kwargs))
+    except Exception as error:  # the hub raises several types; the message is what matters
+        raise FileNotFoundError(
+            f"could not get checkpoint {path_or_repo!r} (revision {revision}) from the Hub or its cache: {error}"
+        ) from error
+
+
+def _require_files(folder: Path, filenames: Sequence[str]) -> None:
+    missing = [name for name in filenames if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete SkinCLIP-VL checkpoint: missing {missing} "
+            f"(expected {list(filenames)}; was it written by SkinClipVLModel.save_pretrained?)"
+        )
+
+
+_LOCAL_DIR_PREFIX = "local-dir:"  # open_clip's schema for a model folder
+
+
+def resolve_base_paths(config: SkinClipVLConfig, folder: Path) -> SkinClipVLConfig:
+    """Local base paths that are relative resolve against the checkpoint folder first, then the working directory.
+
+    `save_pretrained` writes local bases relative to the checkpoint, so a checkpoint loads from any working
+    directory; a name that is neither an existing folder nor a valid Hub id is an error naming both places looked.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    for section in (config.vision_config, config.decoder_config):
+        name = section.model_name_or_path
+        prefix = _LOCAL_DIR_PREFIX if name.startswith(_LOCAL_DIR_PREFIX) else ""
+        path = Path(name[len(prefix):]).expanduser()
+        if path.is_absolute():
+            continue
+        if (folder / path).is_dir():
+            section.model_name_or_path = prefix + str((folder / path).resolve())
+        elif path.is_dir():
+            section.model_name_or_path = prefix + str(path.resolve())
+        elif prefix:
+            raise FileNotFoundError(f"base {name!r}: no folder {folder / path} nor {path.resolve()}")
+        else:
+            try:
+                validate_repo_id(name)
+            except HFValidationError:
+                raise FileNotFoundError(
+                    f"base {name!r} (config of {folder}): no folder {folder / path} nor {path.resolve()}, "
+                    "and not a Hub repo id"
+                ) from None
+    return config
+
+
+def _relative_base_paths(config: SkinClipVLConfig, folder: Path) -> SkinClipVLConfig:
+    """A copy of ``config`` whose local base folders are written relative to ``folder`` (the checkpoint)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    for section in (config.vision_config, config.decoder_config):
+        name = section.model_name_or_path
+        prefix = _LOCAL_DIR_PREFIX if name.startswith(_LOCAL_DIR_PREFIX) else ""
+        path = Path(name[len(prefix):]).expanduser()
+        if path.is_dir():
+            section.model_name_or_path = prefix + os.path.relpath(path.resolve(), folder.resolve())
+    return config
+
+
+def _single_device(device, device_map) -> torch.device | None:
+    if device_map is None:
+        return torch.device(device) if device is not None else None
+    if isinstance(device_map, dict) or str(device_map) in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"device_map={device_map!r} is not supported: SkinCLIP-VL loads onto one device; pass device_map='cuda:0' "
+            "(or an index, or 'cpu'). For several GPUs, run one process per GPU (accelerate launch)."
+        )
+    if device is not None and torch.device(device) != _as_device(device_map):
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree")
+    return _as_device(device_map)
+
+
+def _as_device(value) -> torch.device:
+    return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    names = {value: name for name, value in _DTYPES.items()}
+    name = names.get(dtype, str(dtype).removeprefix("torch."))
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose from {sorted(_DTYPES)} or 'auto'")
+    return name
+
+
+def _refuse_unsupported_loading_arguments(kwargs: dict) -> None:
+    """Refuse `from_pretrained` arguments this model cannot honour, each with the reason; never drop one silently."""
+    reasons = {
+        "subfolder": "load the subfolder's path (or repo) directly",
+        "proxies": "set HTTPS_PROXY / HTTP_PROXY in the environment instead",
+        "quantization_config": "set decoder_config.quantization (nf4, int8 or none) in the config",
+        "low_cpu_mem_usage": "the bases always load with low memory; drop the argument",
+        "output_loading_info": "loading is strict: a missing or unexpected trained tensor is an error",
+        "key_mapping": "checkpoint tensors are matched by name strictly",
+        "tp_plan": "tensor parallelism is not supported",
+    }
+    use_safetensors = kwargs.pop("use_safetensors", None)
+    if use_safetensors is False:
+        raise ValueError("use_safetensors=False: SkinCLIP-VL checkpoints are safetensors only")
+    subfolder = kwargs.pop("subfolder", "")
+    if subfolder:
+        raise ValueError(f"subfolder={subfolder!r} is not supported: {reasons['subfolder']}")
+    refused = {name: reasons[name] for name in kwargs if name in reasons and kwargs[name] is not None}
+    unknown = sorted(set(kwargs) - set(reasons))
+    if refused:
+        raise ValueError("SkinClipVLModel.from_pretrained cannot honour " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
+    if unknown:
+        raise TypeError(f"SkinClipVLModel.from_pretrained got unexpected arguments {unknown}")
 
 
 def _check_same_bases(config: SkinClipVLConfig, saved: SkinClipVLConfig, source) -> None:

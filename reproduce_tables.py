@@ -259,11 +259,11 @@ def prepare_tiny(plan: Plan) -> None:
 
     from baselines.ood import binary_dataset_from
     from datasets_scripts.demo import build_demo_dataset
-    from tiny_bases import build_tiny_bases
+    from skinclip.tiny_bases import build_tiny_bases
 
     root = plan.out / "tiny"
     plan.tiny_bases = str(root / "bases")
-    build_tiny_bases(plan.tiny_bases, open_clip=True)
+    build_tiny_bases(plan.tiny_bases, ("clip", "open_clip", "decoder-qwen2_5_vl"))
     for dataset, seed in TINY_DEMO_SEEDS.items():
         path = root / "data" / dataset
         if dataset == "isic2024":

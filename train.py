@@ -194,11 +194,12 @@ def load_training_data(data_args: DataArguments, seed: int):
 def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClipVLConfig:
     vision_model, decoder_model = model_args.vision_model, model_args.decoder_model
     if model_args.tiny_bases_dir:
-        from tiny_bases import build_tiny_bases
+        from skinclip.tiny_bases import build_tiny_bases
 
-        paths = build_tiny_bases(model_args.tiny_bases_dir, open_clip=model_args.vision_backend == "open_clip")
+        vision_name = "open_clip" if model_args.vision_backend == "open_clip" else "clip"
+        paths = build_tiny_bases(model_args.tiny_bases_dir, (vision_name, "decoder-qwen2_5_vl"))
         vision_model = paths["open_clip"] if model_args.vision_backend == "open_clip" else paths["clip"]
-        decoder_model = paths["decoder-qwen2"]
+        decoder_model = paths["decoder-qwen2_5_vl"]
     return SkinClipVLConfig(
         vision_config=dict(
             backend=model_args.vision_backend,

@@ -93,9 +93,9 @@ class ZeroShotClassifier:
 
         name = args.model_name
         if args.tiny_bases_dir:
-            from tiny_bases import build_tiny_bases
+            from skinclip.tiny_bases import build_tiny_bases
 
-            name = build_tiny_bases(args.tiny_bases_dir, open_clip=True)["open_clip"]
+            name = build_tiny_bases(args.tiny_bases_dir, ("open_clip",))["open_clip"]
         self.model, self.preprocess = create_open_clip(name, args.pretrained, device=device)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)

@@ -36,11 +36,11 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bases(tmp_path_factory) -> dict:
-    """Tiny random CLIP (transformers and open_clip) and decoders (Qwen2, Qwen2.5-VL, GPT-2), saved locally."""
-    from tiny_bases import build_tiny_bases
+    """Tiny random bases derived from the real checkpoints' files (skinclip/tiny_bases.py), saved locally."""
+    from skinclip.tiny_bases import build_tiny_bases
 
     root = tmp_path_factory.mktemp("tiny-bases")
-    return build_tiny_bases(root, decoder_architectures=("qwen2", "qwen2_5_vl", "gpt2"), open_clip=True)
+    return build_tiny_bases(root, ("clip", "open_clip", "decoder-qwen2_5_vl", "decoder-gpt2"))
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def make_config(tiny_bases):
     """Factory of small `SkinClipVLConfig`s over the tiny bases; keyword arguments override fields."""
     from configuration_skinclip import SkinClipVLConfig
 
-    def factory(decoder="qwen2", vision="clip", class_names=("MEL", "NV", "BCC"), decoder_overrides=None, **overrides):
+    def factory(decoder="qwen2_5_vl", vision="clip", class_names=("MEL", "NV", "BCC"), decoder_overrides=None, **overrides):
         decoder_config = dict(
             model_name_or_path=tiny_bases[f"decoder-{decoder}"],
             quantization="none",
