@@ -141,7 +141,7 @@ def test_training_data_missing_a_column_fails_before_the_model_is_built(tmp_path
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("decoder", "qwen2_5_vl", "decoder"),
+    ("decoder", "gpt2", "decoder"),
     ("vision", "open_clip", "vision tower"),
 ])
 def test_loading_a_checkpoint_with_other_bases_fails_clearly(tmp_path, make_config, field, value, message):
@@ -151,3 +151,85 @@ def test_loading_a_checkpoint_with_other_bases_fails_clearly(tmp_path, make_conf
     other = make_config(**{field: value})
     with pytest.raises(ValueError, match=f"config does not match checkpoint .*{message}"):
         SkinClipVLModel.from_pretrained(tmp_path, config=other, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------------------
+# User values refused before data or model is built (skinclip.validation)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _must_not_build(*args, **kwargs):
+    raise AssertionError("data or model was built before the values were checked")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--lambda_cal=-5", "lambda_cal must be >= 0"),              # trained to chance, exit 0
+    ("--num_train_epochs=0", "num_train_epochs must be > 0"),     # shipped an untrained checkpoint
+    ("--learning_rate=fast", "learning_rate must be a number"),   # failed inside torch, unnamed
+    ('--lambda_cal="nan"', "lambda_cal must be a number"),
+    ("--lambda_align=-1", "lambda_align must be >= 0"),           # said "lambda_align > 0 needs report_ids"
+])
+def test_bad_training_values_fail_before_data_or_model(tmp_path, monkeypatch, override, message):
+    import train
+    from skinclip.errors import UserError
+
+    monkeypatch.setattr(train, "load_training_data", _must_not_build)
+    monkeypatch.setattr(train, "SkinClipVLModel", _must_not_build)
+    with pytest.raises(UserError, match=message):
+        train.main(["configs/demo.yaml", f"--output_dir={tmp_path / 'out'}", override])
+
+
+def _colour_splits(validation=None, train_split=None):
+    return DatasetDict({"train": train_split or _colour_dataset(2, seed=0),
+                        "validation": validation or _colour_dataset(1, seed=1), "test": _colour_dataset(1, seed=2)})
+
+
+def _train_on(tmp_path, monkeypatch, dataset):
+    import train
+
+    dataset.save_to_disk(str(tmp_path / "data"))
+    monkeypatch.setattr(train, "SkinClipVLModel", _must_not_build)
+    train.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
+                f"--output_dir={tmp_path / 'out'}"])
+
+
+def test_validation_classes_in_another_order_fail_before_the_model_is_built(tmp_path, monkeypatch):
+    from datasets import ClassLabel
+
+    from skinclip.errors import UserError
+
+    names = list(COLOURS)
+    reordered = _colour_dataset(1, seed=1).cast_column("label", ClassLabel(names=names[::-1]))
+    with pytest.raises(UserError, match=r"split 'validation' lists the classes .* in another order"):
+        _train_on(tmp_path, monkeypatch, _colour_splits(validation=reordered))
+
+
+def test_a_validation_class_absent_from_training_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    from skinclip.errors import UserError
+
+    without_bcc = _colour_dataset(2, seed=0).filter(lambda row: row["label"] != 2)
+    with pytest.raises(UserError, match=r"split 'validation' holds class\(es\) \['BCC'\] that the training split"):
+        _train_on(tmp_path, monkeypatch, _colour_splits(train_split=without_bcc))
+
+
+def test_a_checkpoint_with_a_nonfinite_tensor_is_refused_at_load(tmp_path, make_config):
+    config = make_config()
+    model = SkinClipVLModel(config, device="cpu")
+    with torch.no_grad():
+        model.classifier[1].weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model.safetensors\): trained tensor classifier.1.weight holds NaN or inf"):
+        SkinClipVLModel.from_pretrained(tmp_path, device="cpu")
+
+
+def test_continuing_from_a_corrupt_checkpoint_names_the_file(tmp_path, make_config, monkeypatch):
+    import train
+    from skinclip.errors import UserError
+
+    checkpoint = tmp_path / "checkpoint"
+    SkinClipVLModel(make_config(class_names=tuple(COLOURS)), device="cpu").save_pretrained(checkpoint)
+    (checkpoint / "model.safetensors").write_bytes(b"not safetensors")
+    _colour_splits().save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(UserError, match=r"checkpoint/model.safetensors:? (is )?not a readable safetensors file"):
+        train.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
+                    f"--output_dir={tmp_path / 'out'}", f"--model_name_or_path={checkpoint}"])

@@ -41,6 +41,61 @@ def test_demo_writes_checkpoint_metrics_and_card(demo_run):
         assert term in result.stdout + result.stderr
 
 
+def _folder_bytes(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_new_run_into_a_finished_run_is_refused_and_changes_nothing(demo_run):
+    """The same command again used to overwrite the model, metrics and card and rotate checkpoints away."""
+    root, _ = demo_run
+    before = _folder_bytes(root / "out")
+    command = [sys.executable, "train.py", "configs/demo.yaml", f"--output_dir={root / 'out'}",
+               f"--dataset_path={root / 'data'}", f"--tiny_bases_dir={root / 'bases'}", "--num_train_epochs=1"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert _error_lines(result.stderr) == [
+        f"error: output_dir {root / 'out'} already holds a finished run; choose another output_dir, or pass "
+        "--overwrite_output_dir=true to replace the run's outputs (other files are kept)"]
+    assert "Traceback" not in result.stderr
+    assert _folder_bytes(root / "out") == before
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    command = [sys.executable, "train.py", "configs/demo.yaml", f"--output_dir={tmp_path / 'out'}",
+               f"--dataset_path={tmp_path / 'data'}", f"--tiny_bases_dir={tmp_path / 'bases'}", "--lambda_cal=-5"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert _error_lines(result.stderr) == ["error: lambda_cal must be >= 0, got -5"]
+    assert not any(tmp_path.iterdir())  # refused before data, bases or outputs were made
+    debug = subprocess.run(command + ["--debug"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError: lambda_cal must be >= 0" in debug.stderr
+
+
+def test_overwrite_output_dir_replaces_the_previous_run_and_keeps_other_files(demo_run, tmp_path):
+    """No checkpoint of the previous run survives to mix with the new run's; a foreign file is untouched."""
+    import train
+
+    root, _ = demo_run
+    out = tmp_path / "out"
+    (out / "checkpoint-99").mkdir(parents=True)
+    (out / "checkpoint-99" / "trainer_state.json").write_text('{"global_step": 99}')
+    (out / "model.safetensors").write_bytes(b"previous weights")
+    (out / "validation_metrics.json").write_text('{"balanced_accuracy": 0.123456}')
+    (out / "notes.txt").write_text("my notes")
+    train.main(["configs/demo.yaml", f"--output_dir={out}", f"--dataset_path={root / 'data'}",
+                f"--tiny_bases_dir={root / 'bases'}", "--num_train_epochs=1", "--save_strategy=epoch",
+                "--eval_strategy=no", "--test_split=null", "--disable_tqdm=true", "--overwrite_output_dir"])
+    checkpoints = sorted(path.name for path in out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and checkpoints != ["checkpoint-99"], checkpoints
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "model.safetensors").read_bytes() != b"previous weights"
+    assert json.loads((out / "validation_metrics.json").read_text())["balanced_accuracy"] != 0.123456
+
+
 def test_demo_output_reloads_and_reproduces_test_predictions(demo_run):
     from datasets import load_from_disk
     from transformers import AutoModel
