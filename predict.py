@@ -527,16 +527,17 @@ def _cli_metadata(args) -> tuple[float | None, str | None, str | None]:
     return clean_age(args.age), clean_text(args.sex), clean_text(args.site)
 
 
-def _load_checkpoint(args):
+def load_checkpoint(model_path: str, revision: str | None = None, device: str | None = None):
+    """(model, processor); any failure to load is a `UserError` naming ``--model``."""
     from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 
     try:
-        model = SkinClipVLModel.from_pretrained(args.model, revision=args.revision, device=args.device)
-        processor = SkinClipVLProcessor.from_pretrained(args.model, revision=args.revision)
+        model = SkinClipVLModel.from_pretrained(model_path, revision=revision, device=device)
+        processor = SkinClipVLProcessor.from_pretrained(model_path, revision=revision)
     except MemoryError:
         raise
     except Exception as error:  # a missing folder, a torn download, a foreign checkpoint: all the user's to fix
-        raise UserError(f"cannot load the checkpoint: {_one_line(error)} (--model {args.model})") from error
+        raise UserError(f"cannot load the checkpoint: {_one_line(error)} (--model {model_path})") from error
     return model, processor
 
 
@@ -563,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         for warning in case.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-    model, processor = _load_checkpoint(args)
+    model, processor = load_checkpoint(args.model, args.revision, args.device)
     words = [w.strip() for w in args.grounding_words.split(",") if w.strip()] if args.grounding_words else None
     writer = ResultWriter(args.json)
     n_ok = n_failed = 0

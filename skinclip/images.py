@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from skinclip.errors import UserError
 
@@ -66,7 +66,7 @@ def load_image(path, max_side: int = MAX_WORKING_SIDE, name: str | None = None) 
     except MemoryError as error:
         raise ImageInputError(f"{label}: not enough memory to decode this image") from error
     except Exception as error:  # Pillow's plugins raise OSError, SyntaxError, ValueError, EOFError... on bad data
-        raise ImageInputError(f"{label}: not a readable image ({type(error).__name__}: {error})") from error
+        raise ImageInputError(f"{label}: not a readable image ({_reason(error, path)})") from error
     if orientation in _ORIENTATION_TRANSPOSE:
         image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
     return to_rgb(image)
@@ -92,12 +92,19 @@ def _check_header(path: Path, label: str) -> None:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageInputError(f"{label}: image too large ({error})") from error
     except Exception as error:
-        raise ImageInputError(f"{label}: not a readable image ({type(error).__name__}: {error})") from error
+        raise ImageInputError(f"{label}: not a readable image ({_reason(error, path)})") from error
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageInputError(f"{label}: image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), "
                               f"above the {MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit")
     if min(width, height) < MIN_IMAGE_SIDE:
         raise ImageInputError(f"{label}: image is {width}x{height} pixels, below {MIN_IMAGE_SIDE}")
+
+
+def _reason(error: Exception, path: Path) -> str:
+    """Pillow's complaint without the file's path (the demo must not show server paths; ``label`` names it)."""
+    if isinstance(error, UnidentifiedImageError):
+        return f"not a {', '.join(PILLOW_FORMATS[:-1])} or {PILLOW_FORMATS[-1]} file"
+    return f"{type(error).__name__}: {str(error).replace(str(path), '<file>')}"
 
 
 def _orientation(image: Image.Image) -> int | None:

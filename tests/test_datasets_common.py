@@ -1,6 +1,9 @@
 """Shared pieces of datasets_scripts: metadata text, splits, bad input, atomic saving, the demo set."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -250,13 +253,10 @@ def _hashes(folder):
 
 def test_destructive_output_folder_is_refused_and_data_untouched(tiny_isic):
     """`--output-dir` = the download folder with --overwrite used to delete the CSVs, the images and all else."""
-    import subprocess
-    import sys
-
     root, _, _ = tiny_isic
     (root / "my_notes.txt").write_text("unrelated file the user keeps here")
     before = _hashes(root.parent)
-    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[1]
     for output in (root, root.parent, root / isic2019.IMAGE_DIR):
         run = subprocess.run([sys.executable, "-m", "datasets_scripts.isic2019", "--data-dir", str(root),
                               "--output-dir", str(output), "--overwrite", "--no-verify-images"],

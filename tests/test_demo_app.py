@@ -1,6 +1,16 @@
-"""The local Gradio demo: bound to 127.0.0.1, no share link, answers a real client call."""
+"""The local Gradio demo: bound to 127.0.0.1, no share link, answers a real client call, keeps no file."""
 
+import base64
+import io
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -10,6 +20,8 @@ from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 gradio = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -17,7 +29,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_demo_answers_a_client_call_on_loopback(make_config, shared_data):
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.exists() else []
+
+
+def _decode_data_url(image_data: dict) -> Image.Image:
+    assert image_data["path"] is None and image_data["url"].startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(image_data["url"].split(",", 1)[1])))
+
+
+@pytest.fixture()
+def running_app(make_config):
+    """The app on a free loopback port with a tiny model; yields (app, client)."""
     import demo_app
 
     config = make_config(class_names=("MEL", "NV"))
@@ -28,33 +51,121 @@ def test_demo_answers_a_client_call_on_loopback(make_config, shared_data):
     port = _free_port()
     app.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
     try:
-        assert app.share_url is None and app.local_url.startswith(f"http://127.0.0.1:{port}")
-        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-        image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
-        label, conformal_set, rationale, heatmap = client.predict(
-            gradio_client.handle_file(str(image)), 55, "male", "posterior torso", True, api_name="/diagnose"
-        )
+        yield app, gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
     finally:
         app.close()
+
+
+def test_demo_answers_on_loopback_and_keeps_no_file(running_app, shared_data, tmp_path):
+    app, client = running_app
+    folder = app.private_folder.path
+    assert app.share_url is None and app.local_url.startswith("http://127.0.0.1:")
+    assert os.environ["GRADIO_TEMP_DIR"] == str(folder)
+    original = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    upload = tmp_path / f"patient-{uuid.uuid4().hex}.jpg"  # a name to look for in every temp folder afterwards
+    upload.write_bytes(original.read_bytes())
+    system_gradio = Path(tempfile.gettempdir()) / "gradio"
+    label, conformal_set, rationale, heatmap = client.predict(
+        gradio_client.handle_file(str(upload)), 55, "male", "posterior torso", True, api_name="/diagnose"
+    )
     confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert set(confidences) == {"MEL", "NV"} and sum(confidences.values()) == pytest.approx(1.0, abs=1e-5)
-    assert "90% coverage" in conformal_set
-    assert isinstance(rationale, str)
-    with Image.open(heatmap) as produced, Image.open(image) as original:
-        assert produced.size == original.size
+    assert "90% coverage" in conformal_set and isinstance(rationale, str)
+    with Image.open(original) as source:
+        assert _decode_data_url(heatmap).size == source.size  # sent inline: no heatmap file anywhere
+    assert _files_under(folder) == []  # the upload was deleted before the result came back
+    assert not [p for p in _files_under(system_gradio) if p.name == upload.name]
+    app.close()
+    assert not folder.exists() and os.environ.get("GRADIO_TEMP_DIR") != str(folder)
 
 
-def test_demo_main_binds_loopback_without_share(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "name, make, message",
+    [
+        ("notes.jpg", lambda p: p.write_text("not an image"),
+         "the uploaded image: not a readable image (not a JPEG, PNG, BMP, TIFF or WEBP file)"),
+        ("bomb.png", None, "the uploaded image: image too large (Image size (400000000 pixels) exceeds limit of "
+                           "200000000 pixels, could be decompression bomb DOS attack.)"),
+    ],
+)
+def test_bad_upload_gets_a_named_error_without_server_paths(running_app, tmp_path, name, make, message):
+    from tests.test_predict import _write_palette_png
+
+    app, client = running_app
+    path = tmp_path / name
+    make(path) if make else _write_palette_png(path, 20000)
+    with pytest.raises(gradio_client.exceptions.AppError) as raised:
+        client.predict(gradio_client.handle_file(str(path)), None, "unknown", "", False, api_name="/diagnose")
+    assert str(raised.value) == message
+    assert str(app.private_folder.path) not in str(raised.value) and tempfile.gettempdir() not in str(raised.value)
+    assert _files_under(app.private_folder.path) == []
+
+
+def test_bad_age_is_named(running_app, shared_data):
+    _, client = running_app
+    image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"^Age 500(\.0)? is outside 0-120 years\.$"):
+        client.predict(gradio_client.handle_file(str(image)), 500, "unknown", "", False, api_name="/diagnose")
+
+
+def test_demo_main_binds_loopback_without_share_and_cleans_up(monkeypatch, tmp_path):
     import demo_app
+    import predict
 
     launched = {}
 
     class FakeApp:
         def launch(self, **kwargs):
-            launched.update(kwargs)
+            launched.update(kwargs, temp_dir=os.environ["GRADIO_TEMP_DIR"])
+            (Path(launched["temp_dir"]) / "upload.jpg").write_bytes(b"kept?")
 
     monkeypatch.setattr(demo_app, "build_app", lambda *a, **k: FakeApp())
-    monkeypatch.setattr(SkinClipVLModel, "from_pretrained", classmethod(lambda cls, *a, **k: None))
-    monkeypatch.setattr(SkinClipVLProcessor, "from_pretrained", classmethod(lambda cls, *a, **k: None))
+    monkeypatch.setattr(predict, "load_checkpoint", lambda *a, **k: (None, None))
+    before = os.environ.get("GRADIO_TEMP_DIR")
     demo_app.main(["--model", str(tmp_path)])
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False
+    assert Path(launched["temp_dir"]).name.startswith("skinclip-demo-") and not Path(launched["temp_dir"]).exists()
+    assert os.environ.get("GRADIO_TEMP_DIR") == before
+
+
+def test_demo_process_leaves_nothing_after_a_request_and_sigterm(make_config, shared_data, tmp_path):
+    """The real command in its own TMPDIR: after a request and a plain kill, no upload, heatmap or folder is left."""
+    config = make_config(class_names=("MEL", "NV"))
+    model = SkinClipVLModel(config, device="cpu")
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    SkinClipVLProcessor.from_pretrained(None, config=config).save_pretrained(checkpoint)
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(temp_root)}
+    env.pop("GRADIO_TEMP_DIR", None)
+    server = subprocess.Popen([sys.executable, "demo_app.py", "--model", str(checkpoint), "--port", str(port)],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_port(port, server)
+        assert [p.name.startswith("skinclip-demo-") for p in temp_root.iterdir()] == [True]
+        upload = tmp_path / f"patient-{uuid.uuid4().hex}.jpg"
+        upload.write_bytes(sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[0].read_bytes())
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        result = client.predict(gradio_client.handle_file(str(upload)), None, "unknown", "", False,
+                                api_name="/diagnose")
+        assert result[3]["url"].startswith("data:image/png")
+        assert _files_under(temp_root) == []  # after the request
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=60)[0]
+    assert server.returncode == 0, output
+    assert list(temp_root.iterdir()) == [], output  # after exit: the private folder itself is gone
+
+
+def _wait_for_port(port: int, server: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"demo exited early: {server.communicate()[0]}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError("demo did not start listening")
