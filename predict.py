@@ -81,12 +81,17 @@ def collect_cases(inputs: list[str], age=None, sex=None, site=None, exclude: Pat
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            if exclude is not None and path.resolve() == exclude.resolve():
+                raise UserError(f"the output folder is also an input folder: its heatmaps would become inputs "
+                                f"(--out {exclude})")
             images, not_images = _walk_folder(path, exclude)
             skipped += not_images
             if not images:
                 raise ImageInputError(f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             cases += [Case(p, age, sex, site, name=p.relative_to(path).with_suffix("").as_posix()) for p in images]
         elif path.suffix.lower() == ".csv":
+            if not path.is_file():
+                raise ImageInputError(f"{path}: no such CSV file")
             cases += _cases_from_csv(path)
         else:
             cases.append(Case(path, age, sex, site, name=path.stem))

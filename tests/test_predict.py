@@ -361,6 +361,8 @@ def test_folder_is_walked_and_skipped_files_are_reported(checkpoint, shared_data
     assert f"skipped: {folder / 'sub' / 'anim.gif'} (not a supported image type (.gif))" in captured.err
     assert "2 file(s) skipped" in captured.err
     assert len(json.loads(again.out)) == 2 and "predictions" not in again.err
+    with pytest.raises(predict.UserError, match=r"output folder is also an input folder.*\(--out "):
+        predict.collect_cases([str(folder)], exclude=folder)
 
 
 def test_bad_csv_rows_are_per_row(checkpoint, shared_data, tmp_path, capsys):
