@@ -265,16 +265,18 @@ def _bnb_config(decoder_config):
 
 
 def read_decoder_config(decoder_config, hub_kwargs: dict | None = None):
-    """(config, generation config or None) of the decoder: two small files, read before any weight."""
-    from transformers import AutoConfig, GenerationConfig
+    """(config, raw ``config.json`` dict, generation config or None) of the decoder, read before any weight."""
+    from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
     name, revision = decoder_config.model_name_or_path, decoder_config.revision
     base_config = AutoConfig.from_pretrained(name, revision=revision, **(hub_kwargs or {}))
+    # The raw file, not the config object: config classes fill in default token ids the checkpoint never set.
+    raw_config, _ = PretrainedConfig.get_config_dict(name, revision=revision, **(hub_kwargs or {}))
     try:
         generation_config = GenerationConfig.from_pretrained(name, revision=revision, **(hub_kwargs or {}))
     except OSError:  # no generation_config.json: the ids come from config.json
         generation_config = None
-    return base_config, generation_config
+    return base_config, raw_config, generation_config
 
 
 def check_lora_targets(base_config, decoder_config) -> None:
@@ -397,26 +399,48 @@ def _language_only_class(base_config):
             self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
             self.post_init()
 
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, labels=None, use_cache=None, **kwargs):
+            """A text-only causal LM: 1-D positions, no image inputs (SkinCLIP-VL feeds the stack directly)."""
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+                raise ValueError("this decoder was loaded without its vision tower: it takes no pixel inputs")
+            outputs = self.model.language_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            )
+            logits = self.lm_head(outputs.last_hidden_state)
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
     LanguageOnlyForCausalLM.__name__ = LanguageOnlyForCausalLM.__qualname__ = f"{vl_class.__name__}LanguageOnly"
     return LanguageOnlyForCausalLM
 
 
-def generation_token_ids(base_config, generation_config, source: str) -> tuple[list[int], int]:
+def generation_token_ids(raw_config: dict, generation_config, source: str) -> tuple[list[int], int]:
     """(every eos id, pad id) of the decoder: its ``generation_config.json`` first, then its ``config.json``.
 
     The real Qwen2.5-VL config has no top-level eos/pad (transformers 5 keeps them in ``text_config`` and the
     generation config); Instruct models end a turn with ``<|im_end|>`` (151645) and text with ``<|endoftext|>``
     (151643), so generation stops on either.
     """
-    candidates = [generation_config, base_config, getattr(base_config, "text_config", None)]
-    eos = next((c.eos_token_id for c in candidates if getattr(c, "eos_token_id", None) is not None), None)
+    candidates = [
+        {"eos_token_id": getattr(generation_config, "eos_token_id", None),
+         "pad_token_id": getattr(generation_config, "pad_token_id", None)},
+        raw_config,
+        raw_config.get("text_config") or {},
+    ]
+    eos = next((c["eos_token_id"] for c in candidates if c.get("eos_token_id") is not None), None)
     if eos is None:
         raise ValueError(
             f"decoder {source!r} gives no eos token id: neither its generation_config.json nor its config.json "
             "(or text_config) has eos_token_id; add one there"
         )
     eos_ids = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
-    pad = next((c.pad_token_id for c in candidates if getattr(c, "pad_token_id", None) is not None), None)
+    pad = next((c["pad_token_id"] for c in candidates if c.get("pad_token_id") is not None), None)
     return eos_ids, int(_first(pad)) if pad is not None else eos_ids[0]
 
 
@@ -460,6 +484,10 @@ def attach_lora(language_model: nn.Module, decoder_config):
     inject_adapter_in_model(lora_config, text_stack)
     for name, param in text_stack.named_parameters():
         param.requires_grad_("lora_" in name)
+        if "lora_" in name and param.dtype != torch.float32:
+            # peft gives adapters the dtype of a bf16/fp16 base layer; trained tensors keep fp32 master weights
+            # (as get_peft_model's autocast_adapter_dtype does), else AdamW's small updates round away.
+            param.data = param.data.float()
     return lora_config
 
 
@@ -515,31 +543,32 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         dtype = _DTYPES[config.decoder_config.compute_dtype]
         # hub_kwargs (cache_dir, token, local_files_only, ...) reach both bases' downloads.
         # Every check that needs only the decoder's small files runs before any weight loads.
-        decoder_files = read_decoder_config(config.decoder_config, hub_kwargs)
-        self.eos_token_ids, self.pad_token_id = generation_token_ids(*decoder_files, config.decoder_config.model_name_or_path)
-        check_lora_targets(decoder_files[0], config.decoder_config)
+        base_config, raw_config, generation_config = read_decoder_config(config.decoder_config, hub_kwargs)
+        self.eos_token_ids, self.pad_token_id = generation_token_ids(
+            raw_config, generation_config, config.decoder_config.model_name_or_path
+        )
+        check_lora_targets(base_config, config.decoder_config)
         self.vision = ClipTower(config.vision_config, dtype=dtype, device=device, hub_kwargs=hub_kwargs)
-        self.language_model = load_decoder(config.decoder_config, device, hub_kwargs, base_config=decoder_files[0])
+        self.language_model = load_decoder(config.decoder_config, device, hub_kwargs, base_config=base_config)
         self.lora_config = attach_lora(self.language_model, config.decoder_config)
         # Shard/offload per decoder layer (FSDP auto-wrap, device_map), whichever decoder was loaded.
         self._no_split_modules = list(getattr(self.language_model, "_no_split_modules", None) or [])
         hidden_size = self.language_model.get_input_embeddings().embedding_dim
 
-        self.projector = build_projector(config.projector_type, self.vision.hidden_size, hidden_size)
-        self.focal_pooling = FocalPooling(hidden_size, config.focal_dim, config.focal_fusion_layers)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)
-        self.classifier = nn.Sequential(nn.Dropout(config.classifier_dropout), nn.Linear(hidden_size, config.num_labels))
-        self.image_alignment = nn.Linear(config.focal_dim, config.alignment_dim)
-        text_dim = self.vision.text_dim if config.text_encoder == "clip" else hidden_size
-        self.text_alignment = nn.Linear(text_dim, config.alignment_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
-        # Post-hoc temperature for `predict` (fitted on validation data by evaluate_skinclip.py); 1 = off.
-        self.register_buffer("calibration_temperature", torch.tensor(1.0), persistent=False)
-        for module_name in self._own_modules:
-            getattr(self, module_name).to(device)
-        self.cls_token.data = self.cls_token.data.to(device)
-        self.logit_scale.data = self.logit_scale.data.to(device)
-        self.calibration_temperature = self.calibration_temperature.to(device)
+        # The new modules are created where the bases are (no copy); on the meta device they are shapes only.
+        with torch.device(device):
+            self.projector = build_projector(config.projector_type, self.vision.hidden_size, hidden_size)
+            self.focal_pooling = FocalPooling(hidden_size, config.focal_dim, config.focal_fusion_layers)
+            self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)
+            self.classifier = nn.Sequential(
+                nn.Dropout(config.classifier_dropout), nn.Linear(hidden_size, config.num_labels)
+            )
+            self.image_alignment = nn.Linear(config.focal_dim, config.alignment_dim)
+            text_dim = self.vision.text_dim if config.text_encoder == "clip" else hidden_size
+            self.text_alignment = nn.Linear(text_dim, config.alignment_dim)
+            self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
+            # Post-hoc temperature for `predict` (fitted on validation data by evaluate_skinclip.py); 1 = off.
+            self.register_buffer("calibration_temperature", torch.tensor(1.0), persistent=False)
 
     # ---- structure -------------------------------------------------------------------------------------
 
