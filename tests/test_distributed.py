@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from tests import ddp_cfa_worker as worker
-from trainer_cfa import CFALoss
+from trainer_cfa import CFALoss, report_keys
 
 
 def _free_port() -> int:
@@ -18,26 +18,42 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-@pytest.mark.parametrize("focal_modulation", [False, True], ids=["clip_loss", "focal_modulated"])
-def test_two_process_cfa_loss_and_gradients_equal_single_process(tmp_path, make_config, focal_modulation):
+@pytest.mark.parametrize(
+    "focal_modulation, multi_positive",
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["clip_loss", "focal_modulated", "multi_positive", "multi_positive_focal_modulated"],
+)
+def test_two_process_cfa_loss_and_gradients_equal_single_process(tmp_path, make_config, focal_modulation, multi_positive):
     config = make_config(decoder_overrides=dict(lora_dropout=0.0)).to_dict()
     for key in ("transformers_version", "model_type", "architectures", "auto_map"):
         config.pop(key, None)
 
-    mp.spawn(worker.run, args=(2, _free_port(), config, str(tmp_path), focal_modulation), nprocs=2, join=True)
+    mp.spawn(worker.run, args=(2, _free_port(), config, str(tmp_path), focal_modulation, multi_positive), nprocs=2,
+             join=True)
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
 
     model, processor = worker.build(config)
-    batch, labels = worker.make_batch(processor, [0, 1, 2, 3])
+    reports = worker.REPEATED_REPORTS if multi_positive else worker.REPORTS
+    batch, labels = worker.make_batch(processor, [0, 1, 2, 3], reports)
     assert batch["rationale_attention_mask"][:2].sum() != batch["rationale_attention_mask"][2:].sum()  # uneven
-    loss, _ = CFALoss(**worker.LOSS_WEIGHTS, focal_modulation=focal_modulation)(model(**batch), labels)
+    keys = report_keys(batch["report_ids"], batch["report_attention_mask"]) if multi_positive else None
+    if multi_positive:  # duplicates within a process and across the two
+        assert keys[0] == keys[2] == keys[3] != keys[1]
+    outputs = model(**batch)
+    loss, terms = CFALoss(**worker.LOSS_WEIGHTS, focal_modulation=focal_modulation)(outputs, labels, report_keys=keys)
     loss.backward()
     expected = worker.gradients(model)
 
     # DDP averages the per-process losses' gradients; the average of the per-process losses is the loss.
     mean_loss = (ranks[0].pop("__loss__") + ranks[1].pop("__loss__")) / 2
+    counted = [r.pop("__loss_counted__") for r in ranks]
     assert [r.pop("__step_is_finite__").item() for r in ranks] == [0.0, 0.0]  # rank 1's NaN loss skips both
     torch.testing.assert_close(mean_loss[0], loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((counted[0] + counted[1])[0] / 2, loss.detach(), rtol=1e-5, atol=1e-5)
+    # Logged terms: each merged over both processes equals the term on the concatenated batch (not rank 0's).
+    for name, value in terms.items():
+        logged = [r.pop(f"__term_{name}__").item() for r in ranks]
+        assert logged[0] == logged[1] == pytest.approx(value.item(), rel=1e-5), name
     assert set(ranks[0]) == set(expected)
     for name, gradient in expected.items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)  # all-reduced
@@ -73,6 +89,46 @@ def test_accelerate_launch_with_the_ddp_config_runs_train_py_in_two_processes(tm
     assert state["global_step"] != math.ceil(train_rows / 16)
     assert (checkpoint / "checkpoint_complete.json").is_file()
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_accelerate_launch_trains_an_ablation_without_alignment_in_two_processes(tmp_path):
+    """The loss settings of configs/ablations/focal.yaml (lambda_align 0) under 2-process DDP, on the demo.
+
+    DDP runs with find_unused_parameters=False; Focal Pooling, the alignment projections and the logit scale
+    get no gradient without the alignment term, which failed at step 2 ("Expected to have finished reduction
+    in the prior iteration") until CFATrainer froze them. The logged CFA terms are merged over both processes:
+    they add up to the logged loss, itself the mean over processes (rank 0's terms alone would not).
+    """
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from tests.conftest import REPO_ROOT
+
+    ablation = yaml.safe_load((REPO_ROOT / "configs/ablations/focal.yaml").read_text())
+    loss_settings = {key: value for key, value in ablation.items() if key.startswith(("lambda_", "focal_"))}
+    assert loss_settings["lambda_align"] == 0
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+               "--main_process_port", str(_free_port()), "train.py", "configs/demo.yaml",
+               *(f"--{key}={value}" for key, value in loss_settings.items()),
+               f"--output_dir={tmp_path / 'out'}", f"--dataset_path={tmp_path / 'data'}",
+               f"--tiny_bases_dir={tmp_path / 'bases'}", "--max_steps=3", "--logging_steps=1",
+               "--save_strategy=steps", "--save_steps=3", "--eval_strategy=no", "--disable_tqdm=true"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    state = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+    steps = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(steps) == 3
+    lambda_gen = yaml.safe_load((REPO_ROOT / "configs/demo.yaml").read_text())["lambda_gen"]
+    for entry in steps:
+        assert "loss_align" not in entry and "loss_cal" not in entry
+        assert entry["loss"] == pytest.approx(entry["loss_focal"] + lambda_gen * entry["loss_gen"], rel=1e-4)
+    saved = load_file(tmp_path / "out" / "model.safetensors")  # frozen, still saved
+    assert "logit_scale" in saved and any(name.startswith("focal_pooling.") for name in saved)
 
 
 def test_fsdp_config_wraps_the_decoder_layers(make_config):
