@@ -116,11 +116,14 @@ def test_accelerate_launch_trains_an_ablation_without_alignment_in_two_processes
                *(f"--{key}={value}" for key, value in loss_settings.items()),
                f"--output_dir={tmp_path / 'out'}", f"--dataset_path={tmp_path / 'data'}",
                f"--tiny_bases_dir={tmp_path / 'bases'}", "--max_steps=3", "--logging_steps=1",
-               "--save_strategy=steps", "--save_steps=3", "--eval_strategy=no", "--disable_tqdm=true"]
+               "--save_strategy=steps", "--save_steps=3", "--eval_strategy=steps", "--eval_steps=3",
+               "--disable_tqdm=true"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
     state = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+    (evaluation,) = [entry for entry in state["log_history"] if "eval_loss" in entry]  # merged at evaluation too
+    assert {"eval_loss_focal", "eval_loss_gen"} <= set(evaluation) and "eval_loss_align" not in evaluation
     steps = [entry for entry in state["log_history"] if "loss" in entry]
     assert len(steps) == 3
     lambda_gen = yaml.safe_load((REPO_ROOT / "configs/demo.yaml").read_text())["lambda_gen"]
