@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -70,13 +71,39 @@ def png_data_url(picture) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+@contextlib.contextmanager
+def _no_pyi_stubs():
+    """Gradio writes a `.pyi` stub beside the source file of every Component subclass it sees defined (here:
+    demo_app.pyi in the checkout, or in site-packages); its stub writer is switched off while ours are defined."""
+    from gradio import component_meta
+
+    original = getattr(component_meta, "create_or_modify_pyi", None)
+    if original is not None:
+        component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            component_meta.create_or_modify_pyi = original
+
+
 def _components(gr):
-    """Image components that keep pixels off the disk (built here: gradio is imported lazily)."""
+    """Image components that keep pixels off the disk (built here: gradio is imported lazily).
+
+    ``is_template`` makes the browser draw them with Gradio's own image widget.
+    """
+    with _no_pyi_stubs():
+        return _define_components(gr)
+
+
+def _define_components(gr):
     from gradio.data_classes import ImageData
 
     class UploadedImage(gr.Image):
         """Hands the function the upload's path unopened: Gradio's own preprocessing would open (and for other
         modes decode) the file before the app's bounded loader could check its size."""
+
+        is_template = True
 
         def preprocess(self, payload):
             if payload is None:
@@ -87,6 +114,8 @@ def _components(gr):
 
     class InlineImage(gr.Image):
         """An output image sent as a data URL instead of a file in Gradio's cache."""
+
+        is_template = True
 
         def postprocess(self, value):
             if value is None:

@@ -75,6 +75,9 @@ def test_demo_answers_on_loopback_and_keeps_no_file(running_app, shared_data, tm
         assert _decode_data_url(heatmap).size == source.size  # sent inline: no heatmap file anywhere
     assert _files_under(folder) == []  # the upload was deleted before the result came back
     assert not [p for p in _files_under(system_gradio) if p.name == upload.name]
+    assert not (REPO_ROOT / "demo_app.pyi").exists()  # Gradio's component stubs are not written into the checkout
+    types = {component["type"] for component in app.config["components"]}
+    assert "image" in types and not {"uploadedimage", "inlineimage"} & types  # drawn by Gradio's image widget
     app.close()
     assert not folder.exists() and os.environ.get("GRADIO_TEMP_DIR") != str(folder)
 
