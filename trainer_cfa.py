@@ -101,18 +101,23 @@ def _all_gather_no_grad(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat(gathered)
 
 
+def _pooled_positive_nll(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """``-log sum_{j in positives} softmax(logits)_j`` per row; `logits`, `positives` `(rows, columns)`."""
+    positive_logits = logits.masked_fill(~positives, float("-inf"))
+    return torch.logsumexp(logits, dim=-1) - torch.logsumexp(positive_logits, dim=-1)
+
+
 class AlignmentLoss(nn.Module):
     """Symmetric InfoNCE over the global batch (open_clip ``ClipLoss``).
 
     ``report_keys`` (one per sample, see `report_keys`) turns on multi-positive targets: samples whose report
     tokens are identical, anywhere in the gathered global batch, are positives of each other, and each row's
-    target is the uniform distribution over its positives (soft-target cross-entropy). In ISIC 2019 every image
-    of a class has the same report, so one-hot targets make same-class samples each other's negatives. Without
-    duplicates the targets are one-hot and the loss is ``ClipLoss``'s. When duplicates also have identical
-    text embeddings (a deterministic text tower) the two targets give the same loss and gradients: one-hot
-    InfoNCE then already treats them symmetrically. They differ when per-sample weights (focal modulation) or
-    a stochastic text path break that symmetry. Either way a group of k duplicates keeps its rows' loss at or
-    above log k (the targets' entropy).
+    loss is ``-log sum_{j in P(i)} softmax(s_i)_j`` (the probability of all its positives pooled). In ISIC 2019
+    every image of a class has the same report; with one-hot targets a group of k duplicates shares its
+    probability mass between k identical columns, so each row's loss cannot fall below log k and the text
+    side is pushed to tell identical reports' images apart. Pooling the positives lets the loss reach 0.
+    Without duplicates P(i) = {i} and the loss is ``ClipLoss``'s. (A uniform soft target over P(i) would not
+    help: with identical text embeddings it gives the same loss and gradients as one-hot targets.)
 
     ``focal_modulation=True`` implements the paper's Eq. (4) reading: each sample's alignment term is weighted
     by its detached focal factor ``(1 - p_y)^gamma``, so easy samples stop dominating the alignment. This
@@ -153,15 +158,14 @@ class AlignmentLoss(nn.Module):
             # Every global row on every process, as ClipLoss(local_loss=False, gather_with_grad=True) does.
             rows_image, rows_text, rows_keys = all_image, all_text, all_keys
             rows = torch.arange(all_image.shape[0], device=image_embeds.device)
+        image_logits, text_logits = logit_scale * rows_image @ all_text.T, logit_scale * rows_text @ all_image.T
         if report_keys is None:
-            targets = rows
+            per_sample = 0.5 * (
+                F.cross_entropy(image_logits, rows, reduction="none") + F.cross_entropy(text_logits, rows, reduction="none")
+            )
         else:
-            positives = (rows_keys[:, None] == all_keys[None, :]).float()
-            targets = positives / positives.sum(-1, keepdim=True)  # uniform over positives (the row's own is one)
-        per_sample = 0.5 * (
-            F.cross_entropy(logit_scale * rows_image @ all_text.T, targets, reduction="none")
-            + F.cross_entropy(logit_scale * rows_text @ all_image.T, targets, reduction="none")
-        )
+            positives = rows_keys[:, None] == all_keys[None, :]  # the row's own sample is always one
+            per_sample = 0.5 * (_pooled_positive_nll(image_logits, positives) + _pooled_positive_nll(text_logits, positives))
         if not self.focal_modulation:
             return per_sample.mean()
         p_true = torch.softmax(class_logits.detach().float(), -1).gather(1, labels[:, None]).squeeze(1)
