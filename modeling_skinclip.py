@@ -201,8 +201,13 @@ class ClipTower(nn.Module):
         else:
             import open_clip
 
-            pretrained = None if device.type == "meta" else _open_clip_pretrained(vision_config)
-            self.model = open_clip.create_model(name, pretrained=pretrained, device=device).to(dtype)
+            tag = _open_clip_pretrained(vision_config)
+            self.model = open_clip.create_model(
+                name,
+                pretrained=None if device.type == "meta" else tag,
+                force_quick_gelu=_needs_quick_gelu(name, tag),
+                device=device,
+            ).to(dtype)
             visual = self.model.visual
             if not hasattr(visual, "forward_intermediates"):
                 raise ValueError(f"open_clip model {name!r} has no forward_intermediates(): not a ViT tower")
@@ -1282,6 +1287,17 @@ def _open_clip_transform(vision_config, hub_kwargs: dict | None = None):
     image_size = model_config["vision_cfg"].get("image_size", preprocess["size"])
     preprocess["size"] = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
     return image_transform_v2(PreprocessCfg(**preprocess), is_train=False)
+
+
+def _needs_quick_gelu(name: str, tag: str | None) -> bool:
+    """OpenAI's CLIP weights were trained with QuickGELU, but e.g. open_clip's plain ``ViT-L-14`` config builds
+    GELU (open_clip only warns, and the features are then wrong). A ``local-dir:``/``hf-hub:`` config decides itself.
+    """
+    import open_clip
+
+    if not tag or name.startswith((_LOCAL_DIR_PREFIX, "hf-hub:")):
+        return False
+    return tag == "openai" or bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
 
 
 def _open_clip_pretrained(vision_config) -> str | None:
