@@ -90,6 +90,12 @@ class DataArguments:
         default=False,
         metadata={"help": "Replace an earlier run in output_dir (its checkpoints and outputs; other files are kept)."},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Check config and data, tokenise one batch, print the parameter table and GPU memory plan; "
+                          "load no weights, train nothing (skinclip/dry_run.py)."},
+    )
+    dry_run_json: str | None = field(default=None, metadata={"help": "Also write the dry run's plan to this JSON file."})
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -144,6 +150,10 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, CFA
                 raise UserError(f"override {override!r} must look like --field=value")
             key, _, value = override[2:].partition("=")
             values[key] = _read_yaml(value) if "=" in override else True
+        if (values.get("dry_run") or values.get("dry_run_json")) and not torch.cuda.is_available():
+            # A dry run plans a GPU run from any machine: TrainingArguments' checks of this one (bf16 needs a
+            # GPU) do not apply to it.
+            values["use_cpu"] = True
         validation.check_field_types(values, dataclass_types, argv[0])
         parsed = _user_errors(parser.parse_dict, argv[0], values, allow_extra_keys=False)
     validation.check_training_arguments(*parsed)
@@ -303,6 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
         dataset, data_args.train_split, (data_args.eval_split, data_args.test_split), data_args.dataset_path
     )
     validation.check_focal_alpha_count(training_args.focal_alpha, len(class_names))
+    if data_args.dry_run or data_args.dry_run_json:
+        from skinclip import dry_run  # the model on the meta device: shapes only, no weight is read
+
+        config = None if model_args.model_name_or_path else build_config(model_args, class_names)
+        return dry_run.run(dataset, class_names, model_args, data_args, training_args, config)
 
     if model_args.model_name_or_path:
         validation.check_same_classes(
