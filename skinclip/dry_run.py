@@ -227,6 +227,9 @@ def untruncated_lengths(processor, metadata_texts: list[str], reports: list[str]
 def split_truncation(processor, split) -> dict:
     """How many rows of the (training) split each limit cuts; text columns only, no image is decoded."""
     rows = len(split)
+    not_text = [i for i, report in enumerate(split["report"]) if not isinstance(report, str)][:5]
+    if not_text:  # the collator would fail on such a row in the middle of training
+        raise UserError(f"training split rows {not_text}: column 'report' must hold text (the reference report)")
     if rows > MAX_ROWS_TOKENISED:
         split = split.select(np.linspace(0, rows - 1, MAX_ROWS_TOKENISED).astype(int))
     texts = split.select_columns(["metadata_text", "report"])
