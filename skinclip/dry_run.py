@@ -47,6 +47,7 @@ def run(dataset, class_names: list[str], model_args, data_args, training_args, c
     json_path = _json_path(data_args.dry_run_json)
     splits = [s for s in dict.fromkeys((data_args.train_split, data_args.eval_split, data_args.test_split)) if s]
     images_checked = check_image_sample(dataset, splits, data_args.dataset_path)
+    check_reports_are_text(dataset[data_args.train_split], f"{data_args.dataset_path} split {data_args.train_split!r}")
     checkpoint = model_args.model_name_or_path
     config = checkpoint_config(checkpoint, class_names) if checkpoint else config
     processor, model = build_without_weights(config, checkpoint)
@@ -112,6 +113,13 @@ def check_image_sample(dataset, splits: list[str], source: str | None) -> int:
             _decode_image(rows, int(index), f"{source} split {split!r}")
             checked += 1
     return checked
+
+
+def check_reports_are_text(split, where: str) -> None:
+    """The collator would fail on a row without a report text in the middle of training: name such rows now."""
+    not_text = [i for i, report in enumerate(split["report"]) if not isinstance(report, str)][:5]
+    if not_text:
+        raise UserError(f"{where} rows {not_text}: column 'report' must hold text (the reference report)")
 
 
 def _decode_image(rows, index: int, where: str) -> None:
@@ -227,9 +235,6 @@ def untruncated_lengths(processor, metadata_texts: list[str], reports: list[str]
 def split_truncation(processor, split) -> dict:
     """How many rows of the (training) split each limit cuts; text columns only, no image is decoded."""
     rows = len(split)
-    not_text = [i for i, report in enumerate(split["report"]) if not isinstance(report, str)][:5]
-    if not_text:  # the collator would fail on such a row in the middle of training
-        raise UserError(f"training split rows {not_text}: column 'report' must hold text (the reference report)")
     if rows > MAX_ROWS_TOKENISED:
         split = split.select(np.linspace(0, rows - 1, MAX_ROWS_TOKENISED).astype(int))
     texts = split.select_columns(["metadata_text", "report"])

@@ -232,12 +232,18 @@ def _broken_first_image(dataset):
     dataset["train"] = rows.cast_column("image", ImageFeature())
 
 
+def _missing_second_report(dataset):
+    dataset["train"] = dataset["train"].map(lambda row, i: {"report": None if i == 1 else row["report"]},
+                                            with_indices=True)
+
+
 BAD_INPUTS = {
     "missing column": (_drop_report, [], "split 'train' lacks required column(s) ['report']"),
     "labels the training split does not have": (
         _foreign_validation_labels, [], f"split 'validation' has the classes {CLASSES + ['UNK']}"),
     "focal_alpha for other classes": (None, ["--focal_alpha=1,1,1"], "focal_alpha gives 3 weights for 8 classes"),
     "unreadable image": (_broken_first_image, [], "split 'train' row 0 (image_id "),
+    "a report that is not text": (_missing_second_report, [], "split 'train' rows [1]: column 'report' must hold text"),
     "dry_run_json without a path": (None, ["--dry_run_json"], "dry_run_json needs a file path"),
 }
 
