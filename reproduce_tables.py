@@ -235,8 +235,13 @@ def execute(run: Run, plan: Plan, launcher: str) -> None:
 
     module_name, script = ENTRY_POINTS[run.runner]
     argv = command_line(run, plan)
+    if run.runner == "skinclip":
+        # The runner owns its run folders and reruns a stale or failed run in place: train.py then replaces that
+        # run's earlier outputs (and keeps command.txt); it refuses a non-empty output_dir otherwise.
+        argv.append("--overwrite_output_dir=true")
     run_dir = plan.run_dir(run.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").unlink(missing_ok=True)
     (run_dir / "command.txt").write_text(" ".join([module_name] + argv) + "\n")
     if launcher == "inprocess":
         importlib.import_module(module_name).main(argv)
