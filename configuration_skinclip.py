@@ -11,6 +11,8 @@ YAML training configs round-trip.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -74,6 +76,12 @@ class SkinClipVisionConfig(PretrainedConfig):
         self.revision = revision
         self.feature_layer = feature_layer
         super().__init__(**kwargs)
+
+    def open_clip_pretrained_tag(self) -> str | None:
+        """open_clip's ``pretrained`` argument: with an ``hf-hub:``/``local-dir:`` name the weights come with the
+        name, and a tag would be an error."""
+        has_schema = self.model_name_or_path.startswith(("hf-hub:", LOCAL_DIR_PREFIX))
+        return None if has_schema else self.pretrained
 
 
 class SkinClipDecoderConfig(PretrainedConfig):
@@ -253,5 +261,89 @@ class SkinClipVLConfig(PretrainedConfig):
 
 
 SkinClipVLConfig.register_for_auto_class()
+
+# --------------------------------------------------------------------------------------------------------
+# Where a checkpoint and its bases are (shared by the model and the processor, both remote code)
+# --------------------------------------------------------------------------------------------------------
+
+LOCAL_DIR_PREFIX = "local-dir:"  # open_clip's schema for a model folder
+
+
+def hub_kwargs(cache_dir=None, token=None, local_files_only: bool = False, force_download: bool = False) -> dict:
+    """The Hub arguments that were set (None/False ones are left out, so library defaults apply)."""
+    given = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download)
+    return {name: value for name, value in given.items() if value not in (None, False)}
+
+
+def checkpoint_folder(path_or_repo: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> Path:
+    """A local checkpoint folder, or the snapshot folder of a Hub repo (downloaded or from the cache).
+
+    The model, the processor and ``calibration.json`` all resolve their files through this one rule.
+    """
+    local = Path(path_or_repo).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists():
+        raise NotADirectoryError(f"{local} is a file; a SkinCLIP-VL checkpoint is a folder (or a Hub repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(path_or_repo))
+    except HFValidationError:
+        raise FileNotFoundError(f"{path_or_repo}: no such checkpoint folder (and not a Hub repo id)") from None
+    try:
+        return Path(snapshot_download(str(path_or_repo), revision=revision, **hub_kwargs))
+    except Exception as error:  # the hub raises several types; the message is what matters
+        raise FileNotFoundError(
+            f"could not get checkpoint {path_or_repo!r} (revision {revision}) from the Hub or its cache: {error}"
+        ) from error
+
+
+def resolve_base_paths(config: "SkinClipVLConfig", folder: Path) -> "SkinClipVLConfig":
+    """Local base paths that are relative resolve against the checkpoint folder first, then the working directory.
+
+    `save_pretrained` writes local bases relative to the checkpoint, so a checkpoint loads from any working
+    directory; a name that is neither an existing folder nor a valid Hub id is an error naming both places looked.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    for section in (config.vision_config, config.decoder_config):
+        name = section.model_name_or_path
+        prefix = LOCAL_DIR_PREFIX if name.startswith(LOCAL_DIR_PREFIX) else ""
+        path = Path(name[len(prefix):]).expanduser()
+        if path.is_absolute():
+            continue
+        if (folder / path).is_dir():
+            section.model_name_or_path = prefix + str((folder / path).resolve())
+        elif path.is_dir():
+            section.model_name_or_path = prefix + str(path.resolve())
+        elif prefix:
+            raise FileNotFoundError(f"base {name!r}: no folder {folder / path} nor {path.resolve()}")
+        else:
+            try:
+                validate_repo_id(name)
+            except HFValidationError:
+                raise FileNotFoundError(
+                    f"base {name!r} (config of {folder}): no folder {folder / path} nor {path.resolve()}, "
+                    "and not a Hub repo id"
+                ) from None
+    return config
+
+
+def relative_base_paths(config: "SkinClipVLConfig", folder: Path) -> "SkinClipVLConfig":
+    """A copy of ``config`` whose local base folders are written relative to ``folder`` (the checkpoint)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    for section in (config.vision_config, config.decoder_config):
+        name = section.model_name_or_path
+        prefix = LOCAL_DIR_PREFIX if name.startswith(LOCAL_DIR_PREFIX) else ""
+        path = Path(name[len(prefix):]).expanduser()
+        if path.is_dir():
+            section.model_name_or_path = prefix + os.path.relpath(path.resolve(), folder.resolve())
+    return config
+
+
 
 __all__ = ["SkinClipVLConfig", "SkinClipVisionConfig", "SkinClipDecoderConfig"]

@@ -32,18 +32,31 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 try:
-    from .configuration_skinclip import SkinClipVLConfig
+    from .configuration_skinclip import (
+        LOCAL_DIR_PREFIX,
+        SkinClipVLConfig,
+        checkpoint_folder,
+        relative_base_paths,
+        resolve_base_paths,
+    )
+    from .configuration_skinclip import hub_kwargs as _hub_kwargs
+    from .processing_skinclip import SkinClipVLProcessor, _pad  # noqa: F401  (shipped and re-exported)
 except ImportError:  # a checkout, rather than Hub remote code
-    from configuration_skinclip import SkinClipVLConfig
+    from configuration_skinclip import (
+        LOCAL_DIR_PREFIX,
+        SkinClipVLConfig,
+        checkpoint_folder,
+        relative_base_paths,
+        resolve_base_paths,
+    )
+    from configuration_skinclip import hub_kwargs as _hub_kwargs
+    from processing_skinclip import SkinClipVLProcessor, _pad  # noqa: F401
 
 logger = logging.get_logger(__name__)
 
 TRAINED_WEIGHTS_NAME = "model.safetensors"
 LORA_SUBFOLDER = "lora"
 LORA_CONFIG_NAME = "adapter_config.json"
-TOKENIZER_SUBFOLDER = "tokenizer"
-IMAGE_PROCESSOR_SUBFOLDER = "image_processor"
-REPORT_TOKENIZER_SUBFOLDER = "report_tokenizer"
 CALIBRATION_NAME = "calibration.json"  # post-hoc temperature (and conformal threshold) from evaluate_skinclip.py
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -163,65 +176,34 @@ def build_projector(projector_type: str, vision_dim: int, decoder_dim: int) -> n
 # --------------------------------------------------------------------------------------------------------
 
 
-class ClipTower(nn.Module):
-    """The frozen CLIP model (transformers or open_clip) behind one interface.
+class VisionTower(nn.Module):
+    """The frozen CLIP model behind one interface; `HFClipTower` and `OpenClipTower` implement it.
 
     ``patch_tokens`` gives the tokens of one transformer block (prefix tokens such as CLS first),
-    ``text_embeds`` the projected text embedding of the report. All weights are frozen.
+    ``text_embeds`` the projected text embedding of a report. Implementations set ``model`` (frozen),
+    ``hidden_size`` (token width), ``grid`` (patch rows, columns) and ``text_dim``.
     """
 
-    def __init__(self, vision_config, dtype: torch.dtype, device: torch.device | str, hub_kwargs: dict | None = None):
+    model: nn.Module
+    hidden_size: int
+    grid: tuple[int, int]
+    text_dim: int
+
+    def __init__(self, vision_config):
         super().__init__()
-        self.backend = vision_config.backend
         self.feature_layer = vision_config.feature_layer
-        device = torch.device(device)
-        name = vision_config.model_name_or_path
-        if self.backend == "hf":
-            from transformers import AutoConfig, AutoModel
 
-            if device.type == "meta":
-                with torch.device("meta"):
-                    self.model = AutoModel.from_config(
-                        AutoConfig.from_pretrained(name, revision=vision_config.revision, **(hub_kwargs or {})), dtype=dtype
-                    )
-            else:
-                self.model = AutoModel.from_pretrained(
-                    name, revision=vision_config.revision, dtype=dtype, **(hub_kwargs or {})
-                ).to(device)
-            model_config = self.model.config
-            if not hasattr(self.model, "vision_model") or not hasattr(self.model, "get_text_features"):
-                raise ValueError(
-                    f"vision_config.model_name_or_path={name!r} is a {type(self.model).__name__}, "
-                    "not a CLIP-style model with vision and text towers"
-                )
-            self.hidden_size = model_config.vision_config.hidden_size
-            image_size, patch_size = model_config.vision_config.image_size, model_config.vision_config.patch_size
-            self.grid = (image_size // patch_size, image_size // patch_size)
-            self.text_dim = getattr(model_config, "projection_dim", None) or model_config.text_config.hidden_size
-        else:
-            import open_clip
-
-            tag = _open_clip_pretrained(vision_config)
-            self.model = open_clip.create_model(
-                name,
-                pretrained=None if device.type == "meta" else tag,
-                force_quick_gelu=_needs_quick_gelu(name, tag),
-                device=device,
-            ).to(dtype)
-            visual = self.model.visual
-            if not hasattr(visual, "forward_intermediates"):
-                raise ValueError(f"open_clip model {name!r} has no forward_intermediates(): not a ViT tower")
-            self.hidden_size = visual.transformer.width
-            self.grid = tuple(visual.grid_size)
-            self.text_dim = self.model.text_projection.shape[-1] if self.model.text_projection is not None else None
-            if self.text_dim is None:
-                self.text_dim = visual.output_dim
+    def _freeze(self) -> None:
         self.model.requires_grad_(False)
         self.model.eval()
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def train(self, mode: bool = True):
         # Frozen tower: keep dropout and friends off even when the wrapper model trains.
@@ -231,12 +213,75 @@ class ClipTower(nn.Module):
 
     def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, 3, H, W)` → `(batch, num_prefix + num_patches, hidden_size)` (prefix tokens first)."""
-        dtype = next(self.model.parameters()).dtype
-        if self.backend == "hf":
-            outputs = self.model.vision_model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
-            return outputs.hidden_states[self.feature_layer]
+        raise NotImplementedError
+
+    def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Report tokens → projected text embedding `(batch, text_dim)` (not normalised)."""
+        raise NotImplementedError
+
+
+class HFClipTower(VisionTower):
+    """A transformers CLIP-style model with vision and text towers (e.g. ``openai/clip-vit-large-patch14``)."""
+
+    def __init__(self, vision_config, dtype: torch.dtype, device: torch.device, hub_kwargs: dict | None = None):
+        from transformers import AutoConfig, AutoModel
+
+        super().__init__(vision_config)
+        name, hub_kwargs = vision_config.model_name_or_path, hub_kwargs or {}
+        if device.type == "meta":
+            base_config = AutoConfig.from_pretrained(name, revision=vision_config.revision, **hub_kwargs)
+            with torch.device("meta"):
+                self.model = AutoModel.from_config(base_config, dtype=dtype)
+        else:
+            self.model = AutoModel.from_pretrained(name, revision=vision_config.revision, dtype=dtype, **hub_kwargs)
+            self.model.to(device)
+        if not hasattr(self.model, "vision_model") or not hasattr(self.model, "get_text_features"):
+            raise ValueError(
+                f"vision_config.model_name_or_path={name!r} is a {type(self.model).__name__}, "
+                "not a CLIP-style model with vision and text towers"
+            )
+        model_config = self.model.config
+        self.hidden_size = model_config.vision_config.hidden_size
+        image_size, patch_size = model_config.vision_config.image_size, model_config.vision_config.patch_size
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.text_dim = getattr(model_config, "projection_dim", None) or model_config.text_config.hidden_size
+        self._freeze()
+
+    def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        outputs = self.model.vision_model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
+        return outputs.hidden_states[self.feature_layer]
+
+    def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        outputs = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return outputs if torch.is_tensor(outputs) else outputs.pooler_output
+
+
+class OpenClipTower(VisionTower):
+    """An open_clip ViT (``ViT-L-14`` + a pretrained tag, ``hf-hub:org/repo``, ``local-dir:/path``)."""
+
+    def __init__(self, vision_config, dtype: torch.dtype, device: torch.device, hub_kwargs: dict | None = None):
+        import open_clip
+
+        super().__init__(vision_config)
+        name, tag = vision_config.model_name_or_path, vision_config.open_clip_pretrained_tag()
+        self.model = open_clip.create_model(
+            name,
+            pretrained=None if device.type == "meta" else tag,
+            force_quick_gelu=_needs_quick_gelu(name, tag),
+            device=device,
+        ).to(dtype)
+        visual = self.model.visual
+        if not hasattr(visual, "forward_intermediates"):
+            raise ValueError(f"open_clip model {name!r} has no forward_intermediates(): not a ViT tower")
+        self.hidden_size = visual.transformer.width
+        self.grid = tuple(visual.grid_size)
+        projection = self.model.text_projection
+        self.text_dim = projection.shape[-1] if projection is not None else visual.output_dim
+        self._freeze()
+
+    def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         outputs = self.model.visual.forward_intermediates(
-            pixel_values.to(dtype),
+            pixel_values.to(self.dtype),
             indices=[self.feature_layer],
             output_fmt="NLC",
             intermediates_only=True,
@@ -247,11 +292,15 @@ class ClipTower(nn.Module):
         return torch.cat([prefix[0], patches], dim=1) if prefix else patches
 
     def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Report tokens → projected text embedding `(batch, text_dim)` (not normalised)."""
-        if self.backend == "hf":
-            outputs = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-            return outputs if torch.is_tensor(outputs) else outputs.pooler_output
         return self.model.encode_text(input_ids)
+
+
+VISION_TOWERS = {"hf": HFClipTower, "open_clip": OpenClipTower}
+
+
+def build_vision_tower(vision_config, dtype: torch.dtype, device: torch.device | str, hub_kwargs: dict | None = None):
+    """The frozen CLIP tower named by ``vision_config.backend`` (the one place the backends branch)."""
+    return VISION_TOWERS[vision_config.backend](vision_config, dtype, torch.device(device), hub_kwargs)
 
 
 def _bnb_config(decoder_config):
@@ -398,6 +447,9 @@ def _language_only_class(base_config):
             self.language_model.set_input_embeddings(value)
 
     class LanguageOnlyForCausalLM(vl_class):
+        # The checkpoint's vision tensors are deliberately left unread (not "unexpected" news for the user).
+        _keys_to_ignore_on_load_unexpected = [r"^model\.visual\."]
+
         def __init__(self, config):
             pretrained_base.__init__(self, config)
             self.model = LanguageStack(config)
@@ -516,9 +568,15 @@ class SkinClipVLPreTrainedModel(PreTrainedModel):
     _no_split_modules = []
 
     def _init_weights(self, module):
-        # Only this model's own new modules: the bases arrive trained and must stay as loaded.
+        # Only this model's own new modules: the bases arrive trained and must stay as loaded (their modules are
+        # never touched here; tests/test_modeling.py checks they equal a fresh load after post_init).
         if isinstance(module, FocalPooling):
             nn.init.normal_(module.query, std=module.query.shape[-1] ** -0.5)
+        elif isinstance(module, SkinClipVLModel):
+            nn.init.normal_(module.cls_token, std=0.02)
+            with torch.no_grad():
+                module.logit_scale.fill_(self.config.logit_scale_init)
+                module.calibration_temperature.fill_(1.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -553,7 +611,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             raw_config, generation_config, config.decoder_config.model_name_or_path
         )
         check_lora_targets(base_config, config.decoder_config)
-        self.vision = ClipTower(config.vision_config, dtype=dtype, device=device, hub_kwargs=hub_kwargs)
+        self.vision = build_vision_tower(config.vision_config, dtype, device, hub_kwargs)
         self.language_model = load_decoder(config.decoder_config, device, hub_kwargs, base_config=base_config)
         self.lora_config = attach_lora(self.language_model, config.decoder_config)
         # Shard/offload per decoder layer (FSDP auto-wrap, device_map), whichever decoder was loaded.
@@ -564,16 +622,17 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         with torch.device(device):
             self.projector = build_projector(config.projector_type, self.vision.hidden_size, hidden_size)
             self.focal_pooling = FocalPooling(hidden_size, config.focal_dim, config.focal_fusion_layers)
-            self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)
+            self.cls_token = nn.Parameter(torch.empty(1, 1, hidden_size))
             self.classifier = nn.Sequential(
                 nn.Dropout(config.classifier_dropout), nn.Linear(hidden_size, config.num_labels)
             )
             self.image_alignment = nn.Linear(config.focal_dim, config.alignment_dim)
             text_dim = self.vision.text_dim if config.text_encoder == "clip" else hidden_size
             self.text_alignment = nn.Linear(text_dim, config.alignment_dim)
-            self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
+            self.logit_scale = nn.Parameter(torch.empty(()))
             # Post-hoc temperature for `predict` (fitted on validation data by evaluate_skinclip.py); 1 = off.
-            self.register_buffer("calibration_temperature", torch.tensor(1.0), persistent=False)
+            self.register_buffer("calibration_temperature", torch.empty(()), persistent=False)
+        self.post_init()
 
     # ---- structure -------------------------------------------------------------------------------------
 
@@ -940,7 +999,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         self.config.architectures = [type(self).__name__]
         custom_object_save(self, save_directory, config=self.config)
         # Local bases are recorded relative to the checkpoint, so it loads from any working directory.
-        _relative_base_paths(self.config, save_directory).save_pretrained(save_directory)
+        relative_base_paths(self.config, save_directory).save_pretrained(save_directory)
         trained = self.trained_state_dict(kwargs.pop("state_dict", None))
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in trained.items()}
         save_file(tensors, str(save_directory / TRAINED_WEIGHTS_NAME), metadata={"format": "pt"})
@@ -1059,160 +1118,6 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Processor
-# --------------------------------------------------------------------------------------------------------
-
-
-class SkinClipVLProcessor:
-    """Turns images, metadata sentences, reports and rationales into `SkinClipVLModel` inputs.
-
-    Holds the decoder tokenizer (prompt and rationale), the report tokenizer (the CLIP tokenizer, or the
-    decoder's with `text_encoder="decoder"`) and the CLIP image preprocessing. `from_pretrained` prefers the
-    copies saved in a checkpoint and falls back to the bases named in its config.
-    """
-
-    def __init__(self, config: SkinClipVLConfig, tokenizer, image_processor, report_tokenizer):
-        self.config = config
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.report_tokenizer = report_tokenizer
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo: str | os.PathLike | None = None,
-        config: SkinClipVLConfig | None = None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-    ) -> "SkinClipVLProcessor":
-        """Processor of a checkpoint (local folder or Hub repo, resolved like the model) or of a config's bases."""
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        hub_kwargs = _hub_kwargs(cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-                                 force_download=force_download)
-        local = checkpoint_folder(path_or_repo, revision=revision, **hub_kwargs) if path_or_repo is not None else None
-        if config is None:
-            if local is None:
-                raise ValueError("pass a checkpoint path/repo or a SkinClipVLConfig")
-            config = SkinClipVLConfig.from_json_file(str(local / "config.json"))
-        if local is not None:
-            config = resolve_base_paths(config, local)
-        vision, decoder = config.vision_config, config.decoder_config
-
-        def source(subfolder: str, marker: str, base: str, base_revision: str | None) -> dict:
-            # Copies saved in the checkpoint win; they sit in subfolders so that the checkpoint's config.json
-            # (a custom-code config) is never read as a tokenizer or image-processor config.
-            if local is not None and (local / subfolder / marker).is_file():
-                return {"pretrained_model_name_or_path": str(local / subfolder)}
-            return {"pretrained_model_name_or_path": base, "revision": base_revision, **hub_kwargs}
-
-        tokenizer = AutoTokenizer.from_pretrained(
-            **source(TOKENIZER_SUBFOLDER, "tokenizer_config.json", decoder.model_name_or_path, decoder.revision)
-        )
-        if vision.backend == "hf":
-            image_processor = AutoImageProcessor.from_pretrained(
-                **source(IMAGE_PROCESSOR_SUBFOLDER, "preprocessor_config.json", vision.model_name_or_path, vision.revision)
-            )
-        else:
-            image_processor = _open_clip_transform(vision, hub_kwargs)
-        if config.text_encoder == "decoder":
-            report_tokenizer = tokenizer
-        elif vision.backend == "hf":
-            report_tokenizer = AutoTokenizer.from_pretrained(
-                **source(REPORT_TOKENIZER_SUBFOLDER, "tokenizer_config.json", vision.model_name_or_path, vision.revision)
-            )
-        else:
-            import open_clip
-
-            report_tokenizer = open_clip.get_tokenizer(vision.model_name_or_path)
-        return cls(config, tokenizer, image_processor, report_tokenizer)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        save_directory = Path(save_directory)
-        self.tokenizer.save_pretrained(str(save_directory / TOKENIZER_SUBFOLDER))
-        if hasattr(self.image_processor, "save_pretrained"):
-            self.image_processor.save_pretrained(str(save_directory / IMAGE_PROCESSOR_SUBFOLDER))
-        if self.report_tokenizer is not self.tokenizer and hasattr(self.report_tokenizer, "save_pretrained"):
-            self.report_tokenizer.save_pretrained(str(save_directory / REPORT_TOKENIZER_SUBFOLDER))
-
-    # ---- pieces ---------------------------------------------------------------------------------------
-
-    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
-        """PIL images (any mode) → `(batch, 3, H, W)` CLIP-normalised pixels."""
-        rgb = [image.convert("RGB") for image in images]
-        if callable(self.image_processor) and not hasattr(self.image_processor, "save_pretrained"):
-            return torch.stack([self.image_processor(image) for image in rgb])
-        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-
-    def prompt_texts(self, metadata_texts: Sequence[str]) -> list[str]:
-        return [self.config.prompt_template.format(metadata=(text or "").strip()) for text in metadata_texts]
-
-    def tokenize_prompts(self, metadata_texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and mask `(batch, prompt_length)`; long metadata is cut from its start side."""
-        encoded = [
-            self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.config.max_prompt_tokens :]
-            for text in self.prompt_texts(metadata_texts)
-        ]
-        return _pad(encoded, self.tokenizer.pad_token_id, left=True)
-
-    def tokenize_rationales(self, rationales: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded rationale ids ending in eos, and mask `(batch, rationale_length)`."""
-        budget = self.config.max_rationale_tokens - 1
-        encoded = [
-            self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][:budget] + [self.tokenizer.eos_token_id]
-            for text in rationales
-        ]
-        return _pad(encoded, self.tokenizer.pad_token_id, left=False)
-
-    def tokenize_reports(self, reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Report tokens for t_global `(batch, report_length)`, tokenised for the report encoder."""
-        if self.report_tokenizer is self.tokenizer:
-            return self.tokenize_rationales(reports)
-        if not hasattr(self.report_tokenizer, "pad_token_id"):  # open_clip's tokenizer pads to its context
-            ids = self.report_tokenizer(list(reports))
-            return ids, (ids != 0).long()
-        encoded = self.report_tokenizer(
-            list(reports), padding=True, truncation=True, max_length=self.config.max_report_tokens, return_tensors="pt"
-        )
-        return encoded["input_ids"], encoded["attention_mask"]
-
-    def __call__(
-        self,
-        images: Sequence[Any] | None = None,
-        metadata_texts: Sequence[str] | None = None,
-        reports: Sequence[str] | None = None,
-        rationales: Sequence[str] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        if metadata_texts is None:
-            metadata_texts = [""] * len(images)
-        batch: dict[str, torch.Tensor] = {}
-        if images is not None:
-            if len(images) != len(metadata_texts):
-                raise ValueError(f"{len(images)} images but {len(metadata_texts)} metadata texts")
-            batch["pixel_values"] = self.preprocess_images(images)
-        batch["prompt_ids"], batch["prompt_attention_mask"] = self.tokenize_prompts(metadata_texts)
-        if reports is not None:
-            batch["report_ids"], batch["report_attention_mask"] = self.tokenize_reports(reports)
-        if rationales is not None:
-            batch["rationale_ids"], batch["rationale_attention_mask"] = self.tokenize_rationales(rationales)
-        return batch
-
-    def decode(self, rationale_ids: torch.Tensor) -> list[str]:
-        """Generated ids → text, cut at the first eos."""
-        texts = []
-        for row in rationale_ids.tolist():
-            if self.tokenizer.eos_token_id in row:
-                row = row[: row.index(self.tokenizer.eos_token_id)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return texts
-
-
-# --------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------
 
@@ -1220,19 +1125,6 @@ class SkinClipVLProcessor:
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Contiguous positions that skip padding wherever it sits: `cumsum(mask) - 1`, clamped at 0."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        if not sequence:
-            continue
-        span = slice(length - len(sequence), length) if left else slice(0, len(sequence))
-        ids[row, span] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
 
 
 def _first(value):
@@ -1251,90 +1143,15 @@ def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _open_clip_transform(vision_config, hub_kwargs: dict | None = None):
-    """open_clip's evaluation transform, built from config files alone (no model, no weights fetched).
-
-    ``create_model_and_transforms(..., load_weights=False)`` would build a second ViT, and may still fetch
-    weights; the preprocessing needs only the image size and the pretrained tag's mean/std/resize settings,
-    merged in open_clip's own order (defaults, model config, pretrained tag).
-    """
-    from dataclasses import asdict
-
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-
-    name = vision_config.model_name_or_path
-    preprocess = asdict(PreprocessCfg())
-    if name.startswith(_LOCAL_DIR_PREFIX) or name.startswith("hf-hub:"):
-        if name.startswith(_LOCAL_DIR_PREFIX):
-            config_file = Path(name[len(_LOCAL_DIR_PREFIX):]) / "open_clip_config.json"
-        else:
-            from huggingface_hub import hf_hub_download
-
-            config_file = Path(hf_hub_download(
-                name.removeprefix("hf-hub:"), "open_clip_config.json", revision=vision_config.revision, **(hub_kwargs or {})
-            ))
-        file_config = json.loads(config_file.read_text())
-        model_config = file_config["model_cfg"]
-        preprocess = merge_preprocess_dict(preprocess, file_config.get("preprocess_cfg", {}))
-    else:
-        model_config = open_clip.get_model_config(name)
-        if model_config is None:
-            raise ValueError(f"open_clip has no model config named {name!r}")
-        tag = _open_clip_pretrained(vision_config)
-        if tag:
-            preprocess = merge_preprocess_dict(preprocess, open_clip.get_pretrained_cfg(name, tag))
-    image_size = model_config["vision_cfg"].get("image_size", preprocess["size"])
-    preprocess["size"] = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
-    return image_transform_v2(PreprocessCfg(**preprocess), is_train=False)
-
-
 def _needs_quick_gelu(name: str, tag: str | None) -> bool:
     """OpenAI's CLIP weights were trained with QuickGELU, but e.g. open_clip's plain ``ViT-L-14`` config builds
     GELU (open_clip only warns, and the features are then wrong). A ``local-dir:``/``hf-hub:`` config decides itself.
     """
     import open_clip
 
-    if not tag or name.startswith((_LOCAL_DIR_PREFIX, "hf-hub:")):
+    if not tag or name.startswith((LOCAL_DIR_PREFIX, "hf-hub:")):
         return False
     return tag == "openai" or bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
-
-
-def _open_clip_pretrained(vision_config) -> str | None:
-    # With an "hf-hub:" or "local-dir:" schema the weights come with the name; a tag would be an error.
-    has_schema = vision_config.model_name_or_path.startswith(("hf-hub:", "local-dir:"))
-    return None if has_schema else vision_config.pretrained
-
-
-def _hub_kwargs(cache_dir=None, token=None, local_files_only: bool = False, force_download: bool = False) -> dict:
-    """The Hub arguments that were set (None/False ones are left out, so library defaults apply)."""
-    given = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download)
-    return {name: value for name, value in given.items() if value not in (None, False)}
-
-
-def checkpoint_folder(path_or_repo: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> Path:
-    """A local checkpoint folder, or the snapshot folder of a Hub repo (downloaded or from the cache).
-
-    The model, the processor and ``calibration.json`` all resolve their files through this one rule.
-    """
-    local = Path(path_or_repo).expanduser()
-    if local.is_dir():
-        return local.resolve()
-    if local.exists():
-        raise NotADirectoryError(f"{local} is a file; a SkinCLIP-VL checkpoint is a folder (or a Hub repo id)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(str(path_or_repo))
-    except HFValidationError:
-        raise FileNotFoundError(f"{path_or_repo}: no such checkpoint folder (and not a Hub repo id)") from None
-    try:
-        return Path(snapshot_download(str(path_or_repo), revision=revision, **hub_kwargs))
-    except Exception as error:  # the hub raises several types; the message is what matters
-        raise FileNotFoundError(
-            f"could not get checkpoint {path_or_repo!r} (revision {revision}) from the Hub or its cache: {error}"
-        ) from error
 
 
 def _require_files(folder: Path, filenames: Sequence[str]) -> None:
@@ -1344,54 +1161,6 @@ def _require_files(folder: Path, filenames: Sequence[str]) -> None:
             f"{folder} is not a complete SkinCLIP-VL checkpoint: missing {missing} "
             f"(expected {list(filenames)}; was it written by SkinClipVLModel.save_pretrained?)"
         )
-
-
-_LOCAL_DIR_PREFIX = "local-dir:"  # open_clip's schema for a model folder
-
-
-def resolve_base_paths(config: SkinClipVLConfig, folder: Path) -> SkinClipVLConfig:
-    """Local base paths that are relative resolve against the checkpoint folder first, then the working directory.
-
-    `save_pretrained` writes local bases relative to the checkpoint, so a checkpoint loads from any working
-    directory; a name that is neither an existing folder nor a valid Hub id is an error naming both places looked.
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    for section in (config.vision_config, config.decoder_config):
-        name = section.model_name_or_path
-        prefix = _LOCAL_DIR_PREFIX if name.startswith(_LOCAL_DIR_PREFIX) else ""
-        path = Path(name[len(prefix):]).expanduser()
-        if path.is_absolute():
-            continue
-        if (folder / path).is_dir():
-            section.model_name_or_path = prefix + str((folder / path).resolve())
-        elif path.is_dir():
-            section.model_name_or_path = prefix + str(path.resolve())
-        elif prefix:
-            raise FileNotFoundError(f"base {name!r}: no folder {folder / path} nor {path.resolve()}")
-        else:
-            try:
-                validate_repo_id(name)
-            except HFValidationError:
-                raise FileNotFoundError(
-                    f"base {name!r} (config of {folder}): no folder {folder / path} nor {path.resolve()}, "
-                    "and not a Hub repo id"
-                ) from None
-    return config
-
-
-def _relative_base_paths(config: SkinClipVLConfig, folder: Path) -> SkinClipVLConfig:
-    """A copy of ``config`` whose local base folders are written relative to ``folder`` (the checkpoint)."""
-    import copy
-
-    config = copy.deepcopy(config)
-    for section in (config.vision_config, config.decoder_config):
-        name = section.model_name_or_path
-        prefix = _LOCAL_DIR_PREFIX if name.startswith(_LOCAL_DIR_PREFIX) else ""
-        path = Path(name[len(prefix):]).expanduser()
-        if path.is_dir():
-            section.model_name_or_path = prefix + os.path.relpath(path.resolve(), folder.resolve())
-    return config
 
 
 def _single_device(device, device_map) -> torch.device | None:

@@ -6,6 +6,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -191,7 +192,8 @@ def test_save_then_automodel_in_fresh_process_gives_same_logits(tmp_path, model_
     processor.save_pretrained(checkpoint)
     assert (checkpoint / "lora" / "adapter_config.json").is_file()
     assert not (checkpoint / "adapter_config.json").exists()  # at the root it would hijack AutoModel
-    assert {"modeling_skinclip.py", "configuration_skinclip.py"} <= {p.name for p in checkpoint.iterdir()}
+    assert {"modeling_skinclip.py", "configuration_skinclip.py", "processing_skinclip.py"} <= {
+        p.name for p in checkpoint.iterdir()}
     saved = load_file(checkpoint / "model.safetensors")
     assert set(saved) == set(model.trained_state_dict())
     base_names = {n for n in model.state_dict() if n not in saved}
@@ -207,11 +209,20 @@ def test_save_then_automodel_in_fresh_process_gives_same_logits(tmp_path, model_
         with torch.no_grad():
             torch.save(model(**batch).logits, {str(tmp_path / 'logits.pt')!r})
         print(type(model).__name__)
+        # The processor ships as remote code too, and resolves the checkpoint's own tokenizer copy.
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+        processor_class = get_class_from_dynamic_module("processing_skinclip.SkinClipVLProcessor", {str(checkpoint)!r})
+        processor = processor_class.from_pretrained({str(checkpoint)!r})
+        torch.save(processor.tokenize_prompts(["A lesion on the back."])[0], {str(tmp_path / 'prompt.pt')!r})
+        print(processor_class.__module__)
     """)
     # cwd outside the repo: the model class must come from the checkpoint's copied code
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SkinClipVLModel" in result.stdout
+    assert "transformers_modules" in result.stdout  # the processor class came from the checkpoint's code
+    torch.testing.assert_close(torch.load(tmp_path / "prompt.pt", weights_only=True),
+                               processor.tokenize_prompts(["A lesion on the back."])[0])
     reloaded = torch.load(tmp_path / "logits.pt", weights_only=True)
     with torch.no_grad():
         torch.testing.assert_close(reloaded, model(**batch).logits, rtol=0, atol=1e-6)
@@ -291,3 +302,21 @@ def test_save_filters_a_given_state_dict(tmp_path, model_and_processor):
     assert set(saved) == set(model.trained_state_dict())
     torch.testing.assert_close(saved["cls_token"], model.cls_token.detach() + 1.0)
     assert "Qwen2_5_VLDecoderLayer" in model._no_split_modules
+
+
+def test_post_init_initialises_only_the_new_modules(make_config, tiny_bases):
+    """`post_init` runs `_init_weights`: the new modules get their init, every base tensor stays as loaded."""
+    from safetensors.torch import load_file as load
+
+    model = SkinClipVLModel(make_config(), device="cpu")
+    assert model.logit_scale.item() == pytest.approx(model.config.logit_scale_init)
+    assert model.calibration_temperature.item() == 1.0
+    assert 0.01 < model.cls_token.std().item() < 0.03
+    clip = load(str(Path(tiny_bases["clip"]) / "model.safetensors"))
+    tower = model.vision.model.state_dict()
+    assert all(torch.equal(tower[name], tensor) for name, tensor in clip.items())
+    embeddings = model.language_model.get_input_embeddings().weight
+    stored = {}
+    for shard in Path(tiny_bases["decoder-qwen2_5_vl"]).glob("*.safetensors"):
+        stored.update(load(str(shard)))
+    assert torch.equal(embeddings, stored["model.embed_tokens.weight"].to(embeddings.dtype))

@@ -346,13 +346,13 @@ def test_open_clip_tower_with_openai_weights_uses_quick_gelu():
     """open_clip's ViT-L-14 config builds GELU; OpenAI's weights need QuickGELU (built here on meta: no download)."""
     import open_clip
 
-    from modeling_skinclip import ClipTower
+    from modeling_skinclip import build_vision_tower
 
     config = SkinClipVLConfig(
         vision_config=dict(backend="open_clip", model_name_or_path="ViT-L-14", pretrained="openai"),
         decoder_config=dict(model_name_or_path=str(QWEN_FILES)),
     )
-    tower = ClipTower(config.vision_config, dtype=torch.float32, device="meta")
+    tower = build_vision_tower(config.vision_config, torch.float32, "meta")
     activations = {type(m).__name__ for m in tower.model.visual.modules()}
     assert "QuickGELU" in activations and "GELU" not in activations
     assert open_clip.get_model_config("ViT-L-14").get("quick_gelu") is not True  # the trap this guards against

@@ -1,0 +1,250 @@
+"""The SkinCLIP-VL processor: images, metadata prompts, reports and rationales → `SkinClipVLModel` inputs.
+
+Shipped beside ``modeling_skinclip.py`` in every checkpoint (remote code); it resolves a checkpoint's files by the
+same rule as the model (``configuration_skinclip.checkpoint_folder`` / ``resolve_base_paths``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+try:
+    from .configuration_skinclip import (
+        LOCAL_DIR_PREFIX,
+        SkinClipVLConfig,
+        checkpoint_folder,
+        resolve_base_paths,
+    )
+    from .configuration_skinclip import hub_kwargs as _hub_kwargs_of
+except ImportError:  # a checkout, rather than Hub remote code
+    from configuration_skinclip import LOCAL_DIR_PREFIX, SkinClipVLConfig, checkpoint_folder, resolve_base_paths
+    from configuration_skinclip import hub_kwargs as _hub_kwargs_of
+
+# Processor files sit in subfolders so that the checkpoint's config.json (a custom-code config) is never read as
+# a tokenizer or image-processor config.
+TOKENIZER_SUBFOLDER = "tokenizer"
+IMAGE_PROCESSOR_SUBFOLDER = "image_processor"
+REPORT_TOKENIZER_SUBFOLDER = "report_tokenizer"
+
+
+class SkinClipVLProcessor:
+    """Turns images, metadata sentences, reports and rationales into `SkinClipVLModel` inputs.
+
+    Holds the decoder tokenizer (prompt and rationale), the report tokenizer (the CLIP tokenizer, or the
+    decoder's with `text_encoder="decoder"`) and the CLIP image preprocessing. `from_pretrained` prefers the
+    copies saved in a checkpoint and falls back to the bases named in its config.
+    """
+
+    def __init__(self, config: SkinClipVLConfig, tokenizer, image_processor, report_tokenizer,
+                 stop_token_ids: Sequence[int] | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.report_tokenizer = report_tokenizer
+        # Where decoded rationales end: the tokenizer's eos and every eos id of the decoder's generation config.
+        self.stop_token_ids = {tokenizer.eos_token_id, *(stop_token_ids or ())} - {None}
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike | None = None,
+        config: SkinClipVLConfig | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> "SkinClipVLProcessor":
+        """Processor of a checkpoint (local folder or Hub repo, resolved like the model) or of a config's bases."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        hub_kwargs = _hub_kwargs_of(cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                                 force_download=force_download)
+        local = checkpoint_folder(path_or_repo, revision=revision, **hub_kwargs) if path_or_repo is not None else None
+        if config is None:
+            if local is None:
+                raise ValueError("pass a checkpoint path/repo or a SkinClipVLConfig")
+            config = SkinClipVLConfig.from_json_file(str(local / "config.json"))
+        if local is not None:
+            config = resolve_base_paths(config, local)
+        vision, decoder = config.vision_config, config.decoder_config
+
+        def source(subfolder: str, marker: str, base: str, base_revision: str | None) -> dict:
+            # Copies saved in the checkpoint win; they sit in subfolders so that the checkpoint's config.json
+            # (a custom-code config) is never read as a tokenizer or image-processor config.
+            if local is not None and (local / subfolder / marker).is_file():
+                return {"pretrained_model_name_or_path": str(local / subfolder)}
+            return {"pretrained_model_name_or_path": base, "revision": base_revision, **hub_kwargs}
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            **source(TOKENIZER_SUBFOLDER, "tokenizer_config.json", decoder.model_name_or_path, decoder.revision)
+        )
+        if vision.backend == "hf":
+            image_processor = AutoImageProcessor.from_pretrained(
+                **source(IMAGE_PROCESSOR_SUBFOLDER, "preprocessor_config.json", vision.model_name_or_path, vision.revision)
+            )
+        else:
+            image_processor = _open_clip_transform(vision, hub_kwargs)
+        if config.text_encoder == "decoder":
+            report_tokenizer = tokenizer
+        elif vision.backend == "hf":
+            report_tokenizer = AutoTokenizer.from_pretrained(
+                **source(REPORT_TOKENIZER_SUBFOLDER, "tokenizer_config.json", vision.model_name_or_path, vision.revision)
+            )
+        else:
+            import open_clip
+
+            report_tokenizer = open_clip.get_tokenizer(vision.model_name_or_path)
+        return cls(config, tokenizer, image_processor, report_tokenizer, _generation_eos_ids(decoder, hub_kwargs))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        save_directory = Path(save_directory)
+        self.tokenizer.save_pretrained(str(save_directory / TOKENIZER_SUBFOLDER))
+        if hasattr(self.image_processor, "save_pretrained"):
+            self.image_processor.save_pretrained(str(save_directory / IMAGE_PROCESSOR_SUBFOLDER))
+        if self.report_tokenizer is not self.tokenizer and hasattr(self.report_tokenizer, "save_pretrained"):
+            self.report_tokenizer.save_pretrained(str(save_directory / REPORT_TOKENIZER_SUBFOLDER))
+
+    # ---- pieces ---------------------------------------------------------------------------------------
+
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images (any mode) → `(batch, 3, H, W)` CLIP-normalised pixels."""
+        rgb = [image.convert("RGB") for image in images]
+        if callable(self.image_processor) and not hasattr(self.image_processor, "save_pretrained"):
+            return torch.stack([self.image_processor(image) for image in rgb])
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def prompt_texts(self, metadata_texts: Sequence[str]) -> list[str]:
+        return [self.config.prompt_template.format(metadata=(text or "").strip()) for text in metadata_texts]
+
+    def tokenize_prompts(self, metadata_texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and mask `(batch, prompt_length)`; long metadata is cut from its start side."""
+        encoded = [
+            self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.config.max_prompt_tokens :]
+            for text in self.prompt_texts(metadata_texts)
+        ]
+        return _pad(encoded, self.tokenizer.pad_token_id, left=True)
+
+    def tokenize_rationales(self, rationales: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded rationale ids ending in eos, and mask `(batch, rationale_length)`."""
+        budget = self.config.max_rationale_tokens - 1
+        encoded = [
+            self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][:budget] + [self.tokenizer.eos_token_id]
+            for text in rationales
+        ]
+        return _pad(encoded, self.tokenizer.pad_token_id, left=False)
+
+    def tokenize_reports(self, reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Report tokens for t_global `(batch, report_length)`, tokenised for the report encoder."""
+        if self.report_tokenizer is self.tokenizer:
+            return self.tokenize_rationales(reports)
+        if not hasattr(self.report_tokenizer, "pad_token_id"):  # open_clip's tokenizer pads to its context
+            ids = self.report_tokenizer(list(reports))
+            return ids, (ids != 0).long()
+        encoded = self.report_tokenizer(
+            list(reports), padding=True, truncation=True, max_length=self.config.max_report_tokens, return_tensors="pt"
+        )
+        return encoded["input_ids"], encoded["attention_mask"]
+
+    def __call__(
+        self,
+        images: Sequence[Any] | None = None,
+        metadata_texts: Sequence[str] | None = None,
+        reports: Sequence[str] | None = None,
+        rationales: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if metadata_texts is None:
+            metadata_texts = [""] * len(images)
+        batch: dict[str, torch.Tensor] = {}
+        if images is not None:
+            if len(images) != len(metadata_texts):
+                raise ValueError(f"{len(images)} images but {len(metadata_texts)} metadata texts")
+            batch["pixel_values"] = self.preprocess_images(images)
+        batch["prompt_ids"], batch["prompt_attention_mask"] = self.tokenize_prompts(metadata_texts)
+        if reports is not None:
+            batch["report_ids"], batch["report_attention_mask"] = self.tokenize_reports(reports)
+        if rationales is not None:
+            batch["rationale_ids"], batch["rationale_attention_mask"] = self.tokenize_rationales(rationales)
+        return batch
+
+    def decode(self, rationale_ids: torch.Tensor) -> list[str]:
+        """Generated ids → text, cut at the first eos."""
+        texts = []
+        for row in rationale_ids.tolist():
+            end = next((i for i, token in enumerate(row) if token in self.stop_token_ids), len(row))
+            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        return texts
+
+
+def _generation_eos_ids(decoder_config, hub_kwargs: dict) -> list[int]:
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(
+            decoder_config.model_name_or_path, revision=decoder_config.revision, **hub_kwargs
+        )
+    except OSError:  # no generation_config.json: the tokenizer's eos is the stop token
+        return []
+    eos = generation.eos_token_id
+    return [] if eos is None else [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if not sequence:
+            continue
+        span = slice(length - len(sequence), length) if left else slice(0, len(sequence))
+        ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def _open_clip_transform(vision_config, hub_kwargs: dict | None = None):
+    """open_clip's evaluation transform, built from config files alone (no model, no weights fetched).
+
+    ``create_model_and_transforms(..., load_weights=False)`` would build a second ViT, and may still fetch
+    weights; the preprocessing needs only the image size and the pretrained tag's mean/std/resize settings,
+    merged in open_clip's own order (defaults, model config, pretrained tag).
+    """
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    name = vision_config.model_name_or_path
+    preprocess = asdict(PreprocessCfg())
+    if name.startswith(LOCAL_DIR_PREFIX) or name.startswith("hf-hub:"):
+        if name.startswith(LOCAL_DIR_PREFIX):
+            config_file = Path(name[len(LOCAL_DIR_PREFIX):]) / "open_clip_config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(
+                name.removeprefix("hf-hub:"), "open_clip_config.json", revision=vision_config.revision, **(hub_kwargs or {})
+            ))
+        file_config = json.loads(config_file.read_text())
+        model_config = file_config["model_cfg"]
+        preprocess = merge_preprocess_dict(preprocess, file_config.get("preprocess_cfg", {}))
+    else:
+        model_config = open_clip.get_model_config(name)
+        if model_config is None:
+            raise ValueError(f"open_clip has no model config named {name!r}")
+        tag = vision_config.open_clip_pretrained_tag()
+        if tag:
+            preprocess = merge_preprocess_dict(preprocess, open_clip.get_pretrained_cfg(name, tag))
+    image_size = model_config["vision_cfg"].get("image_size", preprocess["size"])
+    preprocess["size"] = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+    return image_transform_v2(PreprocessCfg(**preprocess), is_train=False)
+
+
+__all__ = ["SkinClipVLProcessor"]
