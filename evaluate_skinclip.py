@@ -30,8 +30,8 @@ import torch
 import skinclip_metrics as sm
 from skinclip import validation
 from skinclip.errors import UserError, run_entry_point
+from skinclip.labels import ISIC2019_CLASSES, MALIGNANT_CLASSES
 
-ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
 SUBGROUP_COLUMNS = {
     "sex": ("sex", "gender"),
     "site": ("anatom_site_general", "site", "location", "localization"),
@@ -162,7 +162,7 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
         report["ood_binary"] = {
             **sm.classification_metrics(labels, binary_probs, data_classes),
             "partial_auc_above_80_tpr": float(sm.partial_auc_above_tpr(y_true, malignant, min_tpr=0.8)),
-            "malignant_classes": [c for c in ("MEL", "BCC", "SCC") if c in class_names],
+            "malignant_classes": [c for c in MALIGNANT_CLASSES if c in class_names],
         }
 
     # Strict JSON: an undefined metric is null (json.dumps wrote a bare NaN, which parsers reject).

@@ -42,7 +42,6 @@ _NOT_IN_RUN_KEY = {"output_dir", "run_name", "logging_dir", "hub_model_id"}
 TINY_TIMM_MODELS = {"efficientnet": "test_efficientnet", "resnet": "test_resnet", "convnext": "test_convnext"}
 TINY_DEMO = {"num_per_class": 12, "image_size": 32}
 TINY_DEMO_SEEDS = {"isic2019": 0, "derm7pt": 1, "isic2024": 2}
-TINY_MALIGNANT = ("MEL", "BCC", "SCC")
 
 logger = logging.getLogger("skinclip.reproduce")
 
@@ -264,6 +263,7 @@ def prepare_tiny(plan: Plan) -> None:
 
     from baselines.ood import binary_dataset_from
     from datasets_scripts.demo import build_demo_dataset
+    from skinclip.labels import MALIGNANT_CLASSES
     from skinclip.tiny_bases import build_tiny_bases
 
     root = plan.out / "tiny"
@@ -277,7 +277,7 @@ def prepare_tiny(plan: Plan) -> None:
                 source = root / "data" / "isic2024-source"
                 build_demo_dataset(seed=seed, output_dir=str(source), **TINY_DEMO)
                 splits = list(load_from_disk(str(source)))
-                binary = binary_dataset_from(source, root / "data" / "isic2024-splits", TINY_MALIGNANT, splits)
+                binary = binary_dataset_from(source, root / "data" / "isic2024-splits", MALIGNANT_CLASSES, splits)
                 from datasets import DatasetDict
 
                 DatasetDict({"test": concatenate_datasets([binary[s] for s in splits])}).save_to_disk(str(path))

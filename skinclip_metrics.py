@@ -20,8 +20,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-ISIC2019_SUBMISSION_COLUMNS = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
-MALIGNANT_CLASSES = ("MEL", "BCC", "SCC")  # AK is pre-malignant; SLICE-3D labels it benign (target 0)
+from skinclip.labels import ISIC2019_SUBMISSION_COLUMNS, MALIGNANT_CLASSES
+
 SUBGROUP_COLUMNS = ("attribute", "group", "n", "balanced_accuracy", "auroc_macro", "ece")
 UNKNOWN_GROUP = "unknown"
 _RESAMPLE_BLOCK = 2_000_000  # bootstrap indices drawn per block (resamples x samples), bounding memory

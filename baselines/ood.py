@@ -24,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-BINARY_NAMES = ["benign", "malignant"]
+from skinclip.labels import OOD_CLASSES
+
 OOD_PREFIX = "ood"
 
 
@@ -40,8 +41,8 @@ def load_ood_split(dataset_path: str | Path, split: str = "test"):
     else:
         part = dataset[split]
     names = part.features["label"].names
-    if sorted(names) != sorted(BINARY_NAMES):
-        raise ValueError(f"OOD dataset {dataset_path} must have labels {BINARY_NAMES}, got {names}")
+    if sorted(names) != sorted(OOD_CLASSES):
+        raise ValueError(f"OOD dataset {dataset_path} must have labels {list(OOD_CLASSES)}, got {names}")
     return part
 
 
@@ -83,7 +84,7 @@ def write_ood_outputs(output_dir: str | Path, image_ids, malignant: np.ndarray, 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_predictions(output_dir / f"{OOD_PREFIX}_predictions.csv", image_ids, np.asarray(malignant).astype(int),
-                      np.stack([1.0 - scores, scores], axis=1), BINARY_NAMES)
+                      np.stack([1.0 - scores, scores], axis=1), list(OOD_CLASSES))
     (output_dir / f"{OOD_PREFIX}_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -130,7 +131,7 @@ def binary_dataset_from(source_path: str | Path, output_dir: str | Path, maligna
         if not malignant_ids:
             raise ValueError(f"none of {list(malignant_classes)} is a class of {source_path} ({names})")
         features = part.features.copy()
-        features["label"] = ClassLabel(names=BINARY_NAMES)
+        features["label"] = ClassLabel(names=list(OOD_CLASSES))
         result[split] = part.map(
             lambda row: {"label": int(row["label"] in malignant_ids)}, features=features, desc="binary OOD labels"
         )

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from skinclip.errors import run_entry_point
+from skinclip.labels import ISIC2019_CLASSES
 
 from .common import (
     add_common_arguments,
@@ -44,7 +45,7 @@ from .isic2019 import class_report
 from .metadata_text import clean_age, clean_text, describe_metadata
 from .splits import unique_groups
 
-CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"]
+CLASS_NAMES = [name for name in ISIC2019_CLASSES if name != "SCC"]  # ISIC 2019's order; HAM10000 has no SCC
 DX_TO_CLASS = {"mel": "MEL", "nv": "NV", "bcc": "BCC", "akiec": "AK", "bkl": "BKL", "df": "DF", "vasc": "VASC"}
 LEAK_COLUMNS = ["dx_type"]
 METADATA_FILE = "HAM10000_metadata.csv"

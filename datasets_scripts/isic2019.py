@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from skinclip.errors import run_entry_point
+from skinclip.labels import ISIC2019_CLASSES
 
 from .common import (
     DataError,
@@ -42,7 +43,7 @@ from .common import (
 from .metadata_text import clean_age, clean_text, describe_metadata
 from .splits import unique_groups
 
-CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+CLASS_NAMES = list(ISIC2019_CLASSES)
 GROUND_TRUTH_FILE = "ISIC_2019_Training_GroundTruth.csv"
 METADATA_FILE = "ISIC_2019_Training_Metadata.csv"
 IMAGE_DIR = "ISIC_2019_Training_Input"

@@ -31,6 +31,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from skinclip.errors import run_entry_point
+from skinclip.labels import MALIGNANT_CLASSES, OOD_CLASSES
 
 from .common import (
     METADATA_WARNINGS_NAME,
@@ -57,8 +58,7 @@ from .common import (
 from .metadata_text import clean_age, clean_number, clean_text, describe_metadata
 from .splits import SPLIT_NAMES, unique_groups
 
-CLASS_NAMES = ["benign", "malignant"]
-MALIGNANT_CLASSES = ("MEL", "BCC", "SCC")
+CLASS_NAMES = list(OOD_CLASSES)
 LEAK_COLUMNS = ["target", "lesion_id", "iddx_full", "tbp_lv_dnn_lesion_confidence"]
 LEAK_PREFIXES = ("iddx_", "mel_")
 PROMPT_TEXT_COLUMNS = ("sex", "anatom_site_general")  # cut to a prompt-sized length; other strings kept whole
