@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import skinclip_metrics as sm
+from skinclip import classification_metrics as sm
 from skinclip import validation
 from skinclip.errors import UserError, run_entry_point
 from skinclip.labels import ISIC2019_CLASSES, MALIGNANT_CLASSES
@@ -155,13 +155,9 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
             sm.write_isic2019_submission(out_dir / "isic2019_submission.csv", [str(i) for i in ids], probs, class_names)
     else:
         # Out of distribution: a multi-class model scored on a binary benign/malignant dataset.
-        malignant = sm.malignant_score(probs, class_names)
-        positive = _positive_index(data_classes)
-        y_true = (labels == positive).astype(int)
-        binary_probs = np.stack([1 - malignant, malignant], axis=1) if positive == 1 else np.stack([malignant, 1 - malignant], axis=1)
+        y_true = (labels == _positive_index(data_classes)).astype(int)
         report["ood_binary"] = {
-            **sm.classification_metrics(labels, binary_probs, data_classes),
-            "partial_auc_above_80_tpr": float(sm.partial_auc_above_tpr(y_true, malignant, min_tpr=0.8)),
+            **sm.ood_metrics(y_true, sm.malignant_score(probs, class_names)),
             "malignant_classes": [c for c in MALIGNANT_CLASSES if c in class_names],
         }
 

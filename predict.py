@@ -267,7 +267,7 @@ def prediction_set(probs: np.ndarray, calibration: dict, class_names: list[str])
     conformal = calibration.get("conformal")
     if not conformal:
         return None
-    from skinclip_metrics import SplitConformal, format_prediction_set
+    from skinclip.classification_metrics import SplitConformal, format_prediction_set
 
     predictor = SplitConformal(
         method=conformal["method"],

@@ -324,18 +324,14 @@ class SkinClipVLCollator:
 
 def compute_classification_metrics(eval_prediction) -> dict[str, float]:
     """Trainer ``compute_metrics``: B-ACC, macro one-vs-rest AUROC and ECE (15 bins) from class logits."""
-    from skinclip_metrics import balanced_accuracy, expected_calibration_error, macro_auroc
+    from skinclip.classification_metrics import headline_metrics
 
     logits = eval_prediction.predictions
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
     labels = np.asarray(eval_prediction.label_ids).astype(int)
     probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1).numpy()
-    return {
-        "balanced_accuracy": float(balanced_accuracy(labels, probs)),
-        "auroc_macro": float(macro_auroc(labels, probs)),
-        "ece": float(expected_calibration_error(labels, probs, n_bins=15)),
-    }
+    return headline_metrics(labels, probs)
 
 
 # --------------------------------------------------------------------------------------------------------

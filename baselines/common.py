@@ -56,27 +56,16 @@ def load_data(data_args, seed: int):
     return load_training_data(data_args, seed)
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """B-ACC, macro one-vs-rest AUROC and 15-bin ECE: the keys and functions of train.py's metrics files."""
-    from skinclip_metrics import balanced_accuracy, expected_calibration_error, macro_auroc
-
-    labels = np.asarray(labels).astype(int)
-    return {
-        "balanced_accuracy": float(balanced_accuracy(labels, probs)),
-        "auroc_macro": float(macro_auroc(labels, probs)),
-        "ece": float(expected_calibration_error(labels, probs, n_bins=15)),
-    }
-
-
 def write_split_outputs(output_dir: str | Path, split: str, image_ids, labels: np.ndarray, probs: np.ndarray,
                         class_names: list[str], extra: dict | None = None) -> dict[str, float]:
     """Write ``<split>_predictions.csv`` and ``<split>_metrics.json`` as train.py does; return the metrics."""
+    from skinclip.classification_metrics import headline_metrics
     from train import write_predictions
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels).astype(int)
-    metrics = {**classification_metrics(labels, probs), **(extra or {})}
+    metrics = {**headline_metrics(labels, probs), **(extra or {})}
     write_predictions(output_dir / f"{split}_predictions.csv", image_ids, labels, probs, class_names)
     (output_dir / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

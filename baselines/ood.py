@@ -1,13 +1,14 @@
 """Out-of-distribution evaluation (the paper's ISIC 2024 columns) of any run trained on ISIC 2019.
 
 ISIC 2024 is binary (benign / malignant); an ISIC 2019 model gives 8-class probabilities. Its malignant score
-is the probability mass on the malignant classes (`skinclip_metrics.malignant_score`: MEL + BCC + SCC), and the
-binary probabilities are ``[1 - score, score]``. From those:
+is the probability mass on the malignant classes (`skinclip.classification_metrics.malignant_score`: MEL + BCC +
+SCC), and the binary probabilities are ``[1 - score, score]``. From those (`classification_metrics.ood_metrics`, the
+scorer evaluate_skinclip.py uses too):
 
 * B-ACC: mean recall of benign and malignant at the argmax, i.e. at score > 0.5;
 * AUROC: binary ROC AUC of the score;
 * ECE: 15-bin top-label ECE of ``[1 - score, score]``;
-* pAUC: partial AUC above 80% TPR (the ISIC 2024 challenge metric), reported beside the paper's three.
+* ``pauc_above_tpr_0.8``: partial AUC above 80% TPR (the ISIC 2024 challenge metric), beside the paper's three.
 
 Files: ``ood_metrics.json`` and ``ood_predictions.csv`` (``image_id, label, benign, malignant``) in the run's
 output directory, beside its ``test_metrics.json``.
@@ -18,12 +19,12 @@ output directory, beside its ``test_metrics.json``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from skinclip.classification_metrics import malignant_score, ood_metrics, to_strict_json
 from skinclip.labels import OOD_CLASSES
 
 OOD_PREFIX = "ood"
@@ -51,31 +52,9 @@ def is_malignant(split_dataset) -> np.ndarray:
     return (np.asarray(split_dataset["label"]) == names.index("malignant")).astype(int)
 
 
-def ood_metrics(malignant: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
-    from skinclip_metrics import balanced_accuracy, expected_calibration_error, partial_auc_above_tpr
-
-    malignant = np.asarray(malignant).astype(int)
-    scores = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
-    if len(np.unique(malignant)) < 2:
-        raise ValueError("the OOD split needs both benign and malignant cases")
-    binary_probs = np.stack([1.0 - scores, scores], axis=1)
-    return {
-        "balanced_accuracy": float(balanced_accuracy(malignant, binary_probs)),
-        "auroc_macro": float(roc_auc_score(malignant, scores)),
-        "ece": float(expected_calibration_error(malignant, binary_probs, n_bins=15)),
-        "pauc_above_tpr_0.8": float(partial_auc_above_tpr(malignant, scores, min_tpr=0.8)),
-        "num_samples": int(len(malignant)),
-        "num_malignant": int(malignant.sum()),
-    }
-
-
 def write_ood_outputs(output_dir: str | Path, image_ids, malignant: np.ndarray, class_probs: np.ndarray,
                       class_names: Sequence[str], source: str = "") -> dict[str, float]:
     """Malignant score from multi-class probabilities → ``ood_predictions.csv`` and ``ood_metrics.json``."""
-    from skinclip_metrics import malignant_score
-
     from train import write_predictions
 
     scores = np.asarray(malignant_score(np.asarray(class_probs), list(class_names)), dtype=np.float64)
@@ -85,7 +64,7 @@ def write_ood_outputs(output_dir: str | Path, image_ids, malignant: np.ndarray, 
     output_dir.mkdir(parents=True, exist_ok=True)
     write_predictions(output_dir / f"{OOD_PREFIX}_predictions.csv", image_ids, np.asarray(malignant).astype(int),
                       np.stack([1.0 - scores, scores], axis=1), list(OOD_CLASSES))
-    (output_dir / f"{OOD_PREFIX}_metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / f"{OOD_PREFIX}_metrics.json").write_text(to_strict_json(metrics))
     return metrics
 
 
@@ -149,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=16)
     args = parser.parse_args(argv)
     metrics = evaluate_skinclip_checkpoint(args.checkpoint, args.dataset, args.split, args.output_dir, args.batch_size)
-    print(json.dumps(metrics, indent=2))
+    print(to_strict_json(metrics))
     return metrics
 
 

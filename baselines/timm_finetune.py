@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup
                                                  else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
 
-    from baselines.common import classification_metrics
+    from skinclip.classification_metrics import headline_metrics
 
     best_score, best_state, step = -1.0, None, 0
     for epoch in range(epochs):
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             running += loss.item()
         message = f"epoch {epoch + 1}/{epochs} step {step} train loss {running / max(1, len(train_loader)):.4f}"
         if eval_loader is not None and args.select_best:
-            score = classification_metrics(np.asarray(dataset[data_args.eval_split]["label"]),
+            score = headline_metrics(np.asarray(dataset[data_args.eval_split]["label"]),
                                            predict_probs(model, eval_loader, device, autocast))["balanced_accuracy"]
             message += f" validation B-ACC {score:.4f}"
             if score > best_score:

@@ -33,7 +33,7 @@ def _check_split_files(output_dir, split, dataset_path):
     """The CSV has train.py's layout and the JSON holds the metrics recomputed from that CSV."""
     from datasets import load_from_disk
 
-    from skinclip_metrics import balanced_accuracy, expected_calibration_error, macro_auroc
+    from skinclip.classification_metrics import balanced_accuracy, expected_calibration_error, macro_auroc
 
     part = load_from_disk(str(dataset_path))[split]
     names = part.features["label"].names
@@ -151,17 +151,6 @@ def test_class_texts_fill_every_template_with_every_description():
                      ["a photo of a mole.", "a mole!"], ["a photo of XYZ.", "XYZ!"]]
     with pytest.raises(ValueError, match="placeholder"):
         class_texts(["MEL"], {}, ["no placeholder"])
-
-
-def test_ood_metrics_by_malignant_score():
-    truth = np.array([0, 0, 1, 1])
-    perfect = ood.ood_metrics(truth, np.array([0.1, 0.2, 0.8, 0.9]))
-    assert perfect["balanced_accuracy"] == 1.0 and perfect["auroc_macro"] == 1.0
-    assert perfect["ece"] == pytest.approx(0.15)  # confidences 0.9, 0.8, 0.8, 0.9, all correct
-    inverted = ood.ood_metrics(truth, np.array([0.9, 0.8, 0.2, 0.1]))
-    assert inverted["balanced_accuracy"] == 0.0 and inverted["auroc_macro"] == 0.0
-    with pytest.raises(ValueError, match="both benign and malignant"):
-        ood.ood_metrics(np.array([1, 1]), np.array([0.3, 0.6]))
 
 
 def test_write_ood_outputs_sums_the_malignant_classes(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from datasets import ClassLabel, DatasetDict
 
 import evaluate_skinclip
-import skinclip_metrics as sm
+from skinclip import classification_metrics as sm
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 
 
@@ -80,8 +80,9 @@ def test_binary_out_of_distribution_evaluation(checkpoint_and_data):
     predictions = pd.read_csv(out / "predictions.csv")
     score = sm.malignant_score(predictions[names].to_numpy(), names)
     y_true = (predictions["label"] == "malignant").astype(int).to_numpy()
-    assert ood["partial_auc_above_80_tpr"] == pytest.approx(sm.partial_auc_above_tpr(y_true, score))
-    assert 0.0 <= ood["partial_auc_above_80_tpr"] <= 0.2
+    assert ood["pauc_above_tpr_0.8"] == pytest.approx(sm.partial_auc_above_tpr(y_true, score))
+    assert 0.0 <= ood["pauc_above_tpr_0.8"] <= 0.2
+    assert ood["num_malignant"] == y_true.sum() and set(ood["per_class"]) == {"benign", "malignant"}
     assert ood["malignant_classes"] == ["MEL", "BCC"]
 
 

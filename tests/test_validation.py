@@ -1,4 +1,4 @@
-"""skinclip.validation: config fields, split labels, output folders; skinclip_metrics.to_strict_json."""
+"""skinclip.validation: config fields, split labels, output folders; skinclip.classification_metrics.to_strict_json."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 
-import skinclip_metrics as sm
+from skinclip import classification_metrics as sm
 from skinclip import validation
 from skinclip.errors import UserError, run_entry_point
 

@@ -7,9 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-import skinclip_metrics as sm
-
-ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+from skinclip import classification_metrics as sm
+from skinclip.labels import ISIC2019_CLASSES as ISIC_CLASSES
 
 
 def _random_predictions(n=400, classes=8, seed=0, sharpness=2.0):
@@ -364,3 +363,25 @@ def test_plots_are_written(tmp_path):
     sm.plot_confusion_matrix(labels, probs, ["A", "B", "C"], tmp_path / "c.png")
     for name in ("r.png", "c.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_headline_metrics_are_the_three_paper_numbers():
+    labels, probs, _ = _random_predictions()
+    assert sm.headline_metrics(labels, probs) == {
+        "balanced_accuracy": sm.balanced_accuracy(labels, probs),
+        "auroc_macro": sm.macro_auroc(labels, probs),
+        "ece": sm.expected_calibration_error(labels, probs, n_bins=15),
+    }
+
+
+def test_ood_metrics_by_malignant_score():
+    truth = np.array([0, 0, 1, 1])
+    perfect = sm.ood_metrics(truth, np.array([0.1, 0.2, 0.8, 0.9]))
+    assert perfect["balanced_accuracy"] == 1.0 and perfect["auroc_macro"] == 1.0
+    assert perfect["ece"] == pytest.approx(0.15)  # confidences 0.9, 0.8, 0.8, 0.9, all correct
+    assert perfect["pauc_above_tpr_0.8"] == pytest.approx(0.2) and perfect["num_malignant"] == 2
+    assert perfect["num_samples"] == 4 and set(perfect["per_class"]) == {"benign", "malignant"}
+    inverted = sm.ood_metrics(truth, np.array([0.9, 0.8, 0.2, 0.1]))
+    assert inverted["balanced_accuracy"] == 0.0 and inverted["auroc_macro"] == 0.0
+    with pytest.raises(ValueError, match="both benign and malignant"):
+        sm.ood_metrics(np.array([1, 1]), np.array([0.3, 0.6]))
