@@ -100,12 +100,12 @@ def test_subsample_train_only_and_stratified():
 
 
 @pytest.fixture()
-def tiny_isic(shared_data, tmp_path):
+def tiny_isic(sample_data, tmp_path):
     """Official ISIC 2019 layout for 12 real rows with stand-in images."""
     root = tmp_path / "isic"
     (root / isic2019.IMAGE_DIR).mkdir(parents=True)
-    truth = pd.read_csv(shared_data / "isic2019" / isic2019.GROUND_TRUTH_FILE, dtype=str).iloc[:12]
-    metadata = pd.read_csv(shared_data / "isic2019" / isic2019.METADATA_FILE, dtype=str).iloc[:12]
+    truth = pd.read_csv(sample_data / "isic2019" / isic2019.GROUND_TRUTH_FILE, dtype=str).iloc[:12]
+    metadata = pd.read_csv(sample_data / "isic2019" / isic2019.METADATA_FILE, dtype=str).iloc[:12]
     truth.to_csv(root / isic2019.GROUND_TRUTH_FILE, index=False)
     metadata.to_csv(root / isic2019.METADATA_FILE, index=False)
     for image_id in truth["image"]:

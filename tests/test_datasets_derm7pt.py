@@ -1,4 +1,8 @@
-"""Derm7pt converter on the real meta files, with generated stand-in images (the real ones may not be shared)."""
+"""Derm7pt converter on the real meta files, with generated stand-in images (the real ones may not be shared).
+
+The tests run on the tests/data cut (49 cases covering all 20 diagnosis strings, the official split index files
+renumbered to them); the complete release's counts are also checked on ../shared/data when it is there.
+"""
 
 import shutil
 
@@ -10,16 +14,20 @@ from PIL import Image
 from datasets_scripts import derm7pt
 from datasets_scripts.common import DataError
 
-EXPECTED_CLASS_COUNTS = {"BCC": 42, "NEV": 575, "MEL": 252, "MISC": 97, "SK": 45}
+# Counted in the meta files: ../shared/data/SOURCES.md for the release, tests/data/build_test_data.py's rules for the cut.
+EXPECTED = {
+    "tests/data": dict(counts={"BCC": 10, "NEV": 14, "MEL": 12, "MISC": 11, "SK": 2},
+                       splits={"train": 21, "validation": 10, "test": 18}),
+    "shared/data": dict(counts={"BCC": 42, "NEV": 575, "MEL": 252, "MISC": 97, "SK": 45},
+                        splits={"train": 413, "validation": 203, "test": 395}),
+}
 
 
-@pytest.fixture(scope="module")
-def release(shared_data, tmp_path_factory):
+def _make_release(data_dir, root):
     """release_v0 layout: the real meta files and one tiny stand-in image per dermoscopic path (exact case)."""
-    root = tmp_path_factory.mktemp("derm7pt")
     (root / "meta").mkdir()
     for name in ["meta.csv", "train_indexes.csv", "valid_indexes.csv", "test_indexes.csv"]:
-        shutil.copy(shared_data / "derm7pt" / name, root / "meta" / name)
+        shutil.copy(data_dir / "derm7pt" / name, root / "meta" / name)
     meta = pd.read_csv(root / "meta" / "meta.csv")
     for index, relative in enumerate(meta["derm"]):
         path = root / "images" / relative
@@ -28,12 +36,27 @@ def release(shared_data, tmp_path_factory):
     return root
 
 
-def test_table_counts_and_official_splits(release):
+@pytest.fixture(scope="module")
+def release(sample_data, tmp_path_factory):
+    return _make_release(sample_data, tmp_path_factory.mktemp("derm7pt"))
+
+
+@pytest.fixture(scope="module", params=list(EXPECTED))
+def any_release(request, sample_data, tmp_path_factory):
+    """(source, release) for the cut and, where ../shared/data is there, the complete release."""
+    if request.param == "tests/data":
+        return request.param, _make_release(sample_data, tmp_path_factory.mktemp("derm7pt"))
+    return request.param, _make_release(request.getfixturevalue("shared_data"), tmp_path_factory.mktemp("derm7pt-full"))
+
+
+def test_table_counts_and_official_splits(any_release):
+    source, release = any_release
+    expected = EXPECTED[source]
     table = derm7pt.load_table(release / "meta" / "meta.csv")
-    assert len(table) == 1011
+    assert len(table) == sum(expected["counts"].values())
     counts = np.bincount(table["label"], minlength=5)
-    assert dict(zip(derm7pt.CLASS_NAMES, counts.tolist())) == EXPECTED_CLASS_COUNTS
-    assert table["split"].value_counts().to_dict() == {"train": 413, "test": 395, "validation": 203}
+    assert dict(zip(derm7pt.CLASS_NAMES, counts.tolist())) == expected["counts"]
+    assert table["split"].value_counts().to_dict() == expected["splits"]
     assert set(derm7pt.DIAGNOSIS_TO_CLASS) == set(pd.read_csv(release / "meta" / "meta.csv")["diagnosis"])
 
 
@@ -52,12 +75,13 @@ def test_no_leak_in_prompt_or_columns(release):
     assert str(meta["seven_point_score"][0]) not in first["metadata_text"]
 
 
-def test_convert_keeps_official_split_sizes(release, tmp_path):
+def test_convert_keeps_official_split_sizes(any_release, tmp_path):
     from datasets import load_from_disk
 
+    source, release = any_release
     derm7pt.convert(release, tmp_path / "out")
     loaded = load_from_disk(str(tmp_path / "out"))
-    assert {name: len(split) for name, split in loaded.items()} == {"train": 413, "validation": 203, "test": 395}
+    assert {name: len(split) for name, split in loaded.items()} == EXPECTED[source]["splits"]
     assert loaded["test"].features["label"].names == derm7pt.CLASS_NAMES
     assert "management" not in loaded["train"].column_names
     assert loaded["train"][0]["image"].size == (8, 8)

@@ -1,4 +1,8 @@
-"""ISIC 2019 converter on the real CSVs (25,331 rows) and the real sample images."""
+"""ISIC 2019 converter on the real CSVs and the real sample images.
+
+The tests run on the tests/data cut (261 real rows, whole lesions; tests/data/NOTICE.md); those about the
+complete files' numbers also run on the 25,331 rows in ../shared/data when it is there.
+"""
 
 import shutil
 
@@ -11,42 +15,64 @@ from datasets_scripts import isic2019
 from datasets_scripts.common import DataError
 from datasets_scripts.splits import make_splits
 
-EXPECTED_COUNTS = {"MEL": 4522, "NV": 12875, "BCC": 3323, "AK": 867, "BKL": 2624, "DF": 239, "VASC": 253, "SCC": 628}
-PROPORTION_TOLERANCE = 0.01  # absolute, per class and split, on the full 25k rows
+# What each source holds, counted in its CSVs: ../shared/data/SOURCES.md for the complete files, the cut's rules
+# (tests/data/build_test_data.py) for tests/data. Missing values stay missing: never filled in.
+EXPECTED = {
+    "tests/data": dict(rows=261, counts={"MEL": 55, "NV": 82, "BCC": 20, "AK": 16, "BKL": 35, "DF": 20, "VASC": 20, "SCC": 13},
+                       age=15, site=22, sex=14, lesion=97, downsampled=77, repeated_lesions=56),
+    "shared/data": dict(rows=25331, counts={"MEL": 4522, "NV": 12875, "BCC": 3323, "AK": 867, "BKL": 2624, "DF": 239, "VASC": 253, "SCC": 628},
+                        age=437, site=2631, sex=384, lesion=2084, downsampled=2074, repeated_lesions=5059),
+}
+# Absolute, per class and split: 0.01 on the full 25k rows; on the 261-row cut, one row of a 37-row split (0.027).
+PROPORTION_TOLERANCE = {"tests/data": 0.03, "shared/data": 0.01}
 
 
 @pytest.fixture(scope="module")
-def isic_dir(shared_data):
-    return shared_data / "isic2019"
+def isic_dir(sample_data):
+    return sample_data / "isic2019"
+
+
+def _load(isic_dir):
+    return isic2019.load_table(isic_dir / isic2019.GROUND_TRUTH_FILE, isic_dir / isic2019.METADATA_FILE)
 
 
 @pytest.fixture(scope="module")
 def table(isic_dir):
-    return isic2019.load_table(isic_dir / isic2019.GROUND_TRUTH_FILE, isic_dir / isic2019.METADATA_FILE)
+    return _load(isic_dir)
 
 
-def test_csv_row_and_class_counts(table):
-    assert len(table) == 25331
+@pytest.fixture(scope="module", params=list(EXPECTED))
+def any_table(request, sample_data):
+    """(source, table) for the cut and, where ../shared/data is there, the complete files."""
+    root = sample_data if request.param == "tests/data" else request.getfixturevalue("shared_data")
+    return request.param, _load(root / "isic2019")
+
+
+def test_csv_row_and_class_counts(any_table):
+    source, table = any_table
+    expected = EXPECTED[source]
+    assert len(table) == expected["rows"]
     counts = np.bincount(table["label"], minlength=8)
-    assert dict(zip(isic2019.CLASS_NAMES, counts.tolist())) == EXPECTED_COUNTS
+    assert dict(zip(isic2019.CLASS_NAMES, counts.tolist())) == expected["counts"]
     assert isic2019.CLASS_NAMES == ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
-    # Missing values stay missing (SOURCES.md): never filled in.
-    assert table["age_approx"].isna().sum() == 437
-    assert table["anatom_site_general"].isna().sum() == 2631
-    assert table["sex"].isna().sum() == 384
-    assert table["lesion_id"].isna().sum() == 2084
-    assert table["image_id"].str.endswith("_downsampled").sum() == 2074
+    assert table["age_approx"].isna().sum() == expected["age"]
+    assert table["anatom_site_general"].isna().sum() == expected["site"]
+    assert table["sex"].isna().sum() == expected["sex"]
+    assert table["lesion_id"].isna().sum() == expected["lesion"]
+    assert table["image_id"].str.endswith("_downsampled").sum() == expected["downsampled"]
 
 
-def test_rows_without_lesion_id_are_their_own_group(table):
+def test_rows_without_lesion_id_are_their_own_group(any_table):
+    source, table = any_table
     no_lesion = table[table["lesion_id"].isna()]
     assert no_lesion["group_id"].is_unique
     assert (no_lesion["group_id"] == "image:" + no_lesion["image_id"]).all()
     repeated = table["lesion_id"].value_counts()
-    assert (repeated > 1).sum() == 5059
+    assert (repeated > 1).sum() == EXPECTED[source]["repeated_lesions"]
 
 
-def test_full_splits_grouped_and_stratified(table):
+def test_full_splits_grouped_and_stratified(any_table):
+    source, table = any_table
     labels, groups = table["label"].to_numpy(), table["group_id"].to_numpy()
     splits = make_splits(labels, groups, val_fraction=0.15, test_fraction=0.15, seed=0)
     assert sum(len(rows) for rows in splits.values()) == len(table)
@@ -58,7 +84,7 @@ def test_full_splits_grouped_and_stratified(table):
     overall = np.bincount(labels, minlength=8) / len(labels)
     for name, rows in splits.items():
         proportions = np.bincount(labels[rows], minlength=8) / len(rows)
-        assert np.abs(proportions - overall).max() < PROPORTION_TOLERANCE, name
+        assert np.abs(proportions - overall).max() < PROPORTION_TOLERANCE[source], name
     assert 0.12 < len(splits["test"]) / len(table) < 0.18
 
 
@@ -79,16 +105,16 @@ def test_gender_header_variant(isic_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def subset_layout(shared_data, isic_dir, tmp_path_factory):
+def subset_layout(sample_data, isic_dir, tmp_path_factory):
     """Official layout for a 60-row subset: the 31 real images plus tiny stand-ins for repeated lesions."""
     root = tmp_path_factory.mktemp("isic2019")
     truth = pd.read_csv(isic_dir / isic2019.GROUND_TRUTH_FILE, dtype=str)
     metadata = pd.read_csv(isic_dir / isic2019.METADATA_FILE, dtype=str)
-    labels = pd.read_csv(shared_data / "images" / "labels.csv")
+    labels = pd.read_csv(sample_data / "images" / "labels.csv")
     real = labels[labels["dataset"] == "ISIC2019"]
     (root / isic2019.IMAGE_DIR).mkdir()
     for file, image_id in zip(real["file"], real["image_id"]):
-        shutil.copy(shared_data / "images" / file, root / isic2019.IMAGE_DIR / f"{image_id.replace('_downsampled', '')}.jpg")
+        shutil.copy(sample_data / "images" / file, root / isic2019.IMAGE_DIR / f"{image_id.replace('_downsampled', '')}.jpg")
     # Two images of each of 14 lesions (all eight classes) as generated stand-ins.
     joined = truth.merge(metadata, on="image")
     joined["cls"] = joined[isic2019.CLASS_NAMES].astype(float).to_numpy().argmax(axis=1)

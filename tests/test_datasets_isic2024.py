@@ -10,13 +10,13 @@ from datasets_scripts.common import DataError
 
 
 @pytest.fixture(scope="module")
-def slice3d(shared_data, tmp_path_factory):
+def slice3d(sample_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("isic2024")
-    metadata_csv = shared_data / "isic2024" / "train-metadata_5rows.csv"
+    metadata_csv = sample_data / "isic2024" / "train-metadata_5rows.csv"
     ids = pd.read_csv(metadata_csv)["isic_id"]
     with h5py.File(root / "train-image.hdf5", "w") as handle:
         for image_id in ids:
-            handle[image_id] = np.void((shared_data / "images" / "isic2024" / f"{image_id}.jpg").read_bytes())
+            handle[image_id] = np.void((sample_data / "images" / "isic2024" / f"{image_id}.jpg").read_bytes())
     return metadata_csv, root / "train-image.hdf5"
 
 

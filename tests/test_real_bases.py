@@ -24,8 +24,18 @@ REAL_INDEX = json.loads((QWEN_FILES / "model.safetensors.index.json").read_text(
 SIZE_KEYS = set(tiny_bases_module.TINY_QWEN_TEXT) | {"rope_scaling", "vision_config"}
 
 
+def test_shipped_real_files_have_their_sources_sha256(sample_data):
+    """skinclip/base_files holds the real files unchanged: the sha256 that shared/data/MANIFEST.json recorded from
+    the source repository, copied into tests/data/MANIFEST.json so that a lone clone checks it too."""
+    import hashlib
+
+    recorded = json.loads((sample_data / "MANIFEST.json").read_text())["qwen2.5-vl-7b-instruct_base_files_sha256"]
+    shipped = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in QWEN_FILES.iterdir()}
+    assert shipped == recorded
+
+
 def test_shipped_real_files_equal_the_shared_copies(shared_data):
-    """skinclip/base_files holds the real files unchanged (the shared copies are checked against their sources)."""
+    """...and byte for byte the shared copies (which are checked against their sources)."""
     for path in QWEN_FILES.iterdir():
         assert path.read_bytes() == (shared_data / "bases" / "qwen2.5-vl-7b-instruct" / path.name).read_bytes(), path
 
