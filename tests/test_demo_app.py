@@ -56,12 +56,13 @@ def running_app(make_config):
         app.close()
 
 
-def test_demo_answers_on_loopback_and_keeps_no_file(running_app, shared_data, tmp_path):
+@pytest.mark.slow  # a Gradio server
+def test_demo_answers_on_loopback_and_keeps_no_file(running_app, sample_data, tmp_path):
     app, client = running_app
     folder = app.private_folder.path
     assert app.share_url is None and app.local_url.startswith("http://127.0.0.1:")
     assert os.environ["GRADIO_TEMP_DIR"] == str(folder)
-    original = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    original = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     upload = tmp_path / f"patient-{uuid.uuid4().hex}.jpg"  # a name to look for in every temp folder afterwards
     upload.write_bytes(original.read_bytes())
     system_gradio = Path(tempfile.gettempdir()) / "gradio"
@@ -82,6 +83,7 @@ def test_demo_answers_on_loopback_and_keeps_no_file(running_app, shared_data, tm
     assert not folder.exists() and os.environ.get("GRADIO_TEMP_DIR") != str(folder)
 
 
+@pytest.mark.slow  # a Gradio server
 @pytest.mark.parametrize(
     "name, make, message",
     [
@@ -91,12 +93,10 @@ def test_demo_answers_on_loopback_and_keeps_no_file(running_app, shared_data, tm
                            "200000000 pixels, could be decompression bomb DOS attack.)"),
     ],
 )
-def test_bad_upload_gets_a_named_error_without_server_paths(running_app, tmp_path, name, make, message):
-    from tests.test_predict import _write_palette_png
-
+def test_bad_upload_gets_a_named_error_without_server_paths(running_app, palette_png, tmp_path, name, make, message):
     app, client = running_app
     path = tmp_path / name
-    make(path) if make else _write_palette_png(path, 20000)
+    make(path) if make else palette_png(path, 20000)
     with pytest.raises(gradio_client.exceptions.AppError) as raised:
         client.predict(gradio_client.handle_file(str(path)), None, "unknown", "", False, api_name="/diagnose")
     assert str(raised.value) == message
@@ -104,9 +104,10 @@ def test_bad_upload_gets_a_named_error_without_server_paths(running_app, tmp_pat
     assert _files_under(app.private_folder.path) == []
 
 
-def test_bad_age_is_named(running_app, shared_data):
+@pytest.mark.slow  # a Gradio server
+def test_bad_age_is_named(running_app, sample_data):
     _, client = running_app
-    image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     with pytest.raises(gradio_client.exceptions.AppError, match=r"^Age 500(\.0)? is outside 0-120 years\.$"):
         client.predict(gradio_client.handle_file(str(image)), 500, "unknown", "", False, api_name="/diagnose")
 
@@ -131,7 +132,8 @@ def test_demo_main_binds_loopback_without_share_and_cleans_up(monkeypatch, tmp_p
     assert os.environ.get("GRADIO_TEMP_DIR") == before
 
 
-def test_demo_process_leaves_nothing_after_a_request_and_sigterm(make_config, shared_data, tmp_path):
+@pytest.mark.slow  # demo_app.py in a subprocess
+def test_demo_process_leaves_nothing_after_a_request_and_sigterm(make_config, sample_data, tmp_path):
     """The real command in its own TMPDIR: after a request and a plain kill, no upload, heatmap or folder is left."""
     config = make_config(class_names=("MEL", "NV"))
     model = SkinClipVLModel(config, device="cpu")
@@ -149,7 +151,7 @@ def test_demo_process_leaves_nothing_after_a_request_and_sigterm(make_config, sh
         _wait_for_port(port, server)
         assert [p.name.startswith("skinclip-demo-") for p in temp_root.iterdir()] == [True]
         upload = tmp_path / f"patient-{uuid.uuid4().hex}.jpg"
-        upload.write_bytes(sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[0].read_bytes())
+        upload.write_bytes(sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[0].read_bytes())
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         result = client.predict(gradio_client.handle_file(str(upload)), None, "unknown", "", False,
                                 api_name="/diagnose")

@@ -17,6 +17,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # spawns 2 processes
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 @pytest.mark.parametrize(
     "focal_modulation, multi_positive",
@@ -60,6 +61,7 @@ def test_two_process_cfa_loss_and_gradients_equal_single_process(tmp_path, make_
         torch.testing.assert_close(ranks[0][name], gradient, rtol=1e-5, atol=1e-6, msg=name)  # measured: 7e-7 of max
 
 
+@pytest.mark.slow  # accelerate launch train.py
 def test_accelerate_launch_with_the_ddp_config_runs_train_py_in_two_processes(tmp_path):
     """`accelerate launch --config_file configs/accelerate/ddp.yaml train.py` on CPU (gloo), as shipped.
 
@@ -91,6 +93,7 @@ def test_accelerate_launch_with_the_ddp_config_runs_train_py_in_two_processes(tm
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # accelerate launch train.py
 def test_accelerate_launch_trains_an_ablation_without_alignment_in_two_processes(tmp_path):
     """The loss settings of configs/ablations/focal.yaml (lambda_align 0) under 2-process DDP, on the demo.
 

@@ -56,11 +56,11 @@ def hub_cache(tmp_path_factory, base_dirs):
 
 
 @pytest.fixture(scope="module")
-def isic_small(shared_data, tmp_path_factory):
+def isic_small(sample_data, tmp_path_factory):
     """Six rows per class of the real ISIC 2019 CSVs, stand-in images, converted by datasets_scripts.isic2019."""
     from datasets_scripts import isic2019
 
-    source, raw = shared_data / "isic2019", tmp_path_factory.mktemp("isic2019-raw")
+    source, raw = sample_data / "isic2019", tmp_path_factory.mktemp("isic2019-raw")
     truth = pd.read_csv(source / isic2019.GROUND_TRUTH_FILE, dtype=str)
     metadata = pd.read_csv(source / isic2019.METADATA_FILE, dtype=str)
     label = truth[isic2019.CLASS_NAMES].astype(float).to_numpy().argmax(axis=1)
@@ -94,6 +94,7 @@ def cli_run(isic_small, hub_cache, tmp_path_factory):
 # ---- the paper config from a Hub cache ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # train.py --dry_run in a subprocess (cli_run)
 def test_paper_config_dry_run_from_a_hub_cache_loads_no_weights(cli_run, hub_cache):
     root, result, plan = cli_run
     assert _weight_files(hub_cache) == []  # nothing to load: the run could not have read a weight
@@ -106,6 +107,7 @@ def test_paper_config_dry_run_from_a_hub_cache_loads_no_weights(cli_run, hub_cac
         assert text in result.stdout, text
 
 
+@pytest.mark.slow  # train.py --dry_run in a subprocess (cli_run)
 def test_batch_layout_at_paper_shapes(cli_run):
     batch = cli_run[2]["batch"]
     assert batch["rows"] == 8 and batch["pixel_values"] == [8, 3, 224, 224]
@@ -124,6 +126,7 @@ def _nf4_bytes(n):
     return n // 2 + n // 64 + 4 * -(-(n // 64) // 256) + 4 + 64
 
 
+@pytest.mark.slow  # train.py --dry_run in a subprocess (cli_run)
 def test_parameter_table_at_paper_shapes(cli_run):
     parameters = cli_run[2]["parameters"]
     rows = {row["group"]: row for row in parameters["rows"]}
@@ -143,6 +146,7 @@ def test_parameter_table_at_paper_shapes(cli_run):
     assert parameters["frozen"] + parameters["trained"] == parameters["total"]
 
 
+@pytest.mark.slow  # train.py --dry_run in a subprocess (cli_run)
 def test_memory_plan_at_paper_shapes(cli_run):
     plan = cli_run[2]
     memory, trained = plan["memory"], plan["parameters"]["trained"]

@@ -4,9 +4,8 @@ import pytest
 import torch
 from datasets import DatasetDict
 
-from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
-from tests.test_trainer_cfa import COLOURS, _colour_dataset
-from trainer_cfa import CFATrainer, CFATrainingArguments, SkinClipVLCollator
+from modeling_skinclip import SkinClipVLModel
+from tests.conftest import COLOURS, colour_dataset as _colour_dataset
 
 
 class PoisonAtSteps:
@@ -25,28 +24,12 @@ class PoisonAtSteps:
         return outputs
 
 
-def _trainer(tmp_path, make_config, max_steps, max_consecutive=3, **overrides):
-    config = make_config(class_names=tuple(COLOURS))
-    model = SkinClipVLModel(config, device="cpu")
-    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
-    args = CFATrainingArguments(
-        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=6, learning_rate=1e-2,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        augment=False, disable_tqdm=True, max_consecutive_nonfinite=max_consecutive, max_grad_norm=1.0,
-    )
-    for name, value in overrides.items():
-        setattr(args, name, value)
-    trainer = CFATrainer(model=model, args=args, train_dataset=_colour_dataset(4, seed=0),
-                         data_collator=SkinClipVLCollator(processor), class_counts=[4, 4, 4])
-    return trainer, model
-
-
 def _trained_snapshot(model):
     return {name: tensor.detach().clone() for name, tensor in model.trained_state_dict().items()}
 
 
-def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, make_config):
-    trainer, model = _trainer(tmp_path, make_config, max_steps=4)
+def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, colour_trainer):
+    trainer, model = colour_trainer(tmp_path, max_steps=4)
     poison = PoisonAtSteps(model, steps={2})
     model.forward = poison
     snapshots = []
@@ -83,8 +66,8 @@ class NaNConstantInLossAtSteps(PoisonAtSteps):
         return outputs
 
 
-def test_a_nonfinite_loss_with_finite_gradients_is_skipped_too(tmp_path, make_config):
-    trainer, model = _trainer(tmp_path, make_config, max_steps=3)
+def test_a_nonfinite_loss_with_finite_gradients_is_skipped_too(tmp_path, colour_trainer):
+    trainer, model = colour_trainer(tmp_path, max_steps=3)
     model.forward = NaNConstantInLossAtSteps(model, steps={2})
     snapshots = []
     original_step = trainer.create_optimizer().step
@@ -101,21 +84,21 @@ def test_a_nonfinite_loss_with_finite_gradients_is_skipped_too(tmp_path, make_co
         torch.testing.assert_close(snapshots[1][name], tensor, rtol=0, atol=0)
 
 
-def test_skip_counts_survive_a_resume(tmp_path, make_config):
-    trainer, model = _trainer(tmp_path, make_config, max_steps=2, save_strategy="steps", save_steps=2)
+def test_skip_counts_survive_a_resume(tmp_path, colour_trainer):
+    trainer, model = colour_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     model.forward = PoisonAtSteps(model, steps={1})
     trainer.train()
     assert trainer.nonfinite_guard.skipped == 1
 
-    resumed, _ = _trainer(tmp_path, make_config, max_steps=4)
+    resumed, _ = colour_trainer(tmp_path, max_steps=4)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 4
     assert resumed.nonfinite_guard.skipped == 1  # restored from checkpoint-2's trainer_state.json
     assert resumed.state.log_history[-2]["nonfinite_steps_skipped"] == 1
 
 
-def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, make_config):
-    trainer, model = _trainer(tmp_path, make_config, max_steps=10, max_consecutive=3)
+def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, colour_trainer):
+    trainer, model = colour_trainer(tmp_path, max_steps=10, max_consecutive=3)
     model.forward = PoisonAtSteps(model, steps={3, 4, 5, 6, 7})
     with pytest.raises(RuntimeError, match="3 optimizer steps in a row had a non-finite loss or gradient"):
         trainer.train()

@@ -2,10 +2,8 @@
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from PIL import Image
 import predict
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from skinclip.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, run_entry_point
+from tests.conftest import write_palette_png
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +38,8 @@ def _run(capsys, *argv):
     return code, capsys.readouterr().out
 
 
-def test_predict_real_images_json(checkpoint, shared_data, tmp_path, capsys):
-    images = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[:5]
+def test_predict_real_images_json(checkpoint, sample_data, tmp_path, capsys):
+    images = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[:5]
     code, out = _run(capsys, "--model", checkpoint, *images, "--json", "--out", tmp_path, "--max-new-tokens", "4",
                      "--age", "55", "--sex", "male", "--site", "posterior torso")
     assert code == 0
@@ -56,20 +55,20 @@ def test_predict_real_images_json(checkpoint, shared_data, tmp_path, capsys):
             assert heatmap.size == original.size
 
 
-def test_folder_batch_and_no_rationale_skips_generation(checkpoint, shared_data, tmp_path, capsys, monkeypatch):
+def test_folder_batch_and_no_rationale_skips_generation(checkpoint, sample_data, tmp_path, capsys, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("generation must not run with --no-rationale")
 
     monkeypatch.setattr(SkinClipVLModel, "generate_rationale", fail)
-    code, out = _run(capsys, "--model", checkpoint, shared_data / "images" / "isic2024", "--no-rationale", "--json",
+    code, out = _run(capsys, "--model", checkpoint, sample_data / "images" / "isic2024", "--no-rationale", "--json",
                      "--out", tmp_path, "--batch-size", "3")
     results = json.loads(out)
     assert code == 0 and len(results) == 8
     assert all("rationale" not in r and "error" not in r for r in results)
 
 
-def test_csv_input_with_missing_metadata(checkpoint, shared_data, tmp_path, capsys):
-    image = sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[0]
+def test_csv_input_with_missing_metadata(checkpoint, sample_data, tmp_path, capsys):
+    image = sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[0]
     table = tmp_path / "cases.csv"
     table.write_text(f"image,age,sex,site\n{image},,female,\n{image},70,,lower extremity\n")
     code, out = _run(capsys, "--model", checkpoint, table, "--json", "--out", tmp_path / "out", "--no-rationale")
@@ -126,10 +125,10 @@ def _jpeg_bytes():
     return buffer.getvalue()
 
 
-def test_bad_file_in_a_batch_is_reported_not_fatal(checkpoint, shared_data, tmp_path, capsys):
+def test_bad_file_in_a_batch_is_reported_not_fatal(checkpoint, sample_data, tmp_path, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_text("oops")
-    good = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    good = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     code = predict.main([str(a) for a in ("--model", checkpoint, good, bad, "--json", "--out", tmp_path / "o",
                                           "--no-rationale")])
     captured = capsys.readouterr()
@@ -140,8 +139,8 @@ def test_bad_file_in_a_batch_is_reported_not_fatal(checkpoint, shared_data, tmp_
     assert "summary: 1 of 2 input(s) predicted, 1 failed" in captured.err
 
 
-def test_grounding_words_write_maps(checkpoint, shared_data, tmp_path, capsys):
-    image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+def test_grounding_words_write_maps(checkpoint, sample_data, tmp_path, capsys):
+    image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     code, out = _run(capsys, "--model", checkpoint, image, "--json", "--out", tmp_path, "--no-rationale",
                      "--grounding-words", "blue-whitish veil,streaks")
     (result,) = json.loads(out)
@@ -160,13 +159,13 @@ def test_heatmap_overlay_follows_attention():
     assert overlay[2, 2, 0] > overlay[37, 37, 0] and overlay[2, 2, 2] < overlay[37, 37, 2]
 
 
-def test_calibrated_checkpoint_prints_prediction_set(checkpoint, shared_data, tmp_path, capsys):
+def test_calibrated_checkpoint_prints_prediction_set(checkpoint, sample_data, tmp_path, capsys):
     # Beside the original: a checkpoint may name its bases by a path relative to its own folder.
     calibrated = checkpoint.parent / f"calibrated-{tmp_path.name}"
     shutil.copytree(checkpoint, calibrated)
     (calibrated / "calibration.json").write_text(json.dumps(
         {"temperature": 2.0, "conformal": {"method": "aps", "coverage": 0.9, "qhat": 0.6}}))
-    image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     code, out = _run(capsys, "--model", calibrated, image, "--out", tmp_path / "o", "--no-rationale")
     assert code == 0 and "(90% coverage)" in out
     code, out = _run(capsys, "--model", calibrated, image, "--json", "--out", tmp_path / "o", "--no-rationale")
@@ -180,13 +179,13 @@ def test_calibrated_checkpoint_prints_prediction_set(checkpoint, shared_data, tm
     assert max(result["probabilities"].values()) < max(plain["probabilities"].values())
 
 
-def test_rationale_words_are_grounded(checkpoint, shared_data, tmp_path, capsys, monkeypatch):
+def test_rationale_words_are_grounded(checkpoint, sample_data, tmp_path, capsys, monkeypatch):
     # A random decoder writes noise; fix the decoded rationale to check which words get maps.
     monkeypatch.setattr(SkinClipVLProcessor, "decode",
                         lambda self, ids: ["Atypical pigment network and a blue-whitish veil; irregular streaks."] * len(ids))
     assert predict.rationale_words("Atypical pigment network and a blue-whitish veil; irregular streaks.") == [
         "atypical", "pigment", "network", "blue-whitish", "veil", "irregular"]
-    image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     code, out = _run(capsys, "--model", checkpoint, image, "--json", "--out", tmp_path, "--max-new-tokens", "3",
                      "--ground-rationale", "--grounding-words", "veil")
     (result,) = json.loads(out)
@@ -199,39 +198,19 @@ def test_rationale_words_are_grounded(checkpoint, shared_data, tmp_path, capsys,
 # ------------------------------------------------------------------------------ hostile inputs (issue 12)
 
 
-def _write_palette_png(path, side, bit_depth=1):
-    """A valid 1-bit palette PNG of side x side whose rows are all zero, compressed row by row (never in memory).
-
-    20000 px gives a 48 KB file that declares 400 megapixels.
-    """
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    row = b"\x00" + bytes((side * bit_depth + 7) // 8)
-    compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    with open(path, "wb") as handle:
-        handle.write(b"\x89PNG\r\n\x1a\n")
-        handle.write(chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, bit_depth, 3, 0, 0, 0)))
-        handle.write(chunk(b"PLTE", bytes([200, 150, 120, 40, 30, 20])))
-        handle.write(chunk(b"IDAT", data))
-        handle.write(chunk(b"IEND", b""))
-    return path
-
-
 PEAK_RSS_BOUND_KB = 2 * 1024 * 1024  # 2 GiB; the 13000² image alone would need ~3.4 GiB in the old float64 path
 
 
-def test_huge_images_do_not_cost_the_batch_and_memory_is_bounded(checkpoint, shared_data, tmp_path):
+def test_huge_images_do_not_cost_the_batch_and_memory_is_bounded(checkpoint, sample_data, tmp_path):
     """A 48 KB PNG declaring 20000² px is one error; a 13000² one is predicted on a bounded copy; 5 real images
     keep their results; the whole process peaks below 2 GiB (measured with getrusage in a subprocess)."""
     folder = tmp_path / "batch"
     folder.mkdir()
-    goods = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[:5]
+    goods = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[:5]
     for good in goods:
         shutil.copy(good, folder / good.name)
-    bomb = _write_palette_png(folder / "bomb_20000.png", 20000)
-    large = _write_palette_png(folder / "large_13000.png", 13000)
+    bomb = write_palette_png(folder / "bomb_20000.png", 20000)
+    large = write_palette_png(folder / "large_13000.png", 13000)
     assert bomb.stat().st_size < 60_000
     wrapper = ("import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
                "print(json.dumps({'rc': r.returncode, 'out': r.stdout, 'err': r.stderr,"
@@ -253,18 +232,18 @@ def test_huge_images_do_not_cost_the_batch_and_memory_is_bounded(checkpoint, sha
 
 
 def test_large_image_is_downscaled_once_and_header_checked(tmp_path):
-    large = predict.load_image(_write_palette_png(tmp_path / "large.png", 13000))
+    large = predict.load_image(write_palette_png(tmp_path / "large.png", 13000))
     assert large.mode == "RGB" and large.size == (2048, 2048) and large.getpixel((7, 7)) == (200, 150, 120)
     with pytest.raises(predict.ImageInputError, match=r"bomb\.png: image too large"):
-        predict.load_image(_write_palette_png(tmp_path / "bomb.png", 20000))
+        predict.load_image(write_palette_png(tmp_path / "bomb.png", 20000))
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (3000, 1000)).save(tmp_path / "wide.jpg", exif=exif.tobytes())
     assert predict.load_image(tmp_path / "wide.jpg").size == (683, 2048)  # downscaled, then turned upright
 
 
-def test_memory_error_on_one_input_is_that_inputs_error(checkpoint, shared_data, tmp_path, capsys, monkeypatch):
-    images = sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[:3]
+def test_memory_error_on_one_input_is_that_inputs_error(checkpoint, sample_data, tmp_path, capsys, monkeypatch):
+    images = sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[:3]
     real_load = predict.load_image
 
     def load(path, **kwargs):
@@ -279,8 +258,8 @@ def test_memory_error_on_one_input_is_that_inputs_error(checkpoint, shared_data,
     assert [r.get("error") for r in results] == [None, f"{images[1]}: out of memory while predicting this input", None]
 
 
-def test_results_are_printed_as_they_are_produced(checkpoint, shared_data, tmp_path, capsys, monkeypatch):
-    images = sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[:3]
+def test_results_are_printed_as_they_are_produced(checkpoint, sample_data, tmp_path, capsys, monkeypatch):
+    images = sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[:3]
     real_predict = SkinClipVLModel.predict
     calls = []
 
@@ -299,7 +278,7 @@ def test_results_are_printed_as_they_are_produced(checkpoint, shared_data, tmp_p
     assert first["image"] == str(images[0]) and "probabilities" in first
 
 
-def test_nan_probabilities_are_errors_not_percentages(checkpoint, shared_data, tmp_path, capsys, monkeypatch):
+def test_nan_probabilities_are_errors_not_percentages(checkpoint, sample_data, tmp_path, capsys, monkeypatch):
     real_predict = SkinClipVLModel.predict
 
     def nan_predict(self, *args, **kwargs):
@@ -308,7 +287,7 @@ def test_nan_probabilities_are_errors_not_percentages(checkpoint, shared_data, t
         return prediction
 
     monkeypatch.setattr(SkinClipVLModel, "predict", nan_predict)
-    image = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     code, out = _run(capsys, "--model", checkpoint, image, "--out", tmp_path, "--no-rationale")
     assert code == EXIT_FATAL
     assert "nan" not in out.lower().replace("non-finite class probabilities (nan or inf)", "")
@@ -317,9 +296,9 @@ def test_nan_probabilities_are_errors_not_percentages(checkpoint, shared_data, t
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_same_stems_get_their_own_outputs(checkpoint, shared_data, tmp_path, capsys):
+def test_same_stems_get_their_own_outputs(checkpoint, sample_data, tmp_path, capsys):
     """Two inputs named x.jpg (different sizes) and one image listed twice in a CSV: each its own heatmap."""
-    source = sorted((shared_data / "images" / "isic2019").glob("*.jpg"))[0]
+    source = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     for folder, size in (("a", (250, 250)), ("b", (120, 90))):
         (tmp_path / folder).mkdir()
         Image.open(source).resize(size).save(tmp_path / folder / "x.jpg")
@@ -340,10 +319,10 @@ def test_same_stems_get_their_own_outputs(checkpoint, shared_data, tmp_path, cap
             assert heatmap.size == original.size  # each JSON entry points at its own image's map
 
 
-def test_folder_is_walked_and_skipped_files_are_reported(checkpoint, shared_data, tmp_path, capsys):
+def test_folder_is_walked_and_skipped_files_are_reported(checkpoint, sample_data, tmp_path, capsys):
     folder = tmp_path / "in"
     (folder / "sub" / "deeper").mkdir(parents=True)
-    images = sorted((shared_data / "images" / "isic2024").glob("*.jpg"))
+    images = sorted((sample_data / "images" / "isic2024").glob("*.jpg"))
     shutil.copy(images[0], folder / images[0].name)
     shutil.copy(images[1], folder / "sub" / "deeper" / images[1].name)
     Image.open(images[2]).save(folder / "sub" / "anim.gif")
@@ -365,9 +344,9 @@ def test_folder_is_walked_and_skipped_files_are_reported(checkpoint, shared_data
         predict.collect_cases([str(folder)], exclude=folder)
 
 
-def test_bad_csv_rows_are_per_row(checkpoint, shared_data, tmp_path, capsys):
+def test_bad_csv_rows_are_per_row(checkpoint, sample_data, tmp_path, capsys):
     """age=abc, age=inf, age=300 are left out with a warning naming the line; a non-UTF-8 row is that row's error."""
-    image = sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[0]
+    image = sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[0]
     table = tmp_path / "cases.csv"
     table.write_bytes(
         b"image,age,sex,site\n"
@@ -391,8 +370,8 @@ def test_bad_csv_rows_are_per_row(checkpoint, shared_data, tmp_path, capsys):
     assert f"warning: {table} line 2: age 'abc' is not a number; left out" in captured.err
 
 
-def test_user_errors_are_one_line_and_debug_shows_the_traceback(checkpoint, shared_data, tmp_path, capsys):
-    image = sorted((shared_data / "images" / "isic2020").glob("*.jpg"))[0]
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(checkpoint, sample_data, tmp_path, capsys):
+    image = sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[0]
     assert run_entry_point(predict.main, ["--model", str(tmp_path / "absent"), str(image)]) == EXIT_FATAL
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot load the checkpoint: ") and err.endswith(f"(--model {tmp_path / 'absent'})")

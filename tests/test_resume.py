@@ -28,6 +28,7 @@ def _final_step(output_dir):
     return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["global_step"]
 
 
+@pytest.mark.slow  # runs train.py three times
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     uninterrupted = tmp_path / "uninterrupted"
     result = subprocess.run(_command(tmp_path, uninterrupted), cwd=REPO_ROOT, capture_output=True, text=True,
@@ -75,13 +76,12 @@ def test_resuming_an_incomplete_checkpoint_is_refused(tmp_path, make_config):
         trainer.train(str(tmp_path / "checkpoint-4"))
 
 
-def test_old_checkpoints_are_rotated_out_only_once_the_new_one_is_complete(tmp_path, make_config, monkeypatch):
+def test_old_checkpoints_are_rotated_out_only_once_the_new_one_is_complete(tmp_path, colour_trainer, monkeypatch):
     import shutil
 
-    from tests.test_guards import _trainer
     from trainer_cfa import latest_complete_checkpoint
 
-    trainer, _ = _trainer(tmp_path, make_config, max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1)
+    trainer, _ = colour_trainer(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1)
     deleted, original_rmtree = [], shutil.rmtree
 
     def checked_rmtree(path, *args, **kwargs):
@@ -99,14 +99,13 @@ def test_old_checkpoints_are_rotated_out_only_once_the_new_one_is_complete(tmp_p
     assert trainer.args.save_total_limit == 1  # restored after each save
 
 
-def test_a_stale_marker_does_not_vouch_for_a_checkpoint_being_rewritten(tmp_path, make_config):
-    from tests.test_guards import _trainer
+def test_a_stale_marker_does_not_vouch_for_a_checkpoint_being_rewritten(tmp_path, colour_trainer):
     from trainer_cfa import CHECKPOINT_COMPLETE_MARKER, latest_complete_checkpoint
 
     # An earlier run in the same output_dir left a complete checkpoint-2.
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / CHECKPOINT_COMPLETE_MARKER).write_text('{"global_step": 2}')
-    trainer, _ = _trainer(tmp_path, make_config, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer, _ = colour_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
 
     def killed_mid_save(*args, **kwargs):  # the model is written, the optimizer state is not
         raise KeyboardInterrupt("killed")

@@ -11,6 +11,8 @@ import torch
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # every test here runs train.py in a subprocess
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
 from open_clip.loss import ClipLoss
-from PIL import Image
 from transformers import TrainerCallback
 
 from modeling_skinclip import SkinClipVLModel, SkinClipVLOutput, SkinClipVLProcessor
+from tests.conftest import COLOURS, colour_dataset as _colour_dataset
 from trainer_cfa import (
     ALIGNMENT_ONLY_MODULES,
     AlignmentLoss,
@@ -197,33 +196,7 @@ def test_compute_metrics_on_logits():
     assert 0.0 < metrics["ece"] < 0.5
 
 
-# ---- a tiny model that learns ------------------------------------------------------------------------
-
-COLOURS = {"MEL": (60, 30, 20), "NV": (200, 150, 90), "BCC": (210, 90, 180)}
-
-
-def _colour_dataset(per_class, seed):
-    """Images whose class is the lesion colour (plus noise and a random background tone)."""
-    rng = np.random.default_rng(seed)
-    rows = {"image": [], "label": [], "metadata_text": [], "report": []}
-    for label, (name, colour) in enumerate(COLOURS.items()):
-        for _ in range(per_class):
-            background = rng.integers(150, 230)
-            pixels = np.full((32, 32, 3), background, dtype=np.float32)
-            y, x = rng.integers(8, 24, size=2)
-            radius = rng.integers(5, 9)
-            yy, xx = np.ogrid[:32, :32]
-            pixels[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = colour
-            pixels += rng.normal(0, 12, pixels.shape)
-            rows["image"].append(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)))
-            rows["label"].append(label)
-            rows["metadata_text"].append("A skin lesion.")
-            rows["report"].append(f"{name}: a lesion of typical {name} colour.")
-    features = Features(
-        {"image": ImageFeature(), "label": ClassLabel(names=list(COLOURS)), "metadata_text": Value("string"),
-         "report": Value("string")}
-    )
-    return Dataset.from_dict(rows, features=features)
+# ---- a tiny model that learns (on conftest's colour images) ----------------------------------------------
 
 
 def test_cfa_trainer_learns_a_learnable_task(tmp_path, make_config):
