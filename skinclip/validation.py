@@ -263,8 +263,9 @@ def check_focal_alpha_count(setting: Any, num_classes: int) -> None:
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
 # What train.py / Trainer / evaluate --save-calibration write into output_dir, by exact name.
 _RUN_DIRS = {"lora", "tokenizer", "report_tokenizer", "image_processor", "runs"}
-_RUN_FILES = {"model.safetensors", "configuration_skinclip.py", "modeling_skinclip.py", "training_args.bin",
-              "calibration.json", "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json"}
+_RUN_FILES = {"model.safetensors", "configuration_skinclip.py", "modeling_skinclip.py", "processing_skinclip.py",
+              "training_args.bin", "calibration.json", "trainer_state.json", "all_results.json", "train_results.json",
+              "eval_results.json"}
 
 
 def _read_start(path: Path, size: int = 4096) -> str:
