@@ -179,7 +179,7 @@ def tiny_overrides(run: Run, resolved: dict, tiny_bases: str | None) -> dict:
 
 def resolved_settings(run: Run, plan: Plan) -> tuple[dict, dict]:
     """(the config with its ``extends`` chain read, the overrides the plan adds)."""
-    from train import load_yaml_config
+    from skinclip.run_io import load_yaml_config
 
     resolved = load_yaml_config(REPO_ROOT / run.config)
     return resolved, plan.overrides(run, resolved)

@@ -13,7 +13,6 @@ image processor, model card) in ``output_dir``; Trainer's ``push_to_hub`` option
 
 from __future__ import annotations
 
-import re
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -22,18 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 from configuration_skinclip import SkinClipVLConfig
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from skinclip import validation
-from skinclip.errors import UserError, run_entry_point
-from skinclip_metrics import to_strict_json
+from skinclip.errors import run_entry_point
+from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config, write_split_outputs
 from trainer_cfa import CFATrainer, CFATrainingArguments, SkinClipVLCollator, compute_classification_metrics
 
 logger = logging.getLogger("skinclip.train")
-
-REQUIRED_COLUMNS = ("image", "label", "metadata_text", "report")
 
 
 @dataclass
@@ -69,136 +66,18 @@ class ModelArguments:
     )
 
 
-@dataclass
-class DataArguments:
-    dataset_path: str | None = field(
-        default=None, metadata={"help": "A DatasetDict saved by datasets_scripts (save_to_disk directory)."}
-    )
-    demo_dataset: bool = field(default=False, metadata={"help": "Generate the demo dataset into dataset_path."})
-    demo_num_per_class: int = field(default=24)
-    demo_image_size: int = field(default=64)
-    train_split: str = field(default="train")
-    eval_split: str = field(default="validation")
-    test_split: str | None = field(default="test")
-    train_fraction: float = field(default=1.0, metadata={"help": "Stratified subsample of train (0.12 = paper's 12%)."})
-    cache_vision_features: bool = field(
-        default=False,
-        metadata={"help": "Run the frozen CLIP tower once and train on its cached fp16 tokens (needs augment: false)."},
-    )
-    # Here because transformers 5's TrainingArguments no longer has it.
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Replace an earlier run in output_dir (its checkpoints and outputs; other files are kept)."},
-    )
-    dry_run: bool = field(
-        default=False,
-        metadata={"help": "Check config and data, tokenise one batch, print the parameter table and GPU memory plan; "
-                          "load no weights, train nothing (skinclip/dry_run.py)."},
-    )
-    dry_run_json: str | None = field(default=None, metadata={"help": "Also write the dry run's plan to this JSON file."})
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `save_strategy: no` as False."""
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-# YAML 1.1 needs a dot in a float, so `3e-3` would stay a string and reach the optimizer as one.
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
-
-
-def _read_yaml(text: str):
-    return yaml.load(text, Loader=_YamlLoader)
-
-
-def load_yaml_config(path: Path, _seen: tuple = ()) -> dict:
-    """Read a training YAML; ``extends: other.yaml`` (relative to this file) is read first and overridden."""
-    if not path.is_file():
-        raise FileNotFoundError(f"training config {path} does not exist")
-    if path.resolve() in _seen:
-        raise UserError(f"training config {path} extends itself through {[str(p) for p in _seen]}")
-    try:
-        values = _read_yaml(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UserError(f"training config {path} is not valid YAML: {error}") from error
-    if not isinstance(values, dict):
-        raise UserError(f"training config {path} must be a mapping of field: value")
-    parent = values.pop("extends", None)
-    if parent:
-        values = {**load_yaml_config(path.parent / parent, _seen + (path.resolve(),)), **values}
-    return values
-
-
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, CFATrainingArguments]:
-    """Fields from the YAML file and ``--field=value`` overrides (a bare ``--flag`` is true), all validated."""
-    dataclass_types = (ModelArguments, DataArguments, CFATrainingArguments)
-    parser = HfArgumentParser(dataclass_types)
-    if not argv or not argv[0].endswith((".yaml", ".yml")):
-        parsed = _user_errors(parser.parse_args_into_dataclasses, "arguments", args=argv)
-    else:
-        values = load_yaml_config(Path(argv[0]))
-        for override in argv[1:]:
-            if not override.startswith("--"):
-                raise UserError(f"override {override!r} must look like --field=value")
-            key, _, value = override[2:].partition("=")
-            values[key] = _read_yaml(value) if "=" in override else True
-        if (values.get("dry_run") or values.get("dry_run_json")) and not torch.cuda.is_available():
-            # A dry run plans a GPU run from any machine: TrainingArguments' checks of this one (bf16 needs a
-            # GPU) do not apply to it.
-            values["use_cpu"] = True
-        validation.check_field_types(values, dataclass_types, argv[0])
-        parsed = _user_errors(parser.parse_dict, argv[0], values, allow_extra_keys=False)
+    """Fields from the YAML file and ``--field=value`` overrides (`skinclip.run_io` rules), all validated."""
+    parsed = parse_config(argv, (ModelArguments, DataArguments, CFATrainingArguments), adjust=_plan_on_any_machine)
     validation.check_training_arguments(*parsed)
     return parsed
 
 
-def _user_errors(parse, source: str, *args, **kwargs):
-    # TrainingArguments.__post_init__ rejects some values itself (with a ValueError naming the field).
-    try:
-        return tuple(parse(*args, **kwargs))
-    except (ValueError, TypeError) as error:
-        raise UserError(f"{source}: {error}") from error
-
-
-def load_training_data(data_args: DataArguments, seed: int):
-    from datasets import load_from_disk
-
-    if data_args.demo_dataset:
-        from datasets_scripts.demo import build_demo_dataset
-
-        target = Path(data_args.dataset_path or "outputs/demo-data")
-        if not (target / "dataset_dict.json").is_file():
-            build_demo_dataset(
-                num_per_class=data_args.demo_num_per_class,
-                image_size=data_args.demo_image_size,
-                seed=seed,
-                output_dir=str(target),
-            )
-        data_args.dataset_path = str(target)
-    if not data_args.dataset_path:
-        raise ValueError("set dataset_path (a DatasetDict from datasets_scripts) or demo_dataset: true")
-    dataset = load_from_disk(data_args.dataset_path)
-    for split in filter(None, (data_args.train_split, data_args.eval_split, data_args.test_split)):
-        if split not in dataset:
-            raise UserError(f"{data_args.dataset_path} has no split {split!r} (it has {list(dataset)})")
-        missing = [column for column in REQUIRED_COLUMNS if column not in dataset[split].column_names]
-        if missing:
-            raise UserError(f"{data_args.dataset_path} split {split!r} lacks required column(s) {missing}")
-    if data_args.train_fraction < 1.0:
-        from datasets_scripts.splits import subsample_train
-
-        dataset[data_args.train_split] = subsample_train(
-            dataset[data_args.train_split], data_args.train_fraction, seed=seed
-        )
-    return dataset
+def _plan_on_any_machine(values: dict) -> None:
+    if (values.get("dry_run") or values.get("dry_run_json")) and not torch.cuda.is_available():
+        # A dry run plans a GPU run from any machine: TrainingArguments' checks of this one (bf16 needs a
+        # GPU) do not apply to it.
+        values["use_cpu"] = True
 
 
 def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClipVLConfig:
@@ -237,15 +116,6 @@ def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClip
         max_rationale_tokens=model_args.max_rationale_tokens,
         id2label=dict(enumerate(class_names)),
     )
-
-
-def write_predictions(path: Path, image_ids, labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> None:
-    import pandas as pd
-
-    frame = pd.DataFrame(probs, columns=class_names)
-    frame.insert(0, "label", [class_names[i] for i in labels])
-    frame.insert(0, "image_id", list(image_ids))
-    frame.to_csv(path, index=False)
 
 
 def write_model_card(output_dir: Path, config: SkinClipVLConfig, metrics: dict, data_args: DataArguments,
@@ -378,11 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
         result = trainer.predict(dataset[split], metric_key_prefix=split)
         metrics[split] = {k.removeprefix(f"{split}_"): v for k, v in result.metrics.items()}
         if trainer.is_world_process_zero():
-            output_dir.mkdir(parents=True, exist_ok=True)
             probs = torch.softmax(torch.as_tensor(result.predictions, dtype=torch.float64), -1).numpy()
-            ids = dataset[split]["image_id"] if "image_id" in dataset[split].column_names else range(len(probs))
-            write_predictions(output_dir / f"{split}_predictions.csv", ids, result.label_ids.astype(int), probs, class_names)
-            (output_dir / f"{split}_metrics.json").write_text(to_strict_json(metrics[split]))
+            write_split_outputs(output_dir, split, image_ids_of(dataset[split]), result.label_ids, probs, class_names,
+                                metrics[split])
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         write_model_card(output_dir, config, metrics, data_args, counts)

@@ -26,6 +26,7 @@ import numpy as np
 
 from skinclip.classification_metrics import malignant_score, ood_metrics, to_strict_json
 from skinclip.labels import OOD_CLASSES
+from skinclip.run_io import image_ids_of, write_predictions
 
 OOD_PREFIX = "ood"
 
@@ -55,8 +56,6 @@ def is_malignant(split_dataset) -> np.ndarray:
 def write_ood_outputs(output_dir: str | Path, image_ids, malignant: np.ndarray, class_probs: np.ndarray,
                       class_names: Sequence[str], source: str = "") -> dict[str, float]:
     """Malignant score from multi-class probabilities → ``ood_predictions.csv`` and ``ood_metrics.json``."""
-    from train import write_predictions
-
     scores = np.asarray(malignant_score(np.asarray(class_probs), list(class_names)), dtype=np.float64)
     metrics = ood_metrics(malignant, scores)
     metrics["source"] = str(source)
@@ -88,8 +87,6 @@ def skinclip_class_probs(checkpoint: str | Path, split_dataset, batch_size: int 
 
 def evaluate_skinclip_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split: str = "test",
                                  output_dir: str | Path | None = None, batch_size: int = 16) -> dict[str, float]:
-    from baselines.common import image_ids_of
-
     part = load_ood_split(dataset_path, split)
     probs, class_names = skinclip_class_probs(checkpoint, part, batch_size=batch_size)
     return write_ood_outputs(output_dir or checkpoint, image_ids_of(part), is_malignant(part), probs, class_names,

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from baselines.common import image_ids_of, load_data, parse_config, resolve_device, write_run_info, write_split_outputs
+from baselines.common import resolve_device, write_run_info, write_split_scores
+from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config
 
 logger = logging.getLogger("skinclip.baselines.timm")
 
@@ -114,12 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     import timm
     from transformers import set_seed
 
-    from train import DataArguments
-
     args, data_args = parse_config(sys.argv[1:] if argv is None else argv, (TimmArguments, DataArguments))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    dataset = load_data(data_args, args.seed)
+    dataset = load_training_data(data_args, args.seed)
     class_names = dataset[data_args.train_split].features["label"].names
     device = resolve_device(args.device)
     autocast = args.bf16 and device.type == "cuda"
@@ -186,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict[str, dict] = {}
     for split in filter(None, (data_args.eval_split, data_args.test_split)):
         probs = predict_probs(model, loader(split, eval_transform, args.per_device_eval_batch_size, False), device, autocast)
-        metrics[split] = write_split_outputs(output_dir, split, image_ids_of(dataset[split]),
-                                             np.asarray(dataset[split]["label"]), probs, class_names)
+        metrics[split] = write_split_scores(output_dir, split, dataset[split], probs, class_names)
         logger.info("%s: %s", split, metrics[split])
     if args.ood_dataset_path:
         from baselines.ood import is_malignant, load_ood_split, write_ood_outputs

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baselines.common import image_ids_of, load_data, parse_config, resolve_device, write_run_info, write_split_outputs
+from baselines.common import resolve_device, write_run_info, write_split_scores
+from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config
 
 logger = logging.getLogger("skinclip.baselines.zero_shot")
 
@@ -120,19 +121,16 @@ class ZeroShotClassifier:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from train import DataArguments
-
     args, data_args = parse_config(sys.argv[1:] if argv is None else argv, (ZeroShotArguments, DataArguments))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    dataset = load_data(data_args, args.seed)
+    dataset = load_training_data(data_args, args.seed)
     class_names = dataset[data_args.train_split].features["label"].names
     classifier = ZeroShotClassifier(args, class_names, resolve_device(args.device))
     output_dir = Path(args.output_dir)
     metrics: dict[str, dict] = {}
     for split in filter(None, (data_args.eval_split, data_args.test_split)):
         probs = classifier.probs(dataset[split], args.per_device_eval_batch_size)
-        metrics[split] = write_split_outputs(output_dir, split, image_ids_of(dataset[split]),
-                                             np.asarray(dataset[split]["label"]), probs, class_names)
+        metrics[split] = write_split_scores(output_dir, split, dataset[split], probs, class_names)
         logger.info("%s: %s", split, metrics[split])
     if args.ood_dataset_path:
         from baselines.ood import is_malignant, load_ood_split, write_ood_outputs
