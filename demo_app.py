@@ -178,6 +178,7 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
         prediction_set,
     )
     from skinclip.errors import UserError
+    from skinclip.inference import predict_batch
 
     class_names = model.config.class_names
 
@@ -190,9 +191,8 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
             finally:
                 folder.discard(image_path)  # in memory now: the upload itself is not kept
             case = Case(Path(UPLOAD_NAME), *_checked_metadata(gr, age, sex, site))
-            inputs = processor([image], [metadata_sentence(case)])
-            inputs = {k: v.to(model.cls_token.device) for k, v in inputs.items()}
-            prediction = model.predict(**inputs, max_new_tokens=max_new_tokens if with_rationale else 0)
+            prediction, _ = predict_batch(model, processor, [image], [metadata_sentence(case)],
+                                          max_new_tokens if with_rationale else 0)
             probs = prediction.probs[0].float().cpu().numpy()
             if not np.all(np.isfinite(probs)):
                 raise gr.Error("The model gave non-finite probabilities (NaN); the checkpoint is likely broken.")

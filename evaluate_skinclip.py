@@ -25,11 +25,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from skinclip import classification_metrics as sm
 from skinclip import validation
 from skinclip.errors import UserError, run_entry_point
+from skinclip.inference import split_logits
 from skinclip.labels import ISIC2019_CLASSES, MALIGNANT_CLASSES
 
 SUBGROUP_COLUMNS = {
@@ -38,22 +38,6 @@ SUBGROUP_COLUMNS = {
 }
 AGE_COLUMNS = ("age_approx", "age", "age_years")
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # the search interval of the fitted temperature
-
-
-@torch.no_grad()
-def collect_logits(model, processor, split, batch_size: int = 16, progress: bool = True) -> np.ndarray:
-    """Class logits `(num_images, num_labels)` for every row of a dataset split (classification path only)."""
-    from tqdm.auto import tqdm
-
-    device = model.cls_token.device
-    model.eval()
-    chunks = []
-    for start in tqdm(range(0, len(split), batch_size), desc="evaluate", unit="batch", disable=not progress):
-        rows = split[start : start + batch_size]
-        texts = rows["metadata_text"] if "metadata_text" in rows else [""] * len(rows["image"])
-        inputs = {k: v.to(device) for k, v in processor(rows["image"], texts).items()}
-        chunks.append(model(**inputs).logits.float().cpu())
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.config.num_labels))
 
 
 def subgroup_values(split, num_rows: int) -> dict[str, list]:
@@ -93,12 +77,12 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
     out_dir.mkdir(parents=True, exist_ok=True)
     data_classes = split.features["label"].names
     labels = np.asarray(split["label"], dtype=int)
-    logits = collect_logits(model, processor, split, batch_size, progress)
+    logits = split_logits(model, processor, split, batch_size, progress)
 
     calibration: dict = {}
     predictor = None
     if calibration_split and calibration_split in dataset and in_model_classes:
-        calibration_logits = collect_logits(model, processor, dataset[calibration_split], batch_size, progress)
+        calibration_logits = split_logits(model, processor, dataset[calibration_split], batch_size, progress)
         calibration_labels = np.asarray(dataset[calibration_split]["label"], dtype=int)
         temperature = float(sm.fit_temperature(calibration_logits, calibration_labels, bounds=TEMPERATURE_BOUNDS))
         predictor = sm.SplitConformal(method=conformal_method, coverage=coverage, seed=seed)

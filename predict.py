@@ -365,11 +365,10 @@ class _Run:
         return [result for case, image in zip(cases, images) for result in self._predict_all([case], [image])]
 
     def _predict(self, cases: list[Case], images: list[Image.Image]) -> list[dict]:
+        from skinclip.inference import predict_batch
+
         sentences = [metadata_sentence(case) for case in cases]
-        inputs = self.processor(images, sentences)
-        device = self.model.cls_token.device
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        prediction = self.model.predict(**inputs, max_new_tokens=self.max_new_tokens)
+        prediction, inputs = predict_batch(self.model, self.processor, images, sentences, self.max_new_tokens)
         rationales = (self.processor.decode(prediction.rationale_ids)
                       if prediction.rationale_ids is not None else None)
         probs = prediction.probs.float().cpu().numpy()

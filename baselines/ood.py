@@ -69,20 +69,12 @@ def write_ood_outputs(output_dir: str | Path, image_ids, malignant: np.ndarray, 
 
 def skinclip_class_probs(checkpoint: str | Path, split_dataset, batch_size: int = 16, device: str | None = None):
     """Class probabilities of a SkinCLIP-VL checkpoint (``model.predict``, no rationale) over a dataset split."""
-    import torch
-
     from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+    from skinclip.inference import split_probabilities
 
-    model = SkinClipVLModel.from_pretrained(str(checkpoint), device=device).eval()
+    model = SkinClipVLModel.from_pretrained(str(checkpoint), device=device)
     processor = SkinClipVLProcessor.from_pretrained(str(checkpoint))
-    probs = []
-    for start in range(0, len(split_dataset), batch_size):
-        rows = split_dataset[start : start + batch_size]
-        batch = processor(rows["image"], [text or "" for text in rows["metadata_text"]])
-        batch = {key: value.to(model.device) for key, value in batch.items()}
-        with torch.no_grad():
-            probs.append(model.predict(**batch).probs.float().cpu().numpy())
-    return np.concatenate(probs), list(model.config.class_names)
+    return split_probabilities(model, processor, split_dataset, batch_size), list(model.config.class_names)
 
 
 def evaluate_skinclip_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split: str = "test",

@@ -9,8 +9,9 @@ import torch
 from datasets import ClassLabel, DatasetDict
 
 import evaluate_skinclip
-from skinclip import classification_metrics as sm
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from skinclip import classification_metrics as sm
+from skinclip.inference import split_logits
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_a_temperature_at_its_search_bound_is_warned_about(checkpoint_and_data):
     model = SkinClipVLModel.from_pretrained(root / "model", device="cpu")
     model.calibration_temperature.fill_(1.0)
     processor = SkinClipVLProcessor.from_pretrained(root / "model")
-    predicted = evaluate_skinclip.collect_logits(model, processor, dataset["validation"], progress=False).argmax(1)
+    predicted = split_logits(model, processor, dataset["validation"], progress=False).argmax(1)
     always_right = dataset["validation"].remove_columns("label").add_column("label", predicted.tolist()).cast_column(
         "label", dataset["validation"].features["label"])
     data = _saved(root, "always-right", DatasetDict({"test": dataset["test"], "validation": always_right}))
