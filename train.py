@@ -217,35 +217,29 @@ def main(argv: list[str] | None = None) -> dict:
     counts = model.parameter_counts()
     logger.info("parameters: %s", counts)
 
+    cached_features_key = None
     if data_args.cache_vision_features:
-        from feature_cache import add_vision_features
+        from skinclip.feature_cache import add_vision_features, vision_features_key
 
+        cached_features_key = vision_features_key(config.vision_config)
         for split in filter(None, (data_args.train_split, data_args.eval_split, data_args.test_split)):
             dataset[split] = add_vision_features(dataset[split], model, processor)
 
     train_labels = np.asarray(dataset[data_args.train_split]["label"])
     class_counts = np.bincount(train_labels, minlength=len(class_names)).tolist()
-    needs = dict(with_report=training_args.lambda_align > 0, with_rationale=training_args.lambda_gen > 0)
-    if data_args.cache_vision_features:
-        from feature_cache import CachedFeatureCollator, vision_features_key
-
-        collator = eval_collator = CachedFeatureCollator(processor, vision_features_key(config.vision_config), **needs)
-    else:
-        collator = SkinClipVLCollator(processor, augment=training_args.augment, seed=training_args.seed, **needs)
-        eval_collator = SkinClipVLCollator(processor, **needs)
+    needs = dict(with_report=training_args.lambda_align > 0, with_rationale=training_args.lambda_gen > 0,
+                 cached_features_key=cached_features_key)
     trainer = CFATrainer(
         model=model,
         args=training_args,
         train_dataset=dataset[data_args.train_split],
         eval_dataset=dataset[data_args.eval_split] if data_args.eval_split else None,
-        data_collator=collator,
+        data_collator=SkinClipVLCollator(processor, augment=training_args.augment, seed=training_args.seed, **needs),
+        eval_data_collator=SkinClipVLCollator(processor, **needs),  # evaluation never augments
         processing_class=processor,
         compute_metrics=compute_classification_metrics,
         class_counts=class_counts,
     )
-    # Evaluation must not augment: the Trainer uses one collator, so swap it for evaluation.
-    trainer.get_eval_dataloader = _with_collator(trainer, trainer.get_eval_dataloader, eval_collator)
-    trainer.get_test_dataloader = _with_collator(trainer, trainer.get_test_dataloader, eval_collator)
 
     if previous_run and trainer.is_world_process_zero():
         remove_previous_run(previous_run)
@@ -279,18 +273,6 @@ def remove_previous_run(entries: list[Path]) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-
-
-def _with_collator(trainer, make_loader, collator):
-    def loader(*args, **kwargs):
-        original = trainer.data_collator
-        trainer.data_collator = collator
-        try:
-            return make_loader(*args, **kwargs)
-        finally:
-            trainer.data_collator = original
-
-    return loader
 
 
 if __name__ == "__main__":

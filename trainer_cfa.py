@@ -14,6 +14,7 @@ Each term is a small function or module, tested against its reference in tests/t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -270,13 +271,21 @@ class SkinClipVLCollator:
     The ground-truth ``report`` is both the alignment text (t_global) and the rationale target of the LM;
     each is tokenised only when its loss weight is non-zero. ``augment`` applies dermoscopy-safe flips and
     right-angle rotations (lesions have no canonical orientation) before CLIP preprocessing.
+
+    ``cached_features_key``: the rows carry the frozen CLIP tokens instead of images (``vision_features``, from
+    `skinclip.feature_cache.add_vision_features`) and the batch feeds them to ``forward(vision_features=...)``;
+    give the model's `skinclip.feature_cache.vision_features_key`, and rows cached by another tower or layer are
+    refused. Cached features need ``augment=False``.
     """
 
     def __init__(self, processor, with_report: bool = True, with_rationale: bool = True, augment: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, cached_features_key: str | None = None):
+        if cached_features_key is not None and augment:
+            raise ValueError("cached CLIP features are for augment=False: an augmented image needs fresh features")
         self.processor = processor
         self.with_report, self.with_rationale, self.augment = with_report, with_rationale, augment
         self.seed = seed
+        self.cached_features_key = cached_features_key
         self.epoch = 0  # set by the trainer at each epoch (AugmentationEpochCallback)
 
     def _generator(self, row: dict[str, Any]) -> torch.Generator | None:
@@ -303,9 +312,11 @@ class SkinClipVLCollator:
         return image.rotate(90 * turns, expand=True) if turns else image
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images = [row["image"] for row in features]
-        if self.augment:
-            images = [self._augment(image, self._generator(row)) for image, row in zip(images, features)]
+        images = None
+        if self.cached_features_key is None:
+            images = [row["image"] for row in features]
+            if self.augment:
+                images = [self._augment(image, self._generator(row)) for image, row in zip(images, features)]
         reports = [row["report"] for row in features]
         batch = self.processor(
             images,
@@ -313,8 +324,23 @@ class SkinClipVLCollator:
             reports=reports if self.with_report else None,
             rationales=reports if self.with_rationale else None,
         )
+        if self.cached_features_key is not None:
+            batch.update(self._cached_features(features))
         batch["labels"] = torch.tensor([int(row["label"]) for row in features], dtype=torch.long)
         return batch
+
+    def _cached_features(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from skinclip.feature_cache import FEATURES_COLUMN, KEY_COLUMN
+
+        keys = {row.get(KEY_COLUMN) for row in features}
+        if keys != {self.cached_features_key}:
+            raise ValueError(
+                f"cached vision features were computed by {sorted(map(str, keys))}, this model uses "
+                f"{self.cached_features_key!r}: recompute them with skinclip.feature_cache.add_vision_features"
+            )
+        return {FEATURES_COLUMN: torch.stack(
+            [torch.as_tensor(np.asarray(row[FEATURES_COLUMN], dtype=np.float16)) for row in features]
+        )}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -548,14 +574,17 @@ class CFATrainer(Trainer):
 
     Args:
         class_counts: training-set count per class, for `focal_alpha="inverse_frequency"`.
+        eval_data_collator: the collator of evaluation and prediction (`evaluate`, `predict`); default the
+            training one. Evaluation must not augment, so train.py gives one without augmentation.
     """
 
     # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps. (A model whose
     # forward takes **kwargs would otherwise be assumed to scale the loss itself, summing accumulated gradients.)
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, class_counts: Sequence[int] | None = None, **kwargs):
+    def __init__(self, *args, class_counts: Sequence[int] | None = None, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
         args = self.args
         # forward(**kwargs) only rejects unknown names; it takes no loss kwargs (the LM count is ours, below).
         self.model_accepts_loss_kwargs = False
@@ -591,6 +620,25 @@ class CFATrainer(Trainer):
         self.add_callback(NonFiniteGuard(args.max_consecutive_nonfinite))
         if hasattr(self.data_collator, "epoch"):
             self.add_callback(AugmentationEpochCallback(self.data_collator))
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._collating_with(self.eval_data_collator):
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._collating_with(self.eval_data_collator):
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _collating_with(self, collator):
+        # Trainer builds every data loader from self.data_collator; evaluation's is swapped in while one is built.
+        original = self.data_collator
+        if collator is not None:
+            self.data_collator = collator
+        try:
+            yield
+        finally:
+            self.data_collator = original
 
     @property
     def nonfinite_guard(self) -> NonFiniteGuard:

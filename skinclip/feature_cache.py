@@ -3,18 +3,17 @@
 The CLIP tower is frozen, so without augmentation its output for an image never changes: computing it
 every epoch is pure overhead (issue 7; benchmarks/RESULTS.md measures it). ``add_vision_features`` runs the
 tower once over a Hugging Face dataset and stores the tokens in fp16 next to a key naming the tower (backend,
-model id, revision, pretrained tag, feature layer); ``CachedFeatureCollator`` feeds them to
-``SkinClipVLModel.forward(vision_features=...)`` and refuses rows whose key names another tower.
+model id, revision, pretrained tag, feature layer); ``trainer_cfa.SkinClipVLCollator(cached_features_key=...)``
+feeds them to ``SkinClipVLModel.forward(vision_features=...)`` and refuses rows whose key names another tower.
 
     dataset = add_vision_features(dataset, model, processor)          # once; save_to_disk keeps it
-    collator = CachedFeatureCollator(processor, vision_features_key(model.config.vision_config))
+    collator = SkinClipVLCollator(processor, cached_features_key=vision_features_key(model.config.vision_config))
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 FEATURES_COLUMN = "vision_features"
@@ -59,42 +58,4 @@ def add_vision_features(dataset, model, processor, batch_size: int = 32, image_c
                        desc=f"CLIP features ({key})")
 
 
-class CachedFeatureCollator:
-    """Rows with cached `vision_features` → a model batch, like `trainer_cfa.SkinClipVLCollator` without images.
-
-    Args:
-        processor: the `SkinClipVLProcessor` (prompt, report and rationale tokenisation).
-        expected_key: `vision_features_key(model.config.vision_config)` of the model being trained.
-        augment: must be False: augmented images would need fresh features each time.
-    """
-
-    def __init__(self, processor, expected_key: str, with_report: bool = True, with_rationale: bool = True,
-                 augment: bool = False):
-        if augment:
-            raise ValueError("cached CLIP features are for augment=False: an augmented image needs fresh features")
-        self.processor = processor
-        self.expected_key = expected_key
-        self.with_report, self.with_rationale = with_report, with_rationale
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        keys = {row.get(KEY_COLUMN) for row in features}
-        if keys != {self.expected_key}:
-            raise ValueError(
-                f"cached vision features were computed by {sorted(map(str, keys))}, this model uses "
-                f"{self.expected_key!r}: recompute them with feature_cache.add_vision_features"
-            )
-        reports = [row["report"] for row in features]
-        batch = self.processor(
-            None,
-            [row.get("metadata_text") or "" for row in features],
-            reports=reports if self.with_report else None,
-            rationales=reports if self.with_rationale else None,
-        )
-        batch[FEATURES_COLUMN] = torch.stack(
-            [torch.as_tensor(np.asarray(row[FEATURES_COLUMN], dtype=np.float16)) for row in features]
-        )
-        batch["labels"] = torch.tensor([int(row["label"]) for row in features], dtype=torch.long)
-        return batch
-
-
-__all__ = ["CachedFeatureCollator", "add_vision_features", "vision_features_key"]
+__all__ = ["FEATURES_COLUMN", "KEY_COLUMN", "add_vision_features", "vision_features_key"]

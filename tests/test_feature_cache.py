@@ -1,12 +1,12 @@
-"""feature_cache.py: cached fp16 CLIP features give the tower's loss, and a cache of another tower is refused."""
+"""skinclip/feature_cache.py: cached fp16 CLIP features give the tower's loss, and a cache of another tower is refused."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from feature_cache import CachedFeatureCollator, add_vision_features, vision_features_key
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from skinclip.feature_cache import add_vision_features, vision_features_key
 from trainer_cfa import CFALoss, SkinClipVLCollator
 
 
@@ -34,7 +34,7 @@ def test_cached_features_give_the_same_batch_and_loss(setup):
     assert np.asarray(cached[0]["vision_features"]).shape == (model.vision.num_patches + 1, model.vision.hidden_size)
 
     plain = SkinClipVLCollator(processor, augment=False)([dataset[i] for i in range(3)])
-    fast = CachedFeatureCollator(processor, key)([cached[i] for i in range(3)])
+    fast = SkinClipVLCollator(processor, cached_features_key=key)([cached[i] for i in range(3)])
     assert "pixel_values" not in fast and fast["vision_features"].dtype == torch.float16
     for name in ("prompt_ids", "prompt_attention_mask", "rationale_ids", "report_ids", "labels"):
         assert torch.equal(plain[name], fast[name]), name
@@ -52,7 +52,7 @@ def test_cache_of_another_tower_or_layer_is_refused(setup):
         **{**model.config.vision_config.to_dict(), "feature_layer": -1}
     )
     assert vision_features_key(other_layer) != vision_features_key(model.config.vision_config)
-    with pytest.raises(ValueError, match="recompute them with feature_cache.add_vision_features"):
-        CachedFeatureCollator(processor, vision_features_key(other_layer))([cached[0]])
+    with pytest.raises(ValueError, match="recompute them with skinclip.feature_cache.add_vision_features"):
+        SkinClipVLCollator(processor, cached_features_key=vision_features_key(other_layer))([cached[0]])
     with pytest.raises(ValueError, match="augment=False"):
-        CachedFeatureCollator(processor, vision_features_key(model.config.vision_config), augment=True)
+        SkinClipVLCollator(processor, cached_features_key=vision_features_key(model.config.vision_config), augment=True)

@@ -256,6 +256,21 @@ def test_augmentation_is_keyed_by_seed_epoch_and_image(make_config):
     assert not torch.equal(first, plain)
 
 
+def test_evaluation_and_prediction_use_the_eval_data_collator(tmp_path, make_config):
+    config = make_config(class_names=tuple(COLOURS))
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    rows = _colour_dataset(2, seed=0)
+    training, evaluation = SkinClipVLCollator(processor, augment=True), SkinClipVLCollator(processor)
+    args = CFATrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, dataloader_num_workers=0)
+    trainer = CFATrainer(model=SkinClipVLModel(config, device="cpu"), args=args, train_dataset=rows,
+                         data_collator=training, eval_data_collator=evaluation, class_counts=[2, 2, 2])
+    assert trainer.get_eval_dataloader(rows).collate_fn is evaluation
+    assert trainer.get_test_dataloader(rows).collate_fn is evaluation
+    assert trainer.get_train_dataloader().collate_fn is training and trainer.data_collator is training
+    plain = CFATrainer(model=trainer.model, args=args, train_dataset=rows, data_collator=training, class_counts=[2, 2, 2])
+    assert plain.get_eval_dataloader(rows).collate_fn is training  # no eval collator: the training one
+
+
 # ---- gradient accumulation and the frozen alignment modules ---------------------------------------------
 
 
