@@ -11,9 +11,10 @@ malignant lesions: even its presence leaks), every ``iddx_*`` and ``mel_*`` colu
 ``tbp_lv_dnn_lesion_confidence``. The prompt uses age, sex, body site and the longest diameter. Rows are
 grouped by ``patient_id``. Images stream from the HDF5 file into the saved dataset (never all in memory).
 
-Scoring an ISIC 2019 model: P(malignant) = P(MEL) + P(BCC) + P(SCC) (`malignant_probability`). AK counts as
-benign by default, matching SLICE-3D, whose ``target`` is 0 for actinic keratoses (an indeterminate/pre-malignant
-lesion); pass ``ak_malignant=True`` for the stricter reading.
+Scoring an ISIC 2019 model: P(malignant) = P(MEL) + P(BCC) + P(SCC)
+(`skinclip.classification_metrics.malignant_score`). AK counts as benign by default, matching SLICE-3D, whose
+``target`` is 0 for actinic keratoses (an indeterminate/pre-malignant lesion); pass
+``malignant=(*MALIGNANT_CLASSES, "AK")`` for the stricter reading.
 
     python -m datasets_scripts.isic2024 --metadata-csv train-metadata.csv --hdf5 train-image.hdf5 --output-dir data/isic2024 --ood-only
 """
@@ -31,7 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from skinclip.errors import run_entry_point
-from skinclip.labels import MALIGNANT_CLASSES, OOD_CLASSES
+from skinclip.labels import OOD_CLASSES
 
 from .common import (
     METADATA_WARNINGS_NAME,
@@ -75,16 +76,6 @@ REPORTS = {
 
 def is_leak_column(column: str) -> bool:
     return column in LEAK_COLUMNS or column.startswith(LEAK_PREFIXES)
-
-
-def malignant_probability(probabilities, class_names, ak_malignant: bool = False) -> np.ndarray:
-    """P(malignant) from an ISIC 2019 model's class probabilities ``(n, n_classes)``: sum over MEL, BCC, SCC (+AK)."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    malignant = set(MALIGNANT_CLASSES) | ({"AK"} if ak_malignant else set())
-    columns = [index for index, name in enumerate(class_names) if name in malignant]
-    if not columns:
-        raise ValueError(f"none of {sorted(malignant)} is among the classes {list(class_names)}")
-    return probabilities[:, columns].sum(axis=1)
 
 
 def load_table(metadata_csv, issues: list | None = None) -> pd.DataFrame:

@@ -324,6 +324,15 @@ def test_malignant_score_sums_malignant_classes():
         pytest.approx(0.5)
 
 
+def test_malignant_score_of_an_isic2019_model():
+    """MEL + BCC + SCC on the converters' ISIC 2019 order; AK only when asked (SLICE-3D labels it benign)."""
+    from skinclip.labels import MALIGNANT_CLASSES
+
+    probs = np.array([[0.1, 0.2, 0.3, 0.05, 0.05, 0.1, 0.1, 0.1]])
+    assert sm.malignant_score(probs, ISIC_CLASSES)[0] == pytest.approx(0.5)
+    assert sm.malignant_score(probs, ISIC_CLASSES, malignant=(*MALIGNANT_CLASSES, "AK"))[0] == pytest.approx(0.55)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Subgroups and reports
 # ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasets_scripts import isic2019, isic2024
+from datasets_scripts import isic2024
 from datasets_scripts.common import DataError
 
 
@@ -65,9 +65,3 @@ def test_missing_tile_named(slice3d, tmp_path):
         handle["ISIC_0082829"] = np.void(b"x")
     with pytest.raises(DataError, match="ISIC_0157465"):
         isic2024.convert(metadata_csv, tmp_path / "partial.hdf5", tmp_path / "out")
-
-
-def test_malignant_probability_mapping():
-    probs = np.array([[0.1, 0.2, 0.3, 0.05, 0.05, 0.1, 0.1, 0.1]])
-    assert isic2024.malignant_probability(probs, isic2019.CLASS_NAMES)[0] == pytest.approx(0.5)
-    assert isic2024.malignant_probability(probs, isic2019.CLASS_NAMES, ak_malignant=True)[0] == pytest.approx(0.55)
