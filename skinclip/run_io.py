@@ -128,7 +128,9 @@ class DataArguments:
     train_split: str = field(default="train")
     eval_split: str = field(default="validation")
     test_split: str | None = field(default="test")
-    train_fraction: float = field(default=1.0, metadata={"help": "Stratified subsample of train (0.12 = paper's 12%)."})
+    train_fraction: float = field(
+        default=1.0, metadata={"help": "Stratified subsample of train (0.12: the paper's 12 per cent)."}
+    )
     cache_vision_features: bool = field(
         default=False,
         metadata={"help": "Run the frozen CLIP tower once and train on its cached fp16 tokens (needs augment: false)."},

@@ -41,7 +41,7 @@ def _decode_data_url(image_data: dict) -> Image.Image:
 @pytest.fixture()
 def running_app(make_config):
     """The app on a free loopback port with a tiny model; yields (app, client)."""
-    import demo_app
+    from skinclip import demo_app
 
     config = make_config(class_names=("MEL", "NV"))
     model = SkinClipVLModel(config, device="cpu").eval()
@@ -76,7 +76,8 @@ def test_demo_answers_on_loopback_and_keeps_no_file(running_app, sample_data, tm
         assert _decode_data_url(heatmap).size == source.size  # sent inline: no heatmap file anywhere
     assert _files_under(folder) == []  # the upload was deleted before the result came back
     assert not [p for p in _files_under(system_gradio) if p.name == upload.name]
-    assert not (REPO_ROOT / "demo_app.pyi").exists()  # Gradio's component stubs are not written into the checkout
+    # Gradio's component stubs are not written into the checkout.
+    assert not (REPO_ROOT / "demo_app.pyi").exists() and not (REPO_ROOT / "skinclip" / "demo_app.pyi").exists()
     types = {component["type"] for component in app.config["components"]}
     assert "image" in types and not {"uploadedimage", "inlineimage"} & types  # drawn by Gradio's image widget
     app.close()
@@ -113,8 +114,7 @@ def test_bad_age_is_named(running_app, sample_data):
 
 
 def test_demo_main_binds_loopback_without_share_and_cleans_up(monkeypatch, tmp_path):
-    import demo_app
-    import predict
+    from skinclip import demo_app, prediction
 
     launched = {}
 
@@ -124,7 +124,7 @@ def test_demo_main_binds_loopback_without_share_and_cleans_up(monkeypatch, tmp_p
             (Path(launched["temp_dir"]) / "upload.jpg").write_bytes(b"kept?")
 
     monkeypatch.setattr(demo_app, "build_app", lambda *a, **k: FakeApp())
-    monkeypatch.setattr(predict, "load_checkpoint", lambda *a, **k: (None, None))
+    monkeypatch.setattr(prediction, "load_checkpoint", lambda *a, **k: (None, None))
     before = os.environ.get("GRADIO_TEMP_DIR")
     demo_app.main(["--model", str(tmp_path)])
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False

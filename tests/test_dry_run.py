@@ -190,9 +190,9 @@ def no_weight_loading(monkeypatch):
 
 
 def test_8bit_optimizer_no_checkpointing_and_truncation(isic_small, base_dirs, tmp_path, no_weight_loading):
-    import train
+    from skinclip import training
 
-    report = train.main(_argv(isic_small, base_dirs, tmp_path / "out", "--optim=paged_adamw_8bit",
+    report = training.main(_argv(isic_small, base_dirs, tmp_path / "out", "--optim=paged_adamw_8bit",
                               "--activation_checkpointing=false", "--per_device_train_batch_size=3",
                               "--max_prompt_tokens=4", "--max_rationale_tokens=8"))
     batch, memory, trained = report["batch"], report["memory"], report["parameters"]["trained"]
@@ -256,7 +256,7 @@ BAD_INPUTS = {
 def test_bad_inputs_are_one_error_line_before_any_weight(case, isic_small, base_dirs, tmp_path, capsys, monkeypatch,
                                                          no_weight_loading):
     import modeling_skinclip
-    import train
+    from skinclip import training
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the input was checked")
@@ -264,7 +264,7 @@ def test_bad_inputs_are_one_error_line_before_any_weight(case, isic_small, base_
     monkeypatch.setattr(modeling_skinclip.SkinClipVLModel, "__init__", refuse)
     change, extra, message = BAD_INPUTS[case]
     data = _save_variant(isic_small, tmp_path / "data", change) if change else isic_small
-    code = run_entry_point(train.main, _argv(data, base_dirs, tmp_path / "out", *extra))
+    code = run_entry_point(training.main, _argv(data, base_dirs, tmp_path / "out", *extra))
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1, errors
     assert message in errors[0]

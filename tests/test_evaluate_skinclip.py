@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import ClassLabel, DatasetDict
 
-import evaluate_skinclip
+from skinclip import evaluation
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from skinclip import classification_metrics as sm
 from skinclip.inference import split_logits
@@ -35,7 +35,7 @@ def checkpoint_and_data(tmp_path_factory, make_config):
 def test_evaluation_writes_every_report(checkpoint_and_data, capsys):
     root, dataset = checkpoint_and_data
     out = root / "eval"
-    evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out),
+    evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out),
                                      "--bootstrap", "50", "--save-calibration"])
     for name in ("predictions.csv", "metrics.json", "metrics.md", "reliability.png", "confusion_matrix.png",
                  "subgroups.csv", "calibration.json"):
@@ -75,7 +75,7 @@ def test_binary_out_of_distribution_evaluation(checkpoint_and_data):
     binary = DatasetDict({"test": to_binary(dataset["test"])})
     binary.save_to_disk(str(root / "binary"))
     out = root / "ood"
-    report = evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "binary"),
+    report = evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "binary"),
                                      "--out", str(out), "--bootstrap", "0"])
     ood = report["ood_binary"]
     predictions = pd.read_csv(out / "predictions.csv")
@@ -90,14 +90,14 @@ def test_binary_out_of_distribution_evaluation(checkpoint_and_data):
 def test_missing_split_is_named(checkpoint_and_data):
     root, _ = checkpoint_and_data
     with pytest.raises(ValueError, match="no split 'holdout'"):
-        evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--split", "holdout",
+        evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--split", "holdout",
                                 "--out", str(root / "x")])
 
 
 def test_report_carries_bootstrap_intervals(checkpoint_and_data):
     root, _ = checkpoint_and_data
     out = root / "eval-ci"
-    report = evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out),
+    report = evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out),
                                      "--bootstrap", "100"])
     calibrated = report["calibrated"]
     for name in ("balanced_accuracy", "auroc_macro", "ece"):
@@ -128,7 +128,7 @@ def test_out_in_a_checkpoint_folder_is_refused_and_the_checkpoint_is_untouched(c
     root, _ = checkpoint_and_data
     before = _folder_bytes(root / "model")
     with pytest.raises(UserError, match="--out .* is a checkpoint folder"):
-        evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", str(root / "data"),
+        evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "data"),
                                 "--out", str(root / "model"), "--bootstrap", "0"])
     assert _folder_bytes(root / "model") == before
 
@@ -140,7 +140,7 @@ def test_calibration_reaches_the_checkpoint_only_with_save_calibration(checkpoin
     model = tmp_path / "model"
     shutil.copytree(root / "model", model)
     (model / "calibration.json").unlink(missing_ok=True)
-    evaluate_skinclip.main(["--model", str(model), "--dataset", str(root / "data"), "--out", str(tmp_path / "eval"),
+    evaluation.main(["--model", str(model), "--dataset", str(root / "data"), "--out", str(tmp_path / "eval"),
                             "--bootstrap", "0"])
     assert (tmp_path / "eval" / "calibration.json").is_file()
     assert not (model / "calibration.json").exists()
@@ -158,12 +158,12 @@ def test_a_temperature_at_its_search_bound_is_warned_about(checkpoint_and_data):
         "label", dataset["validation"].features["label"])
     data = _saved(root, "always-right", DatasetDict({"test": dataset["test"], "validation": always_right}))
     with pytest.warns(UserWarning, match=r"sits at its search bound 0.05"):
-        report = evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", data,
+        report = evaluation.main(["--model", str(root / "model"), "--dataset", data,
                                          "--out", str(root / "eval-bound"), "--bootstrap", "0"])
     assert report["temperature"] == pytest.approx(0.05, rel=1e-3)
     saved = json.loads((root / "eval-bound" / "metrics.json").read_text())
     assert "search bound" in saved["temperature_warning"]
-    assert evaluate_skinclip.temperature_bound_warning(1.3, "validation") is None
+    assert evaluation.temperature_bound_warning(1.3, "validation") is None
 
 
 def test_an_empty_split_fails_with_one_line_before_anything_is_written(checkpoint_and_data):
@@ -193,7 +193,7 @@ def test_an_empty_calibration_split_in_memory_is_refused_before_anything_is_writ
     splits = DatasetDict({"test": dataset["test"], "validation": dataset["validation"].select([])})
     out = root / "eval-empty-calibration"
     with pytest.raises(UserError, match="calibration split 'validation'.*|split 'validation' is empty"):
-        evaluate_skinclip.evaluate(model, processor, splits, "test", out, progress=False, n_bootstrap=0)
+        evaluation.evaluate(model, processor, splits, "test", out, progress=False, n_bootstrap=0)
     assert not out.exists()
 
 
@@ -205,7 +205,7 @@ def test_classes_in_another_order_than_the_model_are_refused(checkpoint_and_data
     reordered = dataset["test"].cast_column("label", ClassLabel(names=list(reversed(names))))
     data = _saved(root, "reordered", DatasetDict({"test": reordered}))
     with pytest.raises(UserError, match=r"split 'test' lists the classes .* in another order than the model's"):
-        evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", data, "--out", str(root / "eval-order")])
+        evaluation.main(["--model", str(root / "model"), "--dataset", data, "--out", str(root / "eval-order")])
     assert not (root / "eval-order").exists()
 
 
@@ -214,7 +214,7 @@ def test_metrics_json_is_strict_json_with_null_for_undefined_metrics(checkpoint_
     root, dataset = checkpoint_and_data
     one_class = dataset["test"].filter(lambda row: row["label"] == 0)
     data = _saved(root, "one-class", DatasetDict({"test": one_class}))
-    evaluate_skinclip.main(["--model", str(root / "model"), "--dataset", data, "--out", str(root / "eval-one"),
+    evaluation.main(["--model", str(root / "model"), "--dataset", data, "--out", str(root / "eval-one"),
                             "--bootstrap", "0", "--calibration-split", ""])
 
     def reject(constant):
@@ -240,7 +240,7 @@ def test_a_corrupt_or_nonfinite_checkpoint_is_named(checkpoint_and_data, tmp_pat
     save_file(tensors, model / "model.safetensors")
     arguments = ["--model", str(model), "--dataset", str(root / "data"), "--out", str(tmp_path / "eval")]
     with pytest.raises(UserError, match=rf"model.safetensors\): trained tensor {name} holds NaN or inf"):
-        evaluate_skinclip.main(arguments)
+        evaluation.main(arguments)
     (model / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match=r"model/model.safetensors:? (is )?not a readable safetensors file"):
-        evaluate_skinclip.main(arguments)
+        evaluation.main(arguments)

@@ -1,4 +1,4 @@
-"""skinclip/feature_cache.py: cached fp16 CLIP features give the tower's loss, and a cache of another tower is refused."""
+"""skinclip/feature_cache.py: cached fp16 CLIP features give the tower's loss; a cache of another tower is refused."""
 
 import numpy as np
 import pytest

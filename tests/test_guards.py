@@ -108,7 +108,7 @@ def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, colour_trainer):
 
 
 def test_training_data_missing_a_column_fails_before_the_model_is_built(tmp_path, monkeypatch):
-    import train
+    from skinclip import training
 
     dataset = DatasetDict({split: _colour_dataset(2, seed=0).remove_columns("report")
                            for split in ("train", "validation", "test")})
@@ -117,9 +117,9 @@ def test_training_data_missing_a_column_fails_before_the_model_is_built(tmp_path
     def must_not_build(*args, **kwargs):
         raise AssertionError("the model was built before the data was checked")
 
-    monkeypatch.setattr(train, "SkinClipVLModel", must_not_build)
+    monkeypatch.setattr(training, "SkinClipVLModel", must_not_build)
     with pytest.raises(ValueError, match=r"split 'train' lacks required column\(s\) \['report'\]"):
-        train.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
+        training.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
                     f"--output_dir={tmp_path / 'out'}"])
 
 
@@ -153,13 +153,13 @@ def _must_not_build(*args, **kwargs):
     ("--lambda_align=-1", "lambda_align must be >= 0"),           # said "lambda_align > 0 needs report_ids"
 ])
 def test_bad_training_values_fail_before_data_or_model(tmp_path, monkeypatch, override, message):
-    import train
+    from skinclip import training
     from skinclip.errors import UserError
 
-    monkeypatch.setattr(train, "load_training_data", _must_not_build)
-    monkeypatch.setattr(train, "SkinClipVLModel", _must_not_build)
+    monkeypatch.setattr(training, "load_training_data", _must_not_build)
+    monkeypatch.setattr(training, "SkinClipVLModel", _must_not_build)
     with pytest.raises(UserError, match=message):
-        train.main(["configs/demo.yaml", f"--output_dir={tmp_path / 'out'}", override])
+        training.main(["configs/demo.yaml", f"--output_dir={tmp_path / 'out'}", override])
 
 
 def _colour_splits(validation=None, train_split=None):
@@ -168,11 +168,11 @@ def _colour_splits(validation=None, train_split=None):
 
 
 def _train_on(tmp_path, monkeypatch, dataset):
-    import train
+    from skinclip import training
 
     dataset.save_to_disk(str(tmp_path / "data"))
-    monkeypatch.setattr(train, "SkinClipVLModel", _must_not_build)
-    train.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
+    monkeypatch.setattr(training, "SkinClipVLModel", _must_not_build)
+    training.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
                 f"--output_dir={tmp_path / 'out'}"])
 
 
@@ -206,7 +206,7 @@ def test_a_checkpoint_with_a_nonfinite_tensor_is_refused_at_load(tmp_path, make_
 
 
 def test_continuing_from_a_corrupt_checkpoint_names_the_file(tmp_path, make_config, monkeypatch):
-    import train
+    from skinclip import training
     from skinclip.errors import UserError
 
     checkpoint = tmp_path / "checkpoint"
@@ -214,5 +214,5 @@ def test_continuing_from_a_corrupt_checkpoint_names_the_file(tmp_path, make_conf
     (checkpoint / "model.safetensors").write_bytes(b"not safetensors")
     _colour_splits().save_to_disk(str(tmp_path / "data"))
     with pytest.raises(UserError, match=r"checkpoint/model.safetensors:? (is )?not a readable safetensors file"):
-        train.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
+        training.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
                     f"--output_dir={tmp_path / 'out'}", f"--model_name_or_path={checkpoint}"])

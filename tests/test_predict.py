@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import predict
+from skinclip import prediction
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from skinclip.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, run_entry_point
 from tests.conftest import write_palette_png
@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory, make_config):
 
 
 def _run(capsys, *argv):
-    code = predict.main([*map(str, argv)])
+    code = prediction.main([*map(str, argv)])
     return code, capsys.readouterr().out
 
 
@@ -93,11 +93,11 @@ def test_image_modes_and_exif_rotation(tmp_path):
         "palette.png": rgb.convert("P"),
     }
     for name, image in cases.items():
-        loaded = predict.load_image(_write(tmp_path / name, image))
+        loaded = prediction.load_image(_write(tmp_path / name, image))
         assert loaded.mode == "RGB" and loaded.size == (50, 30), name
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    rotated = predict.load_image(_write(tmp_path / "exif.jpg", rgb, exif=exif.tobytes()))
+    rotated = prediction.load_image(_write(tmp_path / "exif.jpg", rgb, exif=exif.tobytes()))
     assert rotated.size == (30, 50)
 
 
@@ -113,8 +113,8 @@ def test_image_modes_and_exif_rotation(tmp_path):
 def test_bad_images_are_named(tmp_path, name, make, message):
     path = tmp_path / name
     make(path)
-    with pytest.raises(predict.ImageInputError, match=f"{name}.*{message}"):
-        predict.load_image(path)
+    with pytest.raises(prediction.ImageInputError, match=f"{name}.*{message}"):
+        prediction.load_image(path)
 
 
 def _jpeg_bytes():
@@ -129,7 +129,7 @@ def test_bad_file_in_a_batch_is_reported_not_fatal(checkpoint, sample_data, tmp_
     bad = tmp_path / "broken.jpg"
     bad.write_text("oops")
     good = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
-    code = predict.main([str(a) for a in ("--model", checkpoint, good, bad, "--json", "--out", tmp_path / "o",
+    code = prediction.main([str(a) for a in ("--model", checkpoint, good, bad, "--json", "--out", tmp_path / "o",
                                           "--no-rationale")])
     captured = capsys.readouterr()
     good_result, bad_result = json.loads(captured.out)
@@ -154,7 +154,7 @@ def test_heatmap_overlay_follows_attention():
     image = Image.new("RGB", (40, 40), (128, 128, 128))
     attention = np.zeros((4, 4))
     attention[0, 0] = 1.0
-    overlay = np.asarray(predict.heatmap_overlay(image, attention)).astype(int)
+    overlay = np.asarray(prediction.heatmap_overlay(image, attention)).astype(int)
     # jet maps the peak to red and zero attention to blue: top-left is redder than bottom-right.
     assert overlay[2, 2, 0] > overlay[37, 37, 0] and overlay[2, 2, 2] < overlay[37, 37, 2]
 
@@ -183,7 +183,7 @@ def test_rationale_words_are_grounded(checkpoint, sample_data, tmp_path, capsys,
     # A random decoder writes noise; fix the decoded rationale to check which words get maps.
     monkeypatch.setattr(SkinClipVLProcessor, "decode",
                         lambda self, ids: ["Atypical pigment network and a blue-whitish veil; irregular streaks."] * len(ids))
-    assert predict.rationale_words("Atypical pigment network and a blue-whitish veil; irregular streaks.") == [
+    assert prediction.rationale_words("Atypical pigment network and a blue-whitish veil; irregular streaks.") == [
         "atypical", "pigment", "network", "blue-whitish", "veil", "irregular"]
     image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     code, out = _run(capsys, "--model", checkpoint, image, "--json", "--out", tmp_path, "--max-new-tokens", "3",
@@ -232,26 +232,26 @@ def test_huge_images_do_not_cost_the_batch_and_memory_is_bounded(checkpoint, sam
 
 
 def test_large_image_is_downscaled_once_and_header_checked(tmp_path):
-    large = predict.load_image(write_palette_png(tmp_path / "large.png", 13000))
+    large = prediction.load_image(write_palette_png(tmp_path / "large.png", 13000))
     assert large.mode == "RGB" and large.size == (2048, 2048) and large.getpixel((7, 7)) == (200, 150, 120)
-    with pytest.raises(predict.ImageInputError, match=r"bomb\.png: image too large"):
-        predict.load_image(write_palette_png(tmp_path / "bomb.png", 20000))
+    with pytest.raises(prediction.ImageInputError, match=r"bomb\.png: image too large"):
+        prediction.load_image(write_palette_png(tmp_path / "bomb.png", 20000))
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (3000, 1000)).save(tmp_path / "wide.jpg", exif=exif.tobytes())
-    assert predict.load_image(tmp_path / "wide.jpg").size == (683, 2048)  # downscaled, then turned upright
+    assert prediction.load_image(tmp_path / "wide.jpg").size == (683, 2048)  # downscaled, then turned upright
 
 
 def test_memory_error_on_one_input_is_that_inputs_error(checkpoint, sample_data, tmp_path, capsys, monkeypatch):
     images = sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[:3]
-    real_load = predict.load_image
+    real_load = prediction.load_image
 
     def load(path, **kwargs):
         if Path(path) == images[1]:
             raise MemoryError
         return real_load(path, **kwargs)
 
-    monkeypatch.setattr(predict, "load_image", load)
+    monkeypatch.setattr(prediction, "load_image", load)
     code, out = _run(capsys, "--model", checkpoint, *images, "--json", "--out", tmp_path, "--no-rationale")
     results = json.loads(out)
     assert code == EXIT_PARTIAL
@@ -270,7 +270,7 @@ def test_results_are_printed_as_they_are_produced(checkpoint, sample_data, tmp_p
         return real_predict(self, *args, **kwargs)
 
     monkeypatch.setattr(SkinClipVLModel, "predict", predict_then_die)
-    code = run_entry_point(predict.main, ["--model", str(checkpoint), *map(str, images), "--json",
+    code = run_entry_point(prediction.main, ["--model", str(checkpoint), *map(str, images), "--json",
                                           "--batch-size", "1", "--out", str(tmp_path), "--no-rationale"])
     captured = capsys.readouterr()
     assert code == 130 and "error: interrupted" in captured.err
@@ -328,9 +328,10 @@ def test_folder_is_walked_and_skipped_files_are_reported(checkpoint, sample_data
     Image.open(images[2]).save(folder / "sub" / "anim.gif")
     (folder / "notes.txt").write_text("not an image")
     out = folder / "predictions"  # inside the input folder: never walked
-    code = predict.main([str(a) for a in ("--model", checkpoint, folder, "--json", "--out", out, "--no-rationale")])
+    code = prediction.main([str(a) for a in ("--model", checkpoint, folder, "--json", "--out", out, "--no-rationale")])
     captured = capsys.readouterr()
-    code_again = predict.main([str(a) for a in ("--model", checkpoint, folder, "--json", "--out", out, "--no-rationale")])
+    code_again = prediction.main([str(a) for a in ("--model", checkpoint, folder, "--json", "--out", out,
+                                                   "--no-rationale")])
     again = capsys.readouterr()
     results = json.loads(captured.out)
     assert code == code_again == EXIT_OK
@@ -340,8 +341,8 @@ def test_folder_is_walked_and_skipped_files_are_reported(checkpoint, sample_data
     assert f"skipped: {folder / 'sub' / 'anim.gif'} (not a supported image type (.gif))" in captured.err
     assert "2 file(s) skipped" in captured.err
     assert len(json.loads(again.out)) == 2 and "predictions" not in again.err
-    with pytest.raises(predict.UserError, match=r"output folder is also an input folder.*\(--out "):
-        predict.collect_cases([str(folder)], exclude=folder)
+    with pytest.raises(prediction.UserError, match=r"output folder is also an input folder.*\(--out "):
+        prediction.collect_cases([str(folder)], exclude=folder)
 
 
 def test_bad_csv_rows_are_per_row(checkpoint, sample_data, tmp_path, capsys):
@@ -354,7 +355,7 @@ def test_bad_csv_rows_are_per_row(checkpoint, sample_data, tmp_path, capsys):
         + f"{image},55,male,".encode() + b"\xff\xfeback\n"
         + f"{image},40,female,{'x' * 500}\n".encode()
     )
-    code = predict.main([str(a) for a in ("--model", checkpoint, table, "--json", "--out", tmp_path / "o",
+    code = prediction.main([str(a) for a in ("--model", checkpoint, table, "--json", "--out", tmp_path / "o",
                                           "--no-rationale")])
     captured = capsys.readouterr()
     results = json.loads(captured.out)
@@ -372,14 +373,14 @@ def test_bad_csv_rows_are_per_row(checkpoint, sample_data, tmp_path, capsys):
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(checkpoint, sample_data, tmp_path, capsys):
     image = sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[0]
-    assert run_entry_point(predict.main, ["--model", str(tmp_path / "absent"), str(image)]) == EXIT_FATAL
+    assert run_entry_point(prediction.main, ["--model", str(tmp_path / "absent"), str(image)]) == EXIT_FATAL
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot load the checkpoint: ") and err.endswith(f"(--model {tmp_path / 'absent'})")
     assert "\n" not in err
-    assert run_entry_point(predict.main, ["--model", str(checkpoint), str(image), "--age", "inf"]) == EXIT_FATAL
+    assert run_entry_point(prediction.main, ["--model", str(checkpoint), str(image), "--age", "inf"]) == EXIT_FATAL
     assert capsys.readouterr().err == "error: age 'inf' is not a finite number (--age)\n"
-    with pytest.raises(predict.UserError):
-        run_entry_point(predict.main, ["--model", str(checkpoint), str(image), "--age", "abc", "--debug"])
+    with pytest.raises(prediction.UserError):
+        run_entry_point(prediction.main, ["--model", str(checkpoint), str(image), "--age", "abc", "--debug"])
 
 
 def test_every_input_failing_is_fatal(checkpoint, tmp_path, capsys):

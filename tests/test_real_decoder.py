@@ -144,7 +144,7 @@ def trained(converted_decoder, tmp_path_factory):
 def test_rationales_are_the_reports_language_and_stop_at_eos(trained, capsys):
     from datasets import load_from_disk
 
-    import predict
+    from skinclip import prediction
     from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 
     out = trained / "out"
@@ -180,7 +180,7 @@ def test_rationales_are_the_reports_language_and_stop_at_eos(trained, capsys):
     image_path = trained / "lesion.png"
     test[0]["image"].save(image_path)
     capsys.readouterr()
-    code = predict.main(["--model", str(out), str(image_path), "--json", "--out", str(trained / "maps"),
+    code = prediction.main(["--model", str(out), str(image_path), "--json", "--out", str(trained / "maps"),
                          "--max-new-tokens", str(MAX_NEW_TOKENS), *_metadata_flags(test[0])])
     assert code == 0
     [result] = json.loads(capsys.readouterr().out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-import reproduce_tables as rt
+from skinclip import tables as rt
 
 PAPER_TEXT = rt.REPO_ROOT.parent / "shared" / "paper" / "skinclip-vl-paper.txt"
 # Paper Table I line prefixes (as extracted from the PDF) for the keys of paper_numbers.yaml.

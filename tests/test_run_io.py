@@ -50,13 +50,14 @@ def test_baselines_read_a_field_as_train_py_does():
     """`--save_strategy=no` was the string "no" through train.py but False through the baselines' own reader."""
     from baselines.timm_finetune import TimmArguments
 
-    import train
+    from skinclip import training
 
     argv = ["--train_split=no", "--eval_split=off", "--learning_rate=3e-3"]
     timm_args, timm_data = parse_config(["configs/baselines/resnet34_isic2019.yaml", *argv],
                                         (TimmArguments, DataArguments))
-    _, train_data, train_args = train.parse_arguments(["configs/demo.yaml", *argv])
-    assert (timm_data.train_split, timm_data.eval_split) == (train_data.train_split, train_data.eval_split) == ("no", "off")
+    _, train_data, train_args = training.parse_arguments(["configs/demo.yaml", *argv])
+    assert (timm_data.train_split, timm_data.eval_split) == ("no", "off")
+    assert (train_data.train_split, train_data.eval_split) == ("no", "off")
     assert timm_args.learning_rate == train_args.learning_rate == 0.003
 
 

@@ -41,6 +41,11 @@ def test_demo_writes_checkpoint_metrics_and_card(demo_run):
     assert "SkinCLIP-VL checkpoint" in card and "MEL" in card
     for term in ("loss_focal", "loss_align", "loss_cal", "loss_gen"):
         assert term in result.stdout + result.stderr
+    # The run ends with where the checkpoint is, the test metrics, and the command to run next.
+    summary = result.stdout[result.stdout.index("Checkpoint: "):]
+    assert f"Checkpoint: {out}" in summary
+    assert f"balanced_accuracy {metrics['balanced_accuracy']:.4f}" in summary and "test_metrics.json" in summary
+    assert f"Next: python predict.py --model {out} <image>" in summary
 
 
 def _folder_bytes(folder):
@@ -79,7 +84,7 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
 
 def test_overwrite_output_dir_replaces_the_previous_run_and_keeps_other_files(demo_run, tmp_path):
     """No checkpoint of the previous run survives to mix with the new run's; a foreign file is untouched."""
-    import train
+    from skinclip import training
 
     root, _ = demo_run
     out = tmp_path / "out"
@@ -88,7 +93,7 @@ def test_overwrite_output_dir_replaces_the_previous_run_and_keeps_other_files(de
     (out / "model.safetensors").write_bytes(b"previous weights")
     (out / "validation_metrics.json").write_text('{"balanced_accuracy": 0.123456}')
     (out / "notes.txt").write_text("my notes")
-    train.main(["configs/demo.yaml", f"--output_dir={out}", f"--dataset_path={root / 'data'}",
+    training.main(["configs/demo.yaml", f"--output_dir={out}", f"--dataset_path={root / 'data'}",
                 f"--tiny_bases_dir={root / 'bases'}", "--num_train_epochs=1", "--save_strategy=epoch",
                 "--eval_strategy=no", "--test_split=null", "--disable_tqdm=true", "--overwrite_output_dir"])
     checkpoints = sorted(path.name for path in out.glob("checkpoint-*"))

@@ -267,7 +267,8 @@ def test_evaluation_and_prediction_use_the_eval_data_collator(tmp_path, make_con
     assert trainer.get_eval_dataloader(rows).collate_fn is evaluation
     assert trainer.get_test_dataloader(rows).collate_fn is evaluation
     assert trainer.get_train_dataloader().collate_fn is training and trainer.data_collator is training
-    plain = CFATrainer(model=trainer.model, args=args, train_dataset=rows, data_collator=training, class_counts=[2, 2, 2])
+    plain = CFATrainer(model=trainer.model, args=args, train_dataset=rows, data_collator=training,
+                       class_counts=[2, 2, 2])
     assert plain.get_eval_dataloader(rows).collate_fn is training  # no eval collator: the training one
 
 

@@ -16,9 +16,9 @@ from skinclip.errors import UserError, run_entry_point
 
 
 def _parse(*overrides):
-    import train
+    from skinclip import training
 
-    return train.parse_arguments(["configs/demo.yaml", *overrides])
+    return training.parse_arguments(["configs/demo.yaml", *overrides])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -69,18 +69,18 @@ def test_overwrite_and_resume_together_are_refused():
 
 
 def test_cli_arguments_without_a_yaml_file_are_range_checked():
-    import train
+    from skinclip import training
 
     with pytest.raises(UserError, match="lambda_cal must be >= 0"):
-        train.parse_arguments(["--output_dir=x", "--lambda_cal=-5"])
+        training.parse_arguments(["--output_dir=x", "--lambda_cal=-5"])
     with pytest.raises(UserError, match="lambda_cal must be a finite number"):
-        train.parse_arguments(["--output_dir=x", "--lambda_cal=nan"])  # argparse's float() accepts 'nan'
+        training.parse_arguments(["--output_dir=x", "--lambda_cal=nan"])  # argparse's float() accepts 'nan'
 
 
 def test_field_types_accept_ints_for_floats_and_none_for_optional_fields():
-    import train
+    from skinclip import training
 
-    types = (train.ModelArguments, train.DataArguments)
+    types = (training.ModelArguments, training.DataArguments)
     validation.check_field_types({"lora_dropout": 0, "vision_pretrained": None, "lora_target_modules": ["q"]},
                                  types, "cfg")
     with pytest.raises(UserError, match="cfg: lora_dropout must be a number, got True"):

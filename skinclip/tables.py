@@ -1,0 +1,561 @@
+"""Regenerate the paper's tables, one command per table: train/evaluate every run, then write one Markdown table
+in the paper's layout with the paper's numbers and the difference beside each measured one.
+
+    python reproduce_tables.py table1 --out results/            # Table I: baselines + SkinCLIP-VL, 3 data sets
+    python reproduce_tables.py ablation --out results/          # Table II: CE → +focal → +align / +cal → full CFA
+    python reproduce_tables.py lambda3 --out results/           # Fig. 3: lambda_3 in {0.1, 0.25, 0.5, 1.0}
+    python reproduce_tables.py data_efficiency --out results/   # Table III: 100% vs 12% of the ISIC 2019 train split
+    python reproduce_tables.py all --out results/ --tiny        # every table, tiny random bases on demo data (CPU)
+
+Every run writes its own directory ``<out>/runs/<run>/`` (the files of ``train.py``: ``test_metrics.json``,
+``test_predictions.csv``, ...; plus ``ood_metrics.json`` for runs trained on ISIC 2019, scored on ISIC 2024 by
+`baselines.ood`). The tables are read from those files only, never recomputed: ``<out>/<table>.md`` and
+``<out>/<table>.json`` (each cell with its value, the paper's, the difference and the file it came from). A run
+whose files are missing is shown as "not run", one that failed as "failed", a paper row this project does not
+reproduce as "—". Finished runs are reused (``--force`` reruns them); runs whose resolved settings are identical
+(``ablations/full_cfa.yaml``, ``ablations/lambda_gen_0.5.yaml`` and ``isic2019.yaml``) are trained once.
+``--collect-only`` only rebuilds the tables from existing run directories (e.g. after training on a cluster).
+See REPRODUCING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, train.py
+PAPER_NUMBERS = REPO_ROOT / "configs" / "tables" / "paper_numbers.yaml"
+TABLES = ("table1", "ablation", "lambda3", "data_efficiency")
+METRICS = (("balanced_accuracy", "B-ACC ↑"), ("auroc_macro", "AUROC ↑"), ("ece", "ECE ↓"))
+DATASET_LABELS = {"isic2019": "ISIC 2019", "derm7pt": "Derm7pt", "isic2024": "ISIC 2024 (OOD)"}
+# Fields that name where a run writes, not what it computes: left out when deciding that two runs are the same.
+_NOT_IN_RUN_KEY = {"output_dir", "run_name", "logging_dir", "hub_model_id"}
+# --tiny: a same-family tiny timm model per paper baseline (random weights, no download).
+TINY_TIMM_MODELS = {"efficientnet": "test_efficientnet", "resnet": "test_resnet", "convnext": "test_convnext"}
+TINY_DEMO = {"num_per_class": 12, "image_size": 32}
+TINY_DEMO_SEEDS = {"isic2019": 0, "derm7pt": 1, "isic2024": 2}
+
+logger = logging.getLogger("skinclip.reproduce")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training/evaluation: which entry point, which config, which data set it is trained and tested on."""
+
+    name: str
+    runner: str  # "skinclip" (train.py), "timm" (baselines.timm_finetune), "zero_shot" (baselines.zero_shot_clip)
+    config: str  # relative to the repository
+    dataset: str  # "isic2019" or "derm7pt"
+    ood: bool = False  # also scored on ISIC 2024 (runs trained on ISIC 2019)
+
+
+RUNS = {run.name: run for run in [
+    Run("skinclip_isic2019", "skinclip", "configs/isic2019.yaml", "isic2019", ood=True),
+    Run("skinclip_derm7pt", "skinclip", "configs/derm7pt.yaml", "derm7pt"),
+    Run("efficientnet_b4_isic2019", "timm", "configs/baselines/efficientnet_b4_isic2019.yaml", "isic2019", ood=True),
+    Run("efficientnet_b4_derm7pt", "timm", "configs/baselines/efficientnet_b4_derm7pt.yaml", "derm7pt"),
+    Run("resnet34_isic2019", "timm", "configs/baselines/resnet34_isic2019.yaml", "isic2019", ood=True),
+    Run("resnet34_derm7pt", "timm", "configs/baselines/resnet34_derm7pt.yaml", "derm7pt"),
+    Run("convnext_base_isic2019", "timm", "configs/baselines/convnext_base_isic2019.yaml", "isic2019", ood=True),
+    Run("convnext_base_derm7pt", "timm", "configs/baselines/convnext_base_derm7pt.yaml", "derm7pt"),
+    Run("zero_shot_clip_isic2019", "zero_shot", "configs/baselines/zero_shot_clip_isic2019.yaml", "isic2019", ood=True),
+    Run("zero_shot_clip_derm7pt", "zero_shot", "configs/baselines/zero_shot_clip_derm7pt.yaml", "derm7pt"),
+    *[Run(f"ablation_{name}", "skinclip", f"configs/ablations/{name}.yaml", "isic2019", ood=True)
+      for name in ("ce_only", "focal", "focal_align", "focal_cal", "full_cfa")],
+    *[Run(f"lambda_gen_{value}", "skinclip", f"configs/ablations/lambda_gen_{value}.yaml", "isic2019", ood=True)
+      for value in ("0.1", "0.25", "0.5", "1.0")],
+    Run("skinclip_isic2019_train12", "skinclip", "configs/isic2019_train12.yaml", "isic2019", ood=True),
+    Run("efficientnet_b4_isic2019_train12", "timm", "configs/baselines/efficientnet_b4_isic2019_train12.yaml",
+        "isic2019", ood=True),
+]}
+
+# Table I rows: (group heading, [(row label, key in paper_numbers.yaml or None, {dataset: run name})]).
+TABLE1_ROWS = [
+    ("Image models (the paper's heading: \"Multimodal Models\")", [
+        ("EfficientNet-B4", "EfficientNet-B4", {"isic2019": "efficientnet_b4_isic2019", "derm7pt": "efficientnet_b4_derm7pt"}),
+        ("ResNet-34", "ResNet-34", {"isic2019": "resnet34_isic2019", "derm7pt": "resnet34_derm7pt"}),
+        ("ConvNeXt-Base", "ConvNeXt-Base", {"isic2019": "convnext_base_isic2019", "derm7pt": "convnext_base_derm7pt"}),
+        ("CaFormer-B36", "CaFormer-B36", {}),
+        ("HEALNet", "HEALNet", {}),
+    ]),
+    ("Vision-Language Models", [
+        ("Zero-shot CLIP ViT-L/14 (this project)", None,
+         {"isic2019": "zero_shot_clip_isic2019", "derm7pt": "zero_shot_clip_derm7pt"}),
+        ("MedCLIP", "MedCLIP", {}),
+        ("Qwen2.5-VL-7B", "Qwen2.5-VL-7B", {}),
+        ("LLaVA-Med-7B", "LLaVA-Med-7B", {}),
+        ("SkinVL-MM", "SkinVL-MM", {}),
+        ("InternVL2.5-8B", "InternVL2.5-8B", {}),
+        ("SkinGPT-4", "SkinGPT-4", {}),
+        ("SkinCLIP-VL (Ours)", "SkinCLIP-VL", {"isic2019": "skinclip_isic2019", "derm7pt": "skinclip_derm7pt"}),
+    ]),
+]
+ABLATION_ROWS = [
+    ("Baseline (CE loss)", "ce_only", "ablation_ce_only"),
+    ("+ L_focal", "focal", "ablation_focal"),
+    ("+ L_focal + L_align", "focal_align", "ablation_focal_align"),
+    ("+ L_focal + L_cal", "focal_cal", "ablation_focal_cal"),
+    ("+ L_CFA (full)", "full_cfa", "ablation_full_cfa"),
+]
+LAMBDA3_ROWS = [(f"λ3 = {value}", value, f"lambda_gen_{value}") for value in ("0.1", "0.25", "0.5", "1.0")]
+DATA_EFFICIENCY_ROWS = [
+    ("EfficientNet-B4", "EfficientNet-B4", "efficientnet_b4_isic2019", "efficientnet_b4_isic2019_train12"),
+    ("SkinGPT-4", "SkinGPT-4", None, None),
+    ("SkinCLIP-VL", "SkinCLIP-VL", "skinclip_isic2019", "skinclip_isic2019_train12"),
+]
+
+
+def runs_of(table: str) -> list[str]:
+    if table == "table1":
+        return [name for _, rows in TABLE1_ROWS for _, _, runs in rows for name in runs.values()]
+    if table == "ablation":
+        return [run for _, _, run in ABLATION_ROWS]
+    if table == "lambda3":
+        return [run for _, _, run in LAMBDA3_ROWS]
+    if table == "data_efficiency":
+        return [name for *_, full, small in DATA_EFFICIENCY_ROWS for name in (full, small) if name]
+    raise ValueError(f"unknown table {table!r}; choose from {TABLES}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Planning: the exact arguments of every run
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything the runs need that is not in their configs: data locations, --tiny settings, launcher."""
+
+    out: Path
+    tiny: bool = False
+    data: dict[str, str] = field(default_factory=dict)  # dataset → DatasetDict path (overrides the configs)
+    ood_split: str = "test"
+    tiny_bases: str | None = None
+
+    def run_dir(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    def overrides(self, run: Run, resolved: dict) -> dict:
+        """--field=value settings of ``run`` on top of its config (data paths, OOD set, --tiny sizes)."""
+        values: dict = {}
+        if run.dataset in self.data:
+            values.update(dataset_path=self.data[run.dataset], demo_dataset=False)
+        if run.ood and run.runner != "skinclip":
+            values.update(ood_dataset_path=self.data.get("isic2024", "data/isic2024"), ood_split=self.ood_split)
+        if self.tiny:
+            values.update(tiny_overrides(run, resolved, self.tiny_bases))
+        return values
+
+
+def tiny_overrides(run: Run, resolved: dict, tiny_bases: str | None) -> dict:
+    """Swap a run to tiny random bases, few steps and float32 on CPU; the data paths come from the Plan."""
+    if run.runner == "skinclip":
+        return dict(
+            tiny_bases_dir=tiny_bases, quantization="none", compute_dtype="float32", bf16=False, use_cpu=True,
+            num_train_epochs=2, learning_rate=3e-3, per_device_train_batch_size=8, per_device_eval_batch_size=16,
+            lora_r=4, lora_alpha=8,
+            focal_dim=16, alignment_dim=8, max_rationale_tokens=24, save_strategy="no", eval_strategy="no",
+            load_best_model_at_end=False, activation_checkpointing=False, dataloader_num_workers=0,
+            logging_steps=1, report_to="none", warmup_steps=0, augment=False,
+        )
+    if run.runner == "timm":
+        family = next((tiny for prefix, tiny in TINY_TIMM_MODELS.items()
+                       if str(resolved.get("model_name", "")).startswith(prefix)), "test_resnet")
+        return dict(model_name=family, pretrained=False, image_size=32, num_train_epochs=1, learning_rate=3e-3,
+                    per_device_train_batch_size=8, per_device_eval_batch_size=16, dataloader_num_workers=0,
+                    device="cpu", bf16=False, select_best=False)
+    if run.runner == "zero_shot":
+        return dict(tiny_bases_dir=tiny_bases, device="cpu", per_device_eval_batch_size=16)
+    raise ValueError(f"unknown runner {run.runner!r}")
+
+
+def resolved_settings(run: Run, plan: Plan) -> tuple[dict, dict]:
+    """(the config with its ``extends`` chain read, the overrides the plan adds)."""
+    from skinclip.run_io import load_yaml_config
+
+    resolved = load_yaml_config(REPO_ROOT / run.config)
+    return resolved, plan.overrides(run, resolved)
+
+
+def run_key(run: Run, plan: Plan) -> str:
+    """What a run computes: runner + resolved settings, without where it writes. Equal keys → one training."""
+    resolved, overrides = resolved_settings(run, plan)
+    settings = {k: v for k, v in {**resolved, **overrides}.items() if k not in _NOT_IN_RUN_KEY}
+    return json.dumps({"runner": run.runner, "settings": settings, "ood": run.ood}, sort_keys=True, default=str)
+
+
+def canonical_runs(plan: Plan) -> dict[str, str]:
+    """Run name → the name of the first run (in RUNS order) that computes the same thing."""
+    first_of_key: dict[str, str] = {}
+    canonical = {}
+    for name, run in RUNS.items():
+        canonical[name] = first_of_key.setdefault(run_key(run, plan), name)
+    return canonical
+
+
+def command_line(run: Run, plan: Plan) -> list[str]:
+    """The arguments after the entry point: ``config.yaml --field=value ...`` (values written as YAML)."""
+    _, overrides = resolved_settings(run, plan)
+    overrides["output_dir"] = str(plan.run_dir(run.name))
+    return [str(REPO_ROOT / run.config)] + [f"--{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Executing
+# --------------------------------------------------------------------------------------------------------
+
+
+ENTRY_POINTS = {"skinclip": ("skinclip.training", "train.py"), "timm": ("baselines.timm_finetune", None),
+                "zero_shot": ("baselines.zero_shot_clip", None)}
+
+
+def required_files(run: Run) -> list[str]:
+    return ["test_metrics.json"] + (["ood_metrics.json"] if run.ood else [])
+
+
+def is_complete(run: Run, plan: Plan) -> bool:
+    run_dir = plan.run_dir(run.name)
+    key_file = run_dir / "run_key.json"
+    return (key_file.is_file() and key_file.read_text() == run_key(run, plan)
+            and all((run_dir / name).is_file() for name in required_files(run)))
+
+
+def execute(run: Run, plan: Plan, launcher: str) -> None:
+    """Train/evaluate ``run`` into its directory, then (SkinCLIP-VL on ISIC 2019) score the OOD set."""
+    import importlib
+
+    module_name, script = ENTRY_POINTS[run.runner]
+    argv = command_line(run, plan)
+    if run.runner == "skinclip":
+        # The runner owns its run folders and reruns a stale or failed run in place: train.py then replaces that
+        # run's earlier outputs (and keeps command.txt); it refuses a non-empty output_dir otherwise.
+        argv.append("--overwrite_output_dir=true")
+    run_dir = plan.run_dir(run.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").unlink(missing_ok=True)
+    (run_dir / "command.txt").write_text(" ".join([module_name] + argv) + "\n")
+    if launcher == "inprocess":
+        importlib.import_module(module_name).main(argv)
+    else:
+        if launcher == "accelerate" and run.runner == "skinclip":
+            prefix = ["accelerate", "launch", str(REPO_ROOT / script)]
+        else:
+            prefix = [sys.executable, str(REPO_ROOT / script)] if script else [sys.executable, "-m", module_name]
+        subprocess.run(prefix + argv, check=True, cwd=REPO_ROOT)
+    if run.ood and run.runner == "skinclip":
+        from baselines.ood import evaluate_skinclip_checkpoint
+
+        evaluate_skinclip_checkpoint(run_dir, plan.data.get("isic2024", "data/isic2024"), plan.ood_split, run_dir)
+    (run_dir / "run_key.json").write_text(run_key(run, plan))
+
+
+def prepare_tiny(plan: Plan) -> None:
+    """Tiny random bases and three demo data sets (ISIC 2019 / Derm7pt stand-ins, a binary OOD stand-in)."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    from baselines.ood import binary_dataset_from
+    from datasets_scripts.demo import build_demo_dataset
+    from skinclip.labels import MALIGNANT_CLASSES
+    from skinclip.tiny_bases import build_tiny_bases
+
+    root = plan.out / "tiny"
+    plan.tiny_bases = str(root / "bases")
+    build_tiny_bases(plan.tiny_bases, ("clip", "open_clip", "decoder-qwen2_5_vl"))
+    for dataset, seed in TINY_DEMO_SEEDS.items():
+        path = root / "data" / dataset
+        if dataset == "isic2024":
+            # ISIC 2024 stand-in: a fresh demo draw, every split, MEL/BCC (the demo's malignant classes) → malignant.
+            if not (path / "dataset_dict.json").is_file():
+                source = root / "data" / "isic2024-source"
+                build_demo_dataset(seed=seed, output_dir=str(source), **TINY_DEMO)
+                splits = list(load_from_disk(str(source)))
+                binary = binary_dataset_from(source, root / "data" / "isic2024-splits", MALIGNANT_CLASSES, splits)
+                from datasets import DatasetDict
+
+                DatasetDict({"test": concatenate_datasets([binary[s] for s in splits])}).save_to_disk(str(path))
+        elif not (path / "dataset_dict.json").is_file():
+            build_demo_dataset(seed=seed, output_dir=str(path), **TINY_DEMO)
+        plan.data.setdefault(dataset, str(path))
+
+
+def run_all(names: list[str], plan: Plan, launcher: str, force: bool = False, collect_only: bool = False) -> dict:
+    """Execute the canonical run of each name (once per key); return {run name: status, dir, seconds}."""
+    canonical = canonical_runs(plan)
+    statuses: dict[str, dict] = {}
+    done: dict[str, dict] = {}
+    for name in names:
+        target = canonical[name]
+        if target not in done:
+            run = RUNS[target]
+            started = time.time()
+            if collect_only:  # files trained elsewhere (other paths, a cluster): their presence is enough
+                run_dir = plan.run_dir(target)
+                status = "reused" if all((run_dir / f).is_file() for f in required_files(run)) else "not run"
+            elif is_complete(run, plan) and not force:
+                status = "reused"
+            else:
+                try:
+                    logger.info("running %s", target)
+                    execute(run, plan, launcher)
+                    status = "ran"
+                except Exception as error:  # one failed run must not lose the others' results
+                    logger.exception("run %s failed", target)
+                    (plan.run_dir(target)).mkdir(parents=True, exist_ok=True)
+                    (plan.run_dir(target) / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+                    status = "failed"
+            done[target] = {"status": status, "seconds": round(time.time() - started, 1)}
+        statuses[name] = {**done[target], "dir": str(plan.run_dir(target)), "same_as": target}
+    return statuses
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading results and writing tables
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path, which: str) -> tuple[dict | None, Path]:
+    """``which`` is "test" or "ood"; returns (metrics or None, the file)."""
+    path = run_dir / f"{which}_metrics.json"
+    return (json.loads(path.read_text()) if path.is_file() else None), path
+
+
+def trainable_parameters(run_dir: Path) -> int | None:
+    """From the run's files: run_info.json (baselines) or the trained tensors in model.safetensors (SkinCLIP-VL)."""
+    info = run_dir / "run_info.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("trainable_parameters")
+    weights = run_dir / "model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            return sum(_product(handle.get_slice(key).get_shape()) for key in handle.keys())
+    return None
+
+
+def _product(shape) -> int:
+    result = 1
+    for size in shape:
+        result *= int(size)
+    return result
+
+
+def format_value(metric: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.1f}%" if metric == "balanced_accuracy" else f"{value:.3f}"
+
+
+def format_diff(metric: str, diff: float) -> str:
+    return f"{100 * diff:+.1f} pp" if metric == "balanced_accuracy" else f"{diff:+.3f}"
+
+
+def format_count(count: int | None) -> str:
+    if count is None:
+        return "—"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+class TableBuilder:
+    """Collects cells (value, paper value, difference, source file) and renders Markdown + JSON."""
+
+    def __init__(self, table: str, title: str, columns: list[str], statuses: dict, plan: Plan):
+        self.table, self.title, self.columns, self.statuses, self.plan = table, title, columns, statuses, plan
+        self.rows: list[tuple[str, list[str]] | str] = []
+        self.cells: list[dict] = []
+
+    def run_state(self, name: str | None) -> tuple[str, Path | None]:
+        """("ok"|"not run"|"failed"|"not reproduced", directory)."""
+        if name is None:
+            return "not reproduced", None
+        status = self.statuses.get(name)
+        run_dir = Path(status["dir"]) if status else self.plan.run_dir(canonical_runs(self.plan)[name])
+        if status and status["status"] == "failed":
+            return "failed", run_dir
+        return "ok", run_dir
+
+    def metric_cell(self, row: str, column: str, run: str | None, which: str, metric: str,
+                    paper: float | None) -> str:
+        state, run_dir = self.run_state(run)
+        value, source = None, None
+        if state == "ok":
+            metrics, source = read_metrics(run_dir, which)
+            if metrics is None or metrics.get(metric) is None:
+                state = "not run"
+            else:
+                value = float(metrics[metric])
+        return self.add_cell(row, column, metric, value, paper, state, source)
+
+    def add_cell(self, row, column, metric, value, paper, state, source) -> str:
+        diff = value - paper if value is not None and paper is not None else None
+        self.cells.append(dict(row=row, column=column, metric=metric, value=value, paper=paper, diff=diff,
+                               status=state, source=str(source) if source else None))
+        paper_text = format_value(metric, paper)
+        if value is None:
+            return f"{'—' if state == 'not reproduced' else state} ({paper_text})"
+        return f"{format_value(metric, value)} ({paper_text}, {format_diff(metric, diff)})" if diff is not None \
+            else f"{format_value(metric, value)} (—)"
+
+    def add_row(self, label: str, cells: list[str]) -> None:
+        self.rows.append((label, cells))
+
+    def add_group(self, heading: str) -> None:
+        self.rows.append(heading)
+
+    def write(self) -> str:
+        lines = [f"## {self.title}", "",
+                 "Each cell: measured (paper, measured − paper); `not run`: no evaluation file yet; `—`: not "
+                 "reproduced by this project or not reported by the paper.", "",
+                 "| " + " | ".join(["Model"] + self.columns) + " |", "|" + "---|" * (len(self.columns) + 1)]
+        for row in self.rows:
+            if isinstance(row, str):
+                lines.append(f"| **{row}** |" + " |" * len(self.columns))
+            else:
+                lines.append("| " + " | ".join([row[0]] + row[1]) + " |")
+        markdown = "\n".join(lines) + "\n"
+        self.plan.out.mkdir(parents=True, exist_ok=True)
+        (self.plan.out / f"{self.table}.md").write_text(markdown)
+        (self.plan.out / f"{self.table}.json").write_text(json.dumps(
+            {"table": self.table, "title": self.title, "columns": self.columns, "tiny": self.plan.tiny,
+             "cells": self.cells, "runs": self.statuses}, indent=2))
+        return markdown
+
+
+def metric_columns(dataset_label: str) -> list[str]:
+    return [f"{dataset_label} {label}" for _, label in METRICS]
+
+
+def build_table1(paper: dict, statuses: dict, plan: Plan) -> str:
+    datasets = ("isic2019", "derm7pt", "isic2024")
+    columns = ["Params (paper)", "Trainable params (run)"] + [c for d in datasets for c in metric_columns(DATASET_LABELS[d])]
+    table = TableBuilder("table1", "Table I: performance on ISIC 2019, Derm7pt and ISIC 2024 (OOD)", columns, statuses, plan)
+    for heading, rows in TABLE1_ROWS:
+        table.add_group(heading)
+        for label, paper_key, runs in rows:
+            reported = paper["table1"].get(paper_key, {}) if paper_key else {}
+            state, run_dir = table.run_state(runs.get("isic2019"))
+            cells = [str(reported.get("params", "—")),
+                     format_count(trainable_parameters(run_dir)) if state == "ok" and run_dir else "—"]
+            for dataset in datasets:
+                run = runs.get("isic2019" if dataset == "isic2024" else dataset)
+                which = "ood" if dataset == "isic2024" else "test"
+                values = reported.get(dataset) or [None] * len(METRICS)
+                for (metric, metric_label), paper_value in zip(METRICS, values):
+                    cells.append(table.metric_cell(label, f"{DATASET_LABELS[dataset]} {metric_label}", run, which,
+                                                   metric, paper_value))
+            table.add_row(label, cells)
+    return table.write()
+
+
+def _per_run_table(name: str, title: str, rows, paper_rows: dict, statuses: dict, plan: Plan) -> str:
+    """Ablation / lambda_3 layout: ISIC 2024 (OOD) columns as in the paper, then ISIC 2019 test (not in the paper)."""
+    blocks = (("isic2024", "ood", DATASET_LABELS["isic2024"]), ("isic2019", "test", "ISIC 2019 test"))
+    columns = [c for _, _, label in blocks for c in metric_columns(label)]
+    table = TableBuilder(name, title, columns, statuses, plan)
+    for label, paper_key, run in rows:
+        reported = paper_rows.get(paper_key, {})
+        cells = []
+        for dataset, which, block_label in blocks:
+            values = reported.get(dataset) or [None] * len(METRICS)
+            for (metric, metric_label), paper_value in zip(METRICS, values):
+                cells.append(table.metric_cell(label, f"{block_label} {metric_label}", run, which, metric, paper_value))
+        table.add_row(label, cells)
+    return table.write()
+
+
+def build_data_efficiency(paper: dict, statuses: dict, plan: Plan) -> str:
+    columns = ["Train-100%", "Train-12%", "Drop"]
+    table = TableBuilder("data_efficiency", "Table III: data efficiency, B-ACC on ISIC 2024 (OOD), trained on ISIC 2019",
+                         columns, statuses, plan)
+    metric = "balanced_accuracy"
+    for label, paper_key, full, small in DATA_EFFICIENCY_ROWS:
+        reported = paper["data_efficiency"].get(paper_key, {})
+        full_cell = table.metric_cell(label, "Train-100%", full, "ood", metric, reported.get("train100"))
+        small_cell = table.metric_cell(label, "Train-12%", small, "ood", metric, reported.get("train12"))
+        full_value, small_value = table.cells[-2]["value"], table.cells[-1]["value"]
+        drop = small_value - full_value if full_value is not None and small_value is not None else None
+        state = "ok" if drop is not None else ("not reproduced" if full is None else "not run")
+        drop_cell = table.add_cell(label, "Drop", metric, drop, reported.get("drop"), state, None)
+        table.add_row(label, [full_cell, small_cell, drop_cell])
+    return table.write()
+
+
+def build_table(table: str, statuses: dict, plan: Plan) -> str:
+    paper = yaml.safe_load(PAPER_NUMBERS.read_text())
+    if table == "table1":
+        return build_table1(paper, statuses, plan)
+    if table == "ablation":
+        return _per_run_table("ablation", "Table II: ablation of the CFA terms (trained on ISIC 2019)",
+                              ABLATION_ROWS, paper["ablation"], statuses, plan)
+    if table == "lambda3":
+        return _per_run_table("lambda3", "Fig. 3: sensitivity to λ3 (lambda_gen; trained on ISIC 2019)",
+                              LAMBDA3_ROWS, paper["lambda3"], statuses, plan)
+    if table == "data_efficiency":
+        return build_data_efficiency(paper, statuses, plan)
+    raise ValueError(f"unknown table {table!r}; choose from {TABLES}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=TABLES + ("all",))
+    parser.add_argument("--out", required=True, help="results directory: runs/, <table>.md, <table>.json")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random bases, generated demo data, one short epoch per run (CPU, minutes)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated run names to execute; the table's other runs are read if present")
+    parser.add_argument("--collect-only", action="store_true", help="run nothing; build tables from existing runs")
+    parser.add_argument("--force", action="store_true", help="rerun finished runs")
+    parser.add_argument("--launcher", choices=("python", "accelerate", "inprocess"), default="python",
+                        help="how to start train.py: a python subprocess, `accelerate launch`, or in this process")
+    for dataset in ("isic2019", "derm7pt", "isic2024"):
+        parser.add_argument(f"--{dataset}", default=None, help=f"{DATASET_LABELS[dataset]} DatasetDict directory")
+    parser.add_argument("--ood-split", default="test", help="split of the ISIC 2024 DatasetDict to score ('all': every split)")
+    parser.add_argument("--list-runs", action="store_true", help="print the runs of the table and their commands")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    plan = Plan(out=Path(args.out).resolve(), tiny=args.tiny, ood_split=args.ood_split,
+                data={d: getattr(args, d) for d in ("isic2019", "derm7pt", "isic2024") if getattr(args, d)})
+    if args.tiny:
+        prepare_tiny(plan)
+    tables = list(TABLES) if args.table == "all" else [args.table]
+    names = list(dict.fromkeys(name for table in tables for name in runs_of(table)))
+    if args.only:
+        selected = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in selected if name not in RUNS]
+        if unknown:
+            raise SystemExit(f"--only: unknown run(s) {unknown}; runs are {sorted(RUNS)}")
+        names = [name for name in names if name in selected]
+    if args.list_runs:
+        canonical = canonical_runs(plan)
+        for name in names:
+            run = RUNS[name]
+            print(f"{name} (same as {canonical[name]}): {ENTRY_POINTS[run.runner][0]} {' '.join(command_line(run, plan))}")
+        return 0
+    statuses = run_all(names, plan, args.launcher, force=args.force, collect_only=args.collect_only)
+    for table in tables:
+        print(build_table(table, {name: statuses[name] for name in runs_of(table) if name in statuses}, plan))
+    failed = sorted({s["same_as"] for s in statuses.values() if s["status"] == "failed"})
+    if failed:
+        print(f"failed runs: {failed} (see <out>/runs/<run>/error.txt)", file=sys.stderr)
+        return 1
+    return 0

