@@ -114,7 +114,7 @@ SHAPES = {
     ),
 }
 
-CLASS_NAMES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
+from skinclip.labels import ISIC2019_CLASSES as CLASS_NAMES  # noqa: E402  (importable once REPO_ROOT is on sys.path)
 PAD_ID, EOS_ID = 0, 1
 # Qwen2.5-VL's special ids; the tiny vocabulary gets its own, below its size.
 PLAIN_SPECIAL = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
