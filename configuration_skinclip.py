@@ -239,7 +239,9 @@ class SkinClipVLConfig(PretrainedConfig):
             if len(set(id2label.values())) != len(id2label):
                 raise ValueError(f"id2label has duplicate class names: {list(id2label.values())}")
             if num_labels is not None and num_labels != len(id2label):
-                raise ValueError(f"num_labels={num_labels} disagrees with id2label, which names {len(id2label)} classes")
+                raise ValueError(
+                    f"num_labels={num_labels} disagrees with id2label, which names {len(id2label)} classes"
+                )
             if label2id is not None and {v: k for k, v in id2label.items()} != {k: int(v) for k, v in label2id.items()}:
                 raise ValueError(f"label2id {label2id} is not the inverse of id2label {id2label}")
             kwargs["id2label"] = id2label
@@ -300,7 +302,7 @@ def checkpoint_folder(path_or_repo: str | os.PathLike, revision: str | None = No
         ) from error
 
 
-def resolve_base_paths(config: "SkinClipVLConfig", folder: Path) -> "SkinClipVLConfig":
+def resolve_base_paths(config: SkinClipVLConfig, folder: Path) -> SkinClipVLConfig:
     """Local base paths that are relative resolve against the checkpoint folder first, then the working directory.
 
     `save_pretrained` writes local bases relative to the checkpoint, so a checkpoint loads from any working
@@ -311,7 +313,7 @@ def resolve_base_paths(config: "SkinClipVLConfig", folder: Path) -> "SkinClipVLC
     for section in (config.vision_config, config.decoder_config):
         name = section.model_name_or_path
         prefix = LOCAL_DIR_PREFIX if name.startswith(LOCAL_DIR_PREFIX) else ""
-        path = Path(name[len(prefix):]).expanduser()
+        path = Path(name[len(prefix) :]).expanduser()
         if path.is_absolute():
             continue
         if (folder / path).is_dir():
@@ -331,7 +333,7 @@ def resolve_base_paths(config: "SkinClipVLConfig", folder: Path) -> "SkinClipVLC
     return config
 
 
-def relative_base_paths(config: "SkinClipVLConfig", folder: Path) -> "SkinClipVLConfig":
+def relative_base_paths(config: SkinClipVLConfig, folder: Path) -> SkinClipVLConfig:
     """A copy of ``config`` whose local base folders are written relative to ``folder`` (the checkpoint)."""
     import copy
 
@@ -339,11 +341,10 @@ def relative_base_paths(config: "SkinClipVLConfig", folder: Path) -> "SkinClipVL
     for section in (config.vision_config, config.decoder_config):
         name = section.model_name_or_path
         prefix = LOCAL_DIR_PREFIX if name.startswith(LOCAL_DIR_PREFIX) else ""
-        path = Path(name[len(prefix):]).expanduser()
+        path = Path(name[len(prefix) :]).expanduser()
         if path.is_dir():
             section.model_name_or_path = prefix + os.path.relpath(path.resolve(), folder.resolve())
     return config
-
 
 
 __all__ = ["SkinClipVLConfig", "SkinClipVisionConfig", "SkinClipDecoderConfig"]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -40,8 +41,14 @@ class SkinClipVLProcessor:
     copies saved in a checkpoint and falls back to the bases named in its config.
     """
 
-    def __init__(self, config: SkinClipVLConfig, tokenizer, image_processor, report_tokenizer,
-                 stop_token_ids: Sequence[int] | None = None):
+    def __init__(
+        self,
+        config: SkinClipVLConfig,
+        tokenizer,
+        image_processor,
+        report_tokenizer,
+        stop_token_ids: Sequence[int] | None = None,
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -61,12 +68,13 @@ class SkinClipVLProcessor:
         token: str | bool | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
-    ) -> "SkinClipVLProcessor":
+    ) -> SkinClipVLProcessor:
         """Processor of a checkpoint (local folder or Hub repo, resolved like the model) or of a config's bases."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        hub_kwargs = _hub_kwargs_of(cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-                                 force_download=force_download)
+        hub_kwargs = _hub_kwargs_of(
+            cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download
+        )
         local = checkpoint_folder(path_or_repo, revision=revision, **hub_kwargs) if path_or_repo is not None else None
         if config is None:
             if local is None:
@@ -88,7 +96,9 @@ class SkinClipVLProcessor:
         )
         if vision.backend == "hf":
             image_processor = AutoImageProcessor.from_pretrained(
-                **source(IMAGE_PROCESSOR_SUBFOLDER, "preprocessor_config.json", vision.model_name_or_path, vision.revision)
+                **source(
+                    IMAGE_PROCESSOR_SUBFOLDER, "preprocessor_config.json", vision.model_name_or_path, vision.revision
+                )
             )
         else:
             image_processor = _open_clip_transform(vision, hub_kwargs)
@@ -96,7 +106,9 @@ class SkinClipVLProcessor:
             report_tokenizer = tokenizer
         elif vision.backend == "hf":
             report_tokenizer = AutoTokenizer.from_pretrained(
-                **source(REPORT_TOKENIZER_SUBFOLDER, "tokenizer_config.json", vision.model_name_or_path, vision.revision)
+                **source(
+                    REPORT_TOKENIZER_SUBFOLDER, "tokenizer_config.json", vision.model_name_or_path, vision.revision
+                )
             )
         else:
             import open_clip
@@ -136,7 +148,8 @@ class SkinClipVLProcessor:
         """Right-padded rationale ids ending in eos, and mask `(batch, rationale_length)`."""
         budget = self.config.max_rationale_tokens - 1
         encoded = [
-            self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][:budget] + [self.tokenizer.eos_token_id]
+            self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][:budget]
+            + [self.tokenizer.eos_token_id]
             for text in rationales
         ]
         return _pad(encoded, self.tokenizer.pad_token_id, left=False)
@@ -225,13 +238,18 @@ def _open_clip_transform(vision_config, hub_kwargs: dict | None = None):
     preprocess = asdict(PreprocessCfg())
     if name.startswith(LOCAL_DIR_PREFIX) or name.startswith("hf-hub:"):
         if name.startswith(LOCAL_DIR_PREFIX):
-            config_file = Path(name[len(LOCAL_DIR_PREFIX):]) / "open_clip_config.json"
+            config_file = Path(name[len(LOCAL_DIR_PREFIX) :]) / "open_clip_config.json"
         else:
             from huggingface_hub import hf_hub_download
 
-            config_file = Path(hf_hub_download(
-                name.removeprefix("hf-hub:"), "open_clip_config.json", revision=vision_config.revision, **(hub_kwargs or {})
-            ))
+            config_file = Path(
+                hf_hub_download(
+                    name.removeprefix("hf-hub:"),
+                    "open_clip_config.json",
+                    revision=vision_config.revision,
+                    **(hub_kwargs or {}),
+                )
+            )
         file_config = json.loads(config_file.read_text())
         model_config = file_config["model_cfg"]
         preprocess = merge_preprocess_dict(preprocess, file_config.get("preprocess_cfg", {}))

@@ -5,8 +5,8 @@
 * `baselines.zero_shot_clip`: zero-shot CLIP / open_clip from class prompts (no training);
 * `baselines.ood`: the ISIC 2024 out-of-distribution evaluation of any run (binary, by the malignant score).
 
-Each reads the same `DatasetDict` schema and splits as ``train.py`` (through `skinclip.run_io.load_training_data`, so the
-12% subsample is the same too) and writes the same files: ``<split>_metrics.json`` and
-``<split>_predictions.csv`` for the validation and test splits, and ``ood_metrics.json`` /
-``ood_predictions.csv`` when an OOD dataset is given.
+Each reads the same `DatasetDict` schema and splits as ``train.py`` (through
+`skinclip.run_io.load_training_data`, so the 12% subsample is the same too) and writes the same files:
+``<split>_metrics.json`` and ``<split>_predictions.csv`` for the validation and test splits, and
+``ood_metrics.json`` / ``ood_predictions.csv`` when an OOD dataset is given.
 """

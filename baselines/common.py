@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 
 
-def write_split_scores(output_dir: str | Path, split: str, split_dataset, probs: np.ndarray,
-                       class_names: list[str]) -> dict[str, float]:
+def write_split_scores(
+    output_dir: str | Path, split: str, split_dataset, probs: np.ndarray, class_names: list[str]
+) -> dict[str, float]:
     """The headline metrics of ``probs`` on a split, written as train.py writes its own; returns them."""
     from skinclip.classification_metrics import headline_metrics
     from skinclip.run_io import image_ids_of, write_split_outputs
 
     labels = np.asarray(split_dataset["label"]).astype(int)
-    return write_split_outputs(output_dir, split, image_ids_of(split_dataset), labels, probs, class_names,
-                               headline_metrics(labels, probs))
+    return write_split_outputs(
+        output_dir, split, image_ids_of(split_dataset), labels, probs, class_names, headline_metrics(labels, probs)
+    )
 
 
 def write_run_info(output_dir: str | Path, **info) -> None:

@@ -19,8 +19,8 @@ output directory, beside its ``test_metrics.json``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -53,16 +53,27 @@ def is_malignant(split_dataset) -> np.ndarray:
     return (np.asarray(split_dataset["label"]) == names.index("malignant")).astype(int)
 
 
-def write_ood_outputs(output_dir: str | Path, image_ids, malignant: np.ndarray, class_probs: np.ndarray,
-                      class_names: Sequence[str], source: str = "") -> dict[str, float]:
+def write_ood_outputs(
+    output_dir: str | Path,
+    image_ids,
+    malignant: np.ndarray,
+    class_probs: np.ndarray,
+    class_names: Sequence[str],
+    source: str = "",
+) -> dict[str, float]:
     """Malignant score from multi-class probabilities → ``ood_predictions.csv`` and ``ood_metrics.json``."""
     scores = np.asarray(malignant_score(np.asarray(class_probs), list(class_names)), dtype=np.float64)
     metrics = ood_metrics(malignant, scores)
     metrics["source"] = str(source)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_predictions(output_dir / f"{OOD_PREFIX}_predictions.csv", image_ids, np.asarray(malignant).astype(int),
-                      np.stack([1.0 - scores, scores], axis=1), list(OOD_CLASSES))
+    write_predictions(
+        output_dir / f"{OOD_PREFIX}_predictions.csv",
+        image_ids,
+        np.asarray(malignant).astype(int),
+        np.stack([1.0 - scores, scores], axis=1),
+        list(OOD_CLASSES),
+    )
     (output_dir / f"{OOD_PREFIX}_metrics.json").write_text(to_strict_json(metrics))
     return metrics
 
@@ -77,16 +88,28 @@ def skinclip_class_probs(checkpoint: str | Path, split_dataset, batch_size: int 
     return split_probabilities(model, processor, split_dataset, batch_size), list(model.config.class_names)
 
 
-def evaluate_skinclip_checkpoint(checkpoint: str | Path, dataset_path: str | Path, split: str = "test",
-                                 output_dir: str | Path | None = None, batch_size: int = 16) -> dict[str, float]:
+def evaluate_skinclip_checkpoint(
+    checkpoint: str | Path,
+    dataset_path: str | Path,
+    split: str = "test",
+    output_dir: str | Path | None = None,
+    batch_size: int = 16,
+) -> dict[str, float]:
     part = load_ood_split(dataset_path, split)
     probs, class_names = skinclip_class_probs(checkpoint, part, batch_size=batch_size)
-    return write_ood_outputs(output_dir or checkpoint, image_ids_of(part), is_malignant(part), probs, class_names,
-                             source=f"{dataset_path}:{split}")
+    return write_ood_outputs(
+        output_dir or checkpoint,
+        image_ids_of(part),
+        is_malignant(part),
+        probs,
+        class_names,
+        source=f"{dataset_path}:{split}",
+    )
 
 
-def binary_dataset_from(source_path: str | Path, output_dir: str | Path, malignant_classes: Sequence[str],
-                        splits: Sequence[str] = ("test",)):
+def binary_dataset_from(
+    source_path: str | Path, output_dir: str | Path, malignant_classes: Sequence[str], splits: Sequence[str] = ("test",)
+):
     """A benign/malignant DatasetDict from a multi-class one (the --tiny stand-in for ISIC 2024)."""
     from datasets import ClassLabel, DatasetDict, load_from_disk
 
@@ -101,7 +124,9 @@ def binary_dataset_from(source_path: str | Path, output_dir: str | Path, maligna
         features = part.features.copy()
         features["label"] = ClassLabel(names=list(OOD_CLASSES))
         result[split] = part.map(
-            lambda row: {"label": int(row["label"] in malignant_ids)}, features=features, desc="binary OOD labels"
+            lambda row, malignant_ids=malignant_ids: {"label": int(row["label"] in malignant_ids)},
+            features=features,
+            desc="binary OOD labels",
         )
     binary = DatasetDict(result)
     binary.save_to_disk(str(output_dir))

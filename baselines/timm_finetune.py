@@ -78,15 +78,17 @@ def build_transforms(model: nn.Module, image_size: int, augment: bool):
     evaluation = timm.data.create_transform(**{**config, "crop_pct": 1.0}, is_training=False)
     if not augment:
         return evaluation, evaluation
-    training = transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomVerticalFlip(),
-        transforms.RandomChoice([transforms.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]),
-        transforms.ColorJitter(0.1, 0.1, 0.1),
-        transforms.ToTensor(),
-        transforms.Normalize(config["mean"], config["std"]),
-    ])
+    training = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(),
+            transforms.RandomChoice([transforms.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]),
+            transforms.ColorJitter(0.1, 0.1, 0.1),
+            transforms.ToTensor(),
+            transforms.Normalize(config["mean"], config["std"]),
+        ]
+    )
     return training, evaluation
 
 
@@ -123,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     autocast = args.bf16 and device.type == "cuda"
 
-    model = timm.create_model(args.model_name, pretrained=args.pretrained, num_classes=len(class_names),
-                              drop_rate=args.drop_rate).to(device)
+    model = timm.create_model(
+        args.model_name, pretrained=args.pretrained, num_classes=len(class_names), drop_rate=args.drop_rate
+    ).to(device)
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("%s: %d parameters, %d classes %s", args.model_name, parameters, len(class_names), class_names)
     train_transform, eval_transform = build_transforms(model, args.image_size, args.augment)
@@ -132,23 +135,37 @@ def main(argv: list[str] | None = None) -> dict:
     def loader(split, transform, batch_size, shuffle):
         generator = torch.Generator().manual_seed(args.seed)
         return torch.utils.data.DataLoader(
-            ImageClassificationRows(dataset[split], transform), batch_size=batch_size, shuffle=shuffle,
-            num_workers=args.dataloader_num_workers, generator=generator, pin_memory=device.type == "cuda",
+            ImageClassificationRows(dataset[split], transform),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=args.dataloader_num_workers,
+            generator=generator,
+            pin_memory=device.type == "cuda",
         )
 
     train_loader = loader(data_args.train_split, train_transform, args.per_device_train_batch_size, True)
-    eval_loader = loader(data_args.eval_split, eval_transform, args.per_device_eval_batch_size, False) \
-        if data_args.eval_split else None
+    eval_loader = (
+        loader(data_args.eval_split, eval_transform, args.per_device_eval_batch_size, False)
+        if data_args.eval_split
+        else None
+    )
     train_labels = np.asarray(dataset[data_args.train_split]["label"])
     weights = class_weights(train_labels, len(class_names), args.class_weighting)
-    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                    label_smoothing=args.label_smoothing)
+    criterion = nn.CrossEntropyLoss(
+        weight=None if weights is None else weights.to(device), label_smoothing=args.label_smoothing
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     epochs = max(1, math.ceil(args.num_train_epochs))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * len(train_loader))
     warmup = int(args.warmup_fraction * total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup
-                                                 else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (
+            (step + 1) / max(1, warmup)
+            if step < warmup
+            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+        ),
+    )
 
     from skinclip.classification_metrics import headline_metrics
 
@@ -170,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
             running += loss.item()
         message = f"epoch {epoch + 1}/{epochs} step {step} train loss {running / max(1, len(train_loader)):.4f}"
         if eval_loader is not None and args.select_best:
-            score = headline_metrics(np.asarray(dataset[data_args.eval_split]["label"]),
-                                           predict_probs(model, eval_loader, device, autocast))["balanced_accuracy"]
+            score = headline_metrics(
+                np.asarray(dataset[data_args.eval_split]["label"]), predict_probs(model, eval_loader, device, autocast)
+            )["balanced_accuracy"]
             message += f" validation B-ACC {score:.4f}"
             if score > best_score:
                 best_score, best_state = score, {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -184,28 +202,52 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     metrics: dict[str, dict] = {}
     for split in filter(None, (data_args.eval_split, data_args.test_split)):
-        probs = predict_probs(model, loader(split, eval_transform, args.per_device_eval_batch_size, False), device, autocast)
+        probs = predict_probs(
+            model, loader(split, eval_transform, args.per_device_eval_batch_size, False), device, autocast
+        )
         metrics[split] = write_split_scores(output_dir, split, dataset[split], probs, class_names)
         logger.info("%s: %s", split, metrics[split])
     if args.ood_dataset_path:
         from baselines.ood import is_malignant, load_ood_split, write_ood_outputs
 
         ood = load_ood_split(args.ood_dataset_path, args.ood_split)
-        probs = predict_probs(model, torch.utils.data.DataLoader(
-            ImageClassificationRows(ood, eval_transform), batch_size=args.per_device_eval_batch_size,
-            num_workers=args.dataloader_num_workers), device, autocast)
-        metrics["ood"] = write_ood_outputs(output_dir, image_ids_of(ood), is_malignant(ood), probs, class_names,
-                                           source=f"{args.ood_dataset_path}:{args.ood_split}")
+        probs = predict_probs(
+            model,
+            torch.utils.data.DataLoader(
+                ImageClassificationRows(ood, eval_transform),
+                batch_size=args.per_device_eval_batch_size,
+                num_workers=args.dataloader_num_workers,
+            ),
+            device,
+            autocast,
+        )
+        metrics["ood"] = write_ood_outputs(
+            output_dir,
+            image_ids_of(ood),
+            is_malignant(ood),
+            probs,
+            class_names,
+            source=f"{args.ood_dataset_path}:{args.ood_split}",
+        )
         logger.info("ood: %s", metrics["ood"])
 
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(output_dir / "model.safetensors"))
-    write_run_info(output_dir, runner="timm", model_name=args.model_name, pretrained=args.pretrained,
-                   image_size=args.image_size, class_names=class_names, total_parameters=parameters,
-                   trainable_parameters=parameters, dataset_path=data_args.dataset_path,
-                   train_fraction=data_args.train_fraction, train_size=len(dataset[data_args.train_split]),
-                   steps=step)
+    write_run_info(
+        output_dir,
+        runner="timm",
+        model_name=args.model_name,
+        pretrained=args.pretrained,
+        image_size=args.image_size,
+        class_names=class_names,
+        total_parameters=parameters,
+        trainable_parameters=parameters,
+        dataset_path=data_args.dataset_path,
+        train_fraction=data_args.train_fraction,
+        train_size=len(dataset[data_args.train_split]),
+        steps=step,
+    )
     return metrics
 
 

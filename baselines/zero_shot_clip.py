@@ -3,7 +3,8 @@
     python -m baselines.zero_shot_clip configs/baselines/zero_shot_clip_isic2019.yaml
 
 Each class gets one or more descriptions (``class_prompts``, keyed by class name; a class of the dataset
-without an entry uses its name, entries for other classes are ignored), each description is put into every template (``templates``, with ``{}``),
+without an entry uses its name, entries for other classes are ignored), each description is put into every
+template (``templates``, with ``{}``),
 the text embeddings are averaged per class (CLIP's prompt ensembling), and the class probabilities are
 ``softmax(logit_scale · cos(image, class))`` with the model's own logit scale. Validation and test splits are
 scored; with ``ood_dataset_path`` also the ISIC 2024 OOD set (baselines.ood).
@@ -31,7 +32,9 @@ DEFAULT_TEMPLATES = ["a dermoscopic image of {}.", "a dermoscopy photo of {}, a 
 class ZeroShotArguments:
     model_name: str = field(default="ViT-L-14", metadata={"help": "open_clip model name, 'hf-hub:…' or 'local-dir:…'."})
     pretrained: str | None = field(default="openai", metadata={"help": "open_clip pretrained tag."})
-    tiny_bases_dir: str | None = field(default=None, metadata={"help": "Use the tiny RANDOM open_clip built here (CI)."})
+    tiny_bases_dir: str | None = field(
+        default=None, metadata={"help": "Use the tiny RANDOM open_clip built here (CI)."}
+    )
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     class_prompts: dict = field(default_factory=dict, metadata={"help": "class name → list of descriptions."})
     output_dir: str = field(default="outputs/baselines/zero_shot_clip")
@@ -136,13 +139,26 @@ def main(argv: list[str] | None = None) -> dict:
         from baselines.ood import is_malignant, load_ood_split, write_ood_outputs
 
         ood = load_ood_split(args.ood_dataset_path, args.ood_split)
-        metrics["ood"] = write_ood_outputs(output_dir, image_ids_of(ood), is_malignant(ood),
-                                           classifier.probs(ood, args.per_device_eval_batch_size), class_names,
-                                           source=f"{args.ood_dataset_path}:{args.ood_split}")
+        metrics["ood"] = write_ood_outputs(
+            output_dir,
+            image_ids_of(ood),
+            is_malignant(ood),
+            classifier.probs(ood, args.per_device_eval_batch_size),
+            class_names,
+            source=f"{args.ood_dataset_path}:{args.ood_split}",
+        )
     parameters = sum(p.numel() for p in classifier.model.parameters())
-    write_run_info(output_dir, runner="zero_shot", model_name=classifier.model_name, pretrained=args.pretrained,
-                   class_names=class_names, total_parameters=parameters, trainable_parameters=0,
-                   dataset_path=data_args.dataset_path, prompts=class_texts(class_names, args.class_prompts, args.templates))
+    write_run_info(
+        output_dir,
+        runner="zero_shot",
+        model_name=classifier.model_name,
+        pretrained=args.pretrained,
+        class_names=class_names,
+        total_parameters=parameters,
+        trainable_parameters=0,
+        dataset_path=data_args.dataset_path,
+        prompts=class_texts(class_names, args.class_prompts, args.templates),
+    )
     return metrics
 
 

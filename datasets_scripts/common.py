@@ -15,9 +15,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,15 +51,17 @@ def schema_features(class_names: Sequence[str], **metadata_columns):
     """The columns every converted dataset shares (the trainer's contract), then its own metadata columns."""
     from datasets import ClassLabel, Features, Image, Value
 
-    return Features({
-        "image_id": Value("string"),
-        "image": Image(),
-        "label": ClassLabel(names=list(class_names)),
-        "metadata_text": Value("string"),
-        "report": Value("string"),
-        "group_id": Value("string"),
-        **metadata_columns,
-    })
+    return Features(
+        {
+            "image_id": Value("string"),
+            "image": Image(),
+            "label": ClassLabel(names=list(class_names)),
+            "metadata_text": Value("string"),
+            "report": Value("string"),
+            "group_id": Value("string"),
+            **metadata_columns,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------- CSV checks
@@ -78,8 +80,9 @@ def read_csv(path, required_columns: Sequence[str] = (), aliases: dict[str, str]
         table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding=CSV_ENCODING)
     except UnicodeDecodeError as error:
         line, column = _first_undecodable(path)
-        raise DataError(f"{path}: line {line}, column {column} is not UTF-8 text ({error.reason}); "
-                        "save the file as UTF-8") from error
+        raise DataError(
+            f"{path}: line {line}, column {column} is not UTF-8 text ({error.reason}); save the file as UTF-8"
+        ) from error
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DataError(f"{path}: not a readable CSV ({' '.join(str(error).split())})") from error
     table.columns = [column.strip() for column in table.columns]
@@ -198,7 +201,9 @@ def image_problem(path=None, data: bytes | None = None) -> str | None:
     return None
 
 
-def validate_images(image_ids: Sequence[str], paths: Sequence[str], strict: bool = False, verify: bool = True) -> tuple[np.ndarray, SkipReport]:
+def validate_images(
+    image_ids: Sequence[str], paths: Sequence[str], strict: bool = False, verify: bool = True
+) -> tuple[np.ndarray, SkipReport]:
     """Keep-mask and skip report. ``strict`` turns the first bad image into a `DataError` naming it."""
     report = SkipReport()
     keep = np.ones(len(image_ids), dtype=bool)
@@ -251,12 +256,15 @@ def check_output_location(output_dir, input_dirs: Sequence = (), input_files: Se
     for folder in filter(None, input_dirs):
         relation = _relation(output, Path(folder).resolve())
         if relation:
-            raise DataError(f"output folder {output_dir} {relation} the input folder {folder}; "
-                            "choose a folder outside the input (--output-dir)")
+            raise DataError(
+                f"output folder {output_dir} {relation} the input folder {folder}; "
+                "choose a folder outside the input (--output-dir)"
+            )
     for file in filter(None, input_files):
         if Path(file).resolve().is_relative_to(output):
-            raise DataError(f"output folder {output_dir} contains the input file {file}; choose another folder "
-                            "(--output-dir)")
+            raise DataError(
+                f"output folder {output_dir} contains the input file {file}; choose another folder (--output-dir)"
+            )
 
 
 def _relation(output: Path, folder: Path) -> str | None:
@@ -289,8 +297,10 @@ def prepare_output_dir(output_dir, overwrite: bool, input_dirs: Sequence = (), i
         if not overwrite:
             raise OutputExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
         if not is_conversion_output(output_dir):
-            raise DataError(f"{output_dir} is not the output of a previous conversion (no {MARKER_NAME}); "
-                            "--overwrite replaces only those: delete it yourself or choose another --output-dir")
+            raise DataError(
+                f"{output_dir} is not the output of a previous conversion (no {MARKER_NAME}); "
+                "--overwrite replaces only those: delete it yourself or choose another --output-dir"
+            )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     return output_dir
 
@@ -301,8 +311,15 @@ def write_marker(folder, description: str = "") -> None:
     (Path(folder) / MARKER_NAME).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
-def atomic_save(dataset_dict, output_dir, overwrite: bool = False, extra_files: dict[str, object] | None = None,
-                num_shards: dict[str, int] | None = None, input_dirs: Sequence = (), input_files: Sequence = ()) -> Path:
+def atomic_save(
+    dataset_dict,
+    output_dir,
+    overwrite: bool = False,
+    extra_files: dict[str, object] | None = None,
+    num_shards: dict[str, int] | None = None,
+    input_dirs: Sequence = (),
+    input_files: Sequence = (),
+) -> Path:
     """``save_to_disk`` into a temp dir beside ``output_dir``, then rename: a failed run leaves the old output intact.
 
     ``extra_files`` maps file names to a `SkipReport`, a DataFrame (written as CSV) or a string. The output gets
@@ -364,7 +381,9 @@ def build_dataset_dict(table: pd.DataFrame, features, description: str = "", ima
     for name in SPLIT_NAMES:
         part = table[table["split"] == name]
         records = {column: [none_if_nan(value) for value in part[column].tolist()] for column in columns}
-        dataset_dict[name] = Dataset.from_dict(records, features=features, info=DatasetInfo(description=description, features=features), split=name)
+        dataset_dict[name] = Dataset.from_dict(
+            records, features=features, info=DatasetInfo(description=description, features=features), split=name
+        )
     return dataset_dict
 
 
@@ -379,23 +398,42 @@ def split_summary(dataset_dict) -> str:
     lines = []
     for name, split in dataset_dict.items():
         names = split.features["label"].names
-        counts = np.bincount(np.asarray(split["label"], dtype=int), minlength=len(names)) if len(split) else np.zeros(len(names), int)
+        counts = (
+            np.bincount(np.asarray(split["label"], dtype=int), minlength=len(names))
+            if len(split)
+            else np.zeros(len(names), int)
+        )
         lines.append(f"{name}: {len(split)} rows; " + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
     return "\n".join(lines)
 
 
-def add_common_arguments(parser, default_val: float = 0.15, default_test: float = 0.15, random_splits: bool = True) -> None:
+def add_common_arguments(
+    parser, default_val: float = 0.15, default_test: float = 0.15, random_splits: bool = True
+) -> None:
     """Command-line options every converter shares."""
     parser.add_argument("--output-dir", help="where the DatasetDict is saved (save_to_disk)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
-    parser.add_argument("--strict", action="store_true", help="fail on the first truncated/non-image file instead of skipping it")
-    parser.add_argument("--no-verify-images", dest="verify_images", action="store_false", help="skip the full decode check of every image")
-    parser.add_argument("--descriptions", default=None, help="offline descriptions (JSONL or CSV: image_id,text) replacing the template text")
+    parser.add_argument(
+        "--strict", action="store_true", help="fail on the first truncated/non-image file instead of skipping it"
+    )
+    parser.add_argument(
+        "--no-verify-images",
+        dest="verify_images",
+        action="store_false",
+        help="skip the full decode check of every image",
+    )
+    parser.add_argument(
+        "--descriptions",
+        default=None,
+        help="offline descriptions (JSONL or CSV: image_id,text) replacing the template text",
+    )
     parser.add_argument("--seed", type=int, default=0)
     if random_splits:
         parser.add_argument("--val-fraction", type=float, default=default_val)
         parser.add_argument("--test-fraction", type=float, default=default_test)
-    parser.add_argument("--train-fraction", type=float, default=1.0, help="stratified fraction of the TRAIN split kept (e.g. 0.12)")
+    parser.add_argument(
+        "--train-fraction", type=float, default=1.0, help="stratified fraction of the TRAIN split kept (e.g. 0.12)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ the pipeline
@@ -414,11 +452,25 @@ def apply_train_fraction(table: pd.DataFrame, fraction: float, seed: int) -> pd.
     return table[keep]
 
 
-def finish_conversion(table: pd.DataFrame, features, *, output_dir=None, overwrite: bool = False, strict: bool = False,
-                      verify_images: bool = True, descriptions=None, val_fraction: float = 0.15,
-                      test_fraction: float = 0.15, seed: int = 0, train_fraction: float = 1.0, description: str = "",
-                      image_problems: dict[str, str] | None = None, input_dirs: Sequence = (),
-                      input_files: Sequence = (), metadata_issues: Sequence[MetadataIssue] = ()):
+def finish_conversion(
+    table: pd.DataFrame,
+    features,
+    *,
+    output_dir=None,
+    overwrite: bool = False,
+    strict: bool = False,
+    verify_images: bool = True,
+    descriptions=None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    train_fraction: float = 1.0,
+    description: str = "",
+    image_problems: dict[str, str] | None = None,
+    input_dirs: Sequence = (),
+    input_files: Sequence = (),
+    metadata_issues: Sequence[MetadataIssue] = (),
+):
     """Shared tail of every file-based converter.
 
     ``table`` has one row per image with the columns of ``features`` (``image`` holding file paths and ``label``
@@ -431,7 +483,9 @@ def finish_conversion(table: pd.DataFrame, features, *, output_dir=None, overwri
         prepare_output_dir(output_dir, overwrite, input_dirs, input_files)
     print_metadata_issues(metadata_issues)
     table = apply_offline_descriptions(table.reset_index(drop=True), descriptions)
-    keep, report = validate_images(table["image_id"].tolist(), table["image"].tolist(), strict=strict, verify=verify_images)
+    keep, report = validate_images(
+        table["image_id"].tolist(), table["image"].tolist(), strict=strict, verify=verify_images
+    )
     table = table[keep].reset_index(drop=True)
     if len(table) == 0:
         raise DataError("no usable image left after the image check (see the skip report)")
@@ -445,8 +499,11 @@ def finish_conversion(table: pd.DataFrame, features, *, output_dir=None, overwri
             dataset_dict,
             output_dir,
             overwrite=overwrite,
-            extra_files={SKIP_REPORT_NAME: report, SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]],
-                         METADATA_WARNINGS_NAME: metadata_issue_table(metadata_issues)},
+            extra_files={
+                SKIP_REPORT_NAME: report,
+                SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]],
+                METADATA_WARNINGS_NAME: metadata_issue_table(metadata_issues),
+            },
             num_shards={name: min(shards_for(paths[name]), max(1, len(paths[name]))) for name in SPLIT_NAMES},
             input_dirs=input_dirs,
             input_files=input_files,
@@ -467,5 +524,6 @@ def print_metadata_issues(issues: Sequence[MetadataIssue], stream=None) -> None:
     for issue in issues[:MAX_WARNINGS_SHOWN]:
         print(f"warning: {issue}", file=stream)
     if len(issues) > MAX_WARNINGS_SHOWN:
-        print(f"warning: ... and {len(issues) - MAX_WARNINGS_SHOWN} more (all in {METADATA_WARNINGS_NAME})",
-              file=stream)
+        print(
+            f"warning: ... and {len(issues) - MAX_WARNINGS_SHOWN} more (all in {METADATA_WARNINGS_NAME})", file=stream
+        )

@@ -50,7 +50,10 @@ def _lesion_image(class_index: int, size: int, rng: np.random.Generator) -> np.n
     image[mask] = colour
     if class_index == 0:  # blue-grey and black spots
         for _ in range(4):
-            spot = np.hypot(yy - centre[0] - rng.normal(0, radius / 2), xx - centre[1] - rng.normal(0, radius / 2)) < radius * 0.25
+            spot = (
+                np.hypot(yy - centre[0] - rng.normal(0, radius / 2), xx - centre[1] - rng.normal(0, radius / 2))
+                < radius * 0.25
+            )
             image[spot & mask] = rng.choice([[90, 100, 130], [20, 15, 15]])
     elif class_index == 2:  # thin branching red vessels
         for _ in range(3):
@@ -74,7 +77,21 @@ def build_demo_dataset(num_per_class: int = 24, image_size: int = 64, seed: int 
     if num_per_class < 5:
         raise ValueError(f"num_per_class must be >= 5 for three stratified splits, got {num_per_class}")
     rng = np.random.default_rng(seed)
-    rows = {name: [] for name in ("image_id", "image", "label", "metadata_text", "report", "group_id", "age_approx", "anatom_site_general", "sex", "lesion_id")}
+    rows = {
+        name: []
+        for name in (
+            "image_id",
+            "image",
+            "label",
+            "metadata_text",
+            "report",
+            "group_id",
+            "age_approx",
+            "anatom_site_general",
+            "sex",
+            "lesion_id",
+        )
+    }
     counter = 0
     for class_index, class_name in enumerate(DEMO_CLASSES):
         made = 0
@@ -112,7 +129,11 @@ def build_demo_dataset(num_per_class: int = 24, image_size: int = 64, seed: int 
             "lesion_id": Value("string"),
         }
     )
-    full = Dataset.from_dict(rows, features=features, info=DatasetInfo(description="SkinCLIP-VL generated demo set (synthetic images).", features=features))
+    full = Dataset.from_dict(
+        rows,
+        features=features,
+        info=DatasetInfo(description="SkinCLIP-VL generated demo set (synthetic images).", features=features),
+    )
     splits = make_splits(rows["label"], rows["group_id"], val_fraction=0.2, test_fraction=0.2, seed=seed)
     dataset_dict = DatasetDict({name: full.select(indices) for name, indices in splits.items()})
     if output_dir is not None:
@@ -121,7 +142,11 @@ def build_demo_dataset(num_per_class: int = 24, image_size: int = 64, seed: int 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datasets_scripts.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets_scripts.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--num-per-class", type=int, default=24)
     parser.add_argument("--image-size", type=int, default=64)

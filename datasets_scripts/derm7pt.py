@@ -78,15 +78,29 @@ SPLIT_FILES = {"train": "train_indexes.csv", "validation": "valid_indexes.csv", 
 
 def checklist_report(row) -> str:
     """The seven-point checklist in words, then the diagnosis: the ground-truth report of a case."""
-    items = [f"{column.replace('_', ' ').replace('blue whitish', 'blue-whitish')} {str(row[column]).strip()}" for column in CHECKLIST]
+    items = [
+        f"{column.replace('_', ' ').replace('blue whitish', 'blue-whitish')} {str(row[column]).strip()}"
+        for column in CHECKLIST
+    ]
     return f"Seven-point checklist: {'; '.join(items)}. Diagnosis: {str(row['diagnosis']).strip()}."
 
 
 def features():
     from datasets import Value
 
-    metadata = {column: Value("string") for column in
-                ("case_num", "diagnosis", "elevation", "location", "sex", "image_type", "clinic_path", "derm_path")}
+    metadata = {
+        column: Value("string")
+        for column in (
+            "case_num",
+            "diagnosis",
+            "elevation",
+            "location",
+            "sex",
+            "image_type",
+            "clinic_path",
+            "derm_path",
+        )
+    }
     metadata.update({column: Value("string") for column in CHECKLIST})
     return schema_features(CLASS_NAMES, **metadata)
 
@@ -99,9 +113,15 @@ def load_table(meta_csv, index_dir=None, issues: list | None = None) -> pd.DataF
     meta_csv = Path(meta_csv)
     index_dir = Path(index_dir) if index_dir is not None else meta_csv.parent
     meta = read_csv(meta_csv, REQUIRED_COLUMNS)
-    meta["image_id"] = [f"derm7pt_case_{int(num):04d}" if str(num).isdigit() else f"derm7pt_case_{num}" for num in meta["case_num"]]
+    meta["image_id"] = [
+        f"derm7pt_case_{int(num):04d}" if str(num).isdigit() else f"derm7pt_case_{num}" for num in meta["case_num"]
+    ]
     check_unique_ids(meta["image_id"], meta_csv)
-    unknown = [(image_id, diagnosis) for image_id, diagnosis in zip(meta["image_id"], meta["diagnosis"]) if diagnosis not in DIAGNOSIS_TO_CLASS]
+    unknown = [
+        (image_id, diagnosis)
+        for image_id, diagnosis in zip(meta["image_id"], meta["diagnosis"])
+        if diagnosis not in DIAGNOSIS_TO_CLASS
+    ]
     if unknown:
         raise DataError(f"{meta_csv}: diagnosis outside the class mapping for {unknown[:10]}")
 
@@ -158,9 +178,21 @@ def _row_indexes(index_csv) -> pd.Series:
     return numbers.astype(int)
 
 
-def convert(data_dir=None, output_dir=None, *, meta_csv=None, index_dir=None, image_dir=None, image_type: str = "derm",
-            overwrite: bool = False, strict: bool = False, verify_images: bool = True, descriptions=None,
-            seed: int = 0, train_fraction: float = 1.0):
+def convert(
+    data_dir=None,
+    output_dir=None,
+    *,
+    meta_csv=None,
+    index_dir=None,
+    image_dir=None,
+    image_type: str = "derm",
+    overwrite: bool = False,
+    strict: bool = False,
+    verify_images: bool = True,
+    descriptions=None,
+    seed: int = 0,
+    train_fraction: float = 1.0,
+):
     """Convert the official release under ``data_dir`` (``meta/`` and ``images/``); ``image_type`` derm or clinic."""
     if image_type not in ("derm", "clinic"):
         raise ValueError(f"image_type must be 'derm' or 'clinic', got {image_type!r}")
@@ -180,7 +212,9 @@ def convert(data_dir=None, output_dir=None, *, meta_csv=None, index_dir=None, im
         listings[path] = {entry.name for entry in path.iterdir()} if path.is_dir() else set()
     missing = [image_id for image_id, path in zip(table["image_id"], paths) if path.name not in listings[path.parent]]
     if missing:
-        raise DataError(f"{image_dir}: {len(missing)} image(s) listed in {meta_csv} but absent on disk, e.g. {missing[:10]}")
+        raise DataError(
+            f"{image_dir}: {len(missing)} image(s) listed in {meta_csv} but absent on disk, e.g. {missing[:10]}"
+        )
     table["image"] = [str(path) for path in paths]
     table["image_type"] = image_type
     return finish_conversion(
@@ -201,7 +235,11 @@ def convert(data_dir=None, output_dir=None, *, meta_csv=None, index_dir=None, im
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datasets_scripts.derm7pt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets_scripts.derm7pt",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data-dir", required=True, help="release_v0 folder (meta/ and images/)")
     parser.add_argument("--image-type", choices=["derm", "clinic"], default="derm")
     add_common_arguments(parser, random_splits=False)
@@ -209,8 +247,15 @@ def main(argv=None) -> None:
     if not args.output_dir:
         parser.error("--output-dir is required")
     dataset_dict = convert(
-        args.data_dir, args.output_dir, image_type=args.image_type, overwrite=args.overwrite, strict=args.strict,
-        verify_images=args.verify_images, descriptions=args.descriptions, seed=args.seed, train_fraction=args.train_fraction,
+        args.data_dir,
+        args.output_dir,
+        image_type=args.image_type,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        verify_images=args.verify_images,
+        descriptions=args.descriptions,
+        seed=args.seed,
+        train_fraction=args.train_fraction,
     )
     print(split_summary(dataset_dict))
     print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {args.output_dir}")

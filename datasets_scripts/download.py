@@ -42,7 +42,9 @@ def sha256_of(path, chunk_bytes: int = CHUNK_BYTES) -> str:
     return digest.hexdigest()
 
 
-def download_file(url: str, destination, sha256: str | None = None, timeout: float = 60.0, chunk_bytes: int = CHUNK_BYTES) -> Path:
+def download_file(
+    url: str, destination, sha256: str | None = None, timeout: float = 60.0, chunk_bytes: int = CHUNK_BYTES
+) -> Path:
     """Download ``url`` to ``destination`` (resuming ``destination.part``); verify ``sha256`` when given.
 
     Returns the path. An existing ``destination`` with the right checksum is kept without any request.
@@ -66,34 +68,49 @@ def download_file(url: str, destination, sha256: str | None = None, timeout: flo
                 offset = 0  # the server ignored Range: start again
             total = response.headers.get("Content-Length")
             total = int(total) + offset if total is not None else None
-            with open(partial, "ab" if offset else "wb") as handle, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, desc=destination.name, leave=False
-            ) as progress:
+            with (
+                open(partial, "ab" if offset else "wb") as handle,
+                tqdm(
+                    total=total, initial=offset, unit="B", unit_scale=True, desc=destination.name, leave=False
+                ) as progress,
+            ):
                 for chunk in iter(lambda: response.read(chunk_bytes), b""):
                     handle.write(chunk)
                     progress.update(len(chunk))
             if total is not None and partial.stat().st_size != total:
-                raise OSError(f"{url}: connection ended after {partial.stat().st_size} of {total} bytes; run again to resume")
+                raise OSError(
+                    f"{url}: connection ended after {partial.stat().st_size} of {total} bytes; run again to resume"
+                )
     if sha256 is not None:
         actual = sha256_of(partial)
         if actual != sha256.lower():
             partial.unlink()
-            raise ChecksumError(f"{url}: sha256 {actual} does not match the expected {sha256.lower()}; {destination} left untouched")
+            raise ChecksumError(
+                f"{url}: sha256 {actual} does not match the expected {sha256.lower()}; {destination} left untouched"
+            )
     os.replace(partial, destination)
     return destination
 
 
-def download_isic2019(output_dir, checksums: dict[str, str] | None = None, base_url: str = ISIC_2019_BASE_URL, files=ISIC_2019_FILES) -> list[Path]:
+def download_isic2019(
+    output_dir, checksums: dict[str, str] | None = None, base_url: str = ISIC_2019_BASE_URL, files=ISIC_2019_FILES
+) -> list[Path]:
     """Fetch the ISIC 2019 training archives into ``output_dir`` (checksums by file name, when known)."""
     checksums = checksums or {}
     return [download_file(base_url + name, Path(output_dir) / name, checksums.get(name)) for name in files]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datasets_scripts.download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets_scripts.download",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--base-url", default=ISIC_2019_BASE_URL)
-    parser.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX", help="expected checksum of a file (repeatable)")
+    parser.add_argument(
+        "--sha256", action="append", default=[], metavar="FILE=HEX", help="expected checksum of a file (repeatable)"
+    )
     parser.add_argument("--extract", action="store_true", help="unzip ISIC_2019_Training_Input.zip afterwards")
     args = parser.parse_args(argv)
     bad = [item for item in args.sha256 if "=" not in item]

@@ -55,8 +55,13 @@ SUBSET_NOTE = "HAM10000 is a subset of ISIC 2019: not an independent test set fo
 def features(with_source_dataset: bool = False):
     from datasets import Value
 
-    metadata = {"lesion_id": Value("string"), "dx": Value("string"), "age": Value("float32"), "sex": Value("string"),
-                "localization": Value("string")}
+    metadata = {
+        "lesion_id": Value("string"),
+        "dx": Value("string"),
+        "age": Value("float32"),
+        "sex": Value("string"),
+        "localization": Value("string"),
+    }
     if with_source_dataset:
         metadata["dataset"] = Value("string")  # acquisition source (vidir_molemax, rosendahl, ...)
     return schema_features(CLASS_NAMES, **metadata)
@@ -79,23 +84,37 @@ def load_table(metadata_csv, issues: list | None = None) -> pd.DataFrame:
             "dx": meta["dx"],
             "age": [clean_age(value, row, issues) for value, row in zip(meta["age"], rows)],
             "sex": [clean_text(value, row, issues, "sex") for value, row in zip(meta["sex"], rows)],
-            "localization": [clean_text(value, row, issues, "localization")
-                             for value, row in zip(meta["localization"], rows)],
+            "localization": [
+                clean_text(value, row, issues, "localization") for value, row in zip(meta["localization"], rows)
+            ],
         }
     )
     if "dataset" in meta.columns:
         table["dataset"] = [none_if_missing(value) for value in meta["dataset"]]
     table["group_id"] = unique_groups(table["lesion_id"], table["image_id"])
     table["metadata_text"] = [
-        describe_metadata(age=age, sex=sex, site=site) for age, sex, site in zip(table["age"], table["sex"], table["localization"])
+        describe_metadata(age=age, sex=sex, site=site)
+        for age, sex, site in zip(table["age"], table["sex"], table["localization"])
     ]
     table["report"] = [class_report(CLASS_NAMES[label]) for label in table["label"]]
     return table
 
 
-def convert(data_dir=None, output_dir=None, *, metadata_csv=None, image_dirs=None, overwrite: bool = False,
-            strict: bool = False, verify_images: bool = True, descriptions=None, val_fraction: float = 0.15,
-            test_fraction: float = 0.15, seed: int = 0, train_fraction: float = 1.0):
+def convert(
+    data_dir=None,
+    output_dir=None,
+    *,
+    metadata_csv=None,
+    image_dirs=None,
+    overwrite: bool = False,
+    strict: bool = False,
+    verify_images: bool = True,
+    descriptions=None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    train_fraction: float = 1.0,
+):
     """Convert HAM10000; images are searched recursively under ``image_dirs`` (default: ``data_dir``)."""
     metadata_csv = Path(metadata_csv or Path(data_dir) / METADATA_FILE)
     image_dirs = [Path(path) for path in (image_dirs or [data_dir])]
@@ -125,11 +144,17 @@ def convert(data_dir=None, output_dir=None, *, metadata_csv=None, image_dirs=Non
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datasets_scripts.ham10000", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets_scripts.ham10000",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data-dir", help=f"folder with {METADATA_FILE} and the image folders")
     parser.add_argument("--metadata-csv")
     parser.add_argument("--image-dir", action="append", dest="image_dirs", help="image folder (repeatable)")
-    parser.add_argument("--csv-only", action="store_true", help="check the CSV and print class counts; no images needed")
+    parser.add_argument(
+        "--csv-only", action="store_true", help="check the CSV and print class counts; no images needed"
+    )
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.data_dir is None and not (args.metadata_csv and (args.image_dirs or args.csv_only)):
@@ -139,15 +164,27 @@ def main(argv=None) -> None:
         table = load_table(args.metadata_csv or Path(args.data_dir) / METADATA_FILE, issues)
         print_metadata_issues(issues)
         counts = np.bincount(table["label"], minlength=len(CLASS_NAMES))
-        print(f"{len(table)} rows, {table['group_id'].nunique()} lesions; " + ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, counts)))
+        print(
+            f"{len(table)} rows, {table['group_id'].nunique()} lesions; "
+            + ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, counts))
+        )
         print(SUBSET_NOTE)
         return
     if not args.output_dir:
         parser.error("--output-dir is required (unless --csv-only)")
     dataset_dict = convert(
-        args.data_dir, args.output_dir, metadata_csv=args.metadata_csv, image_dirs=args.image_dirs,
-        overwrite=args.overwrite, strict=args.strict, verify_images=args.verify_images, descriptions=args.descriptions,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, train_fraction=args.train_fraction,
+        args.data_dir,
+        args.output_dir,
+        metadata_csv=args.metadata_csv,
+        image_dirs=args.image_dirs,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        verify_images=args.verify_images,
+        descriptions=args.descriptions,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        train_fraction=args.train_fraction,
     )
     print(split_summary(dataset_dict))
     print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {args.output_dir}\n{SUBSET_NOTE}")

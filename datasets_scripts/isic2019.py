@@ -78,8 +78,13 @@ def class_report(class_name: str) -> str:
 def features():
     from datasets import Value
 
-    return schema_features(CLASS_NAMES, age_approx=Value("float32"), anatom_site_general=Value("string"),
-                           sex=Value("string"), lesion_id=Value("string"))
+    return schema_features(
+        CLASS_NAMES,
+        age_approx=Value("float32"),
+        anatom_site_general=Value("string"),
+        sex=Value("string"),
+        lesion_id=Value("string"),
+    )
 
 
 def load_table(ground_truth_csv, metadata_csv, issues: list | None = None) -> pd.DataFrame:
@@ -91,17 +96,25 @@ def load_table(ground_truth_csv, metadata_csv, issues: list | None = None) -> pd
     recorded in ``issues`` (`MetadataIssue`, naming the file and image).
     """
     truth = read_csv(ground_truth_csv, ["image", *CLASS_NAMES])
-    metadata = read_csv(metadata_csv, ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"], aliases={"gender": "sex"})
+    metadata = read_csv(
+        metadata_csv, ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"], aliases={"gender": "sex"}
+    )
     check_unique_ids(truth["image"], ground_truth_csv)
     check_unique_ids(metadata["image"], metadata_csv)
 
     one_hot = truth[CLASS_NAMES].apply(pd.to_numeric, errors="coerce").fillna(0.0).to_numpy()
     extra_classes = [column for column in truth.columns if column not in ("image", *CLASS_NAMES)]
-    extra_hits = truth[extra_classes].apply(pd.to_numeric, errors="coerce").fillna(0.0).to_numpy().sum(axis=1) if extra_classes else 0
+    extra_hits = (
+        truth[extra_classes].apply(pd.to_numeric, errors="coerce").fillna(0.0).to_numpy().sum(axis=1)
+        if extra_classes
+        else 0
+    )
     hits = (one_hot > 0.5).sum(axis=1)
     bad = truth["image"][(hits != 1) | (np.asarray(extra_hits) > 0.5)].tolist()
     if bad:
-        raise DataError(f"{ground_truth_csv}: label outside the class list {CLASS_NAMES} (or not one-hot) for image(s) {bad[:10]}")
+        raise DataError(
+            f"{ground_truth_csv}: label outside the class list {CLASS_NAMES} (or not one-hot) for image(s) {bad[:10]}"
+        )
     labels = one_hot.argmax(axis=1)
 
     truth_ids, metadata_ids = set(truth["image"]), set(metadata["image"])
@@ -129,9 +142,22 @@ def load_table(ground_truth_csv, metadata_csv, issues: list | None = None) -> pd
     return table
 
 
-def convert(data_dir=None, output_dir=None, *, ground_truth_csv=None, metadata_csv=None, image_dir=None,
-            overwrite: bool = False, strict: bool = False, verify_images: bool = True, descriptions=None,
-            val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, train_fraction: float = 1.0):
+def convert(
+    data_dir=None,
+    output_dir=None,
+    *,
+    ground_truth_csv=None,
+    metadata_csv=None,
+    image_dir=None,
+    overwrite: bool = False,
+    strict: bool = False,
+    verify_images: bool = True,
+    descriptions=None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    train_fraction: float = 1.0,
+):
     """Convert the official layout under ``data_dir`` (or the three explicit paths) to a `DatasetDict`.
 
     Saved atomically to ``output_dir`` when given (plus ``skipped_images.csv`` and ``splits.csv``).
@@ -166,31 +192,54 @@ def convert(data_dir=None, output_dir=None, *, ground_truth_csv=None, metadata_c
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datasets_scripts.isic2019", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets_scripts.isic2019",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data-dir", help=f"folder with {GROUND_TRUTH_FILE}, {METADATA_FILE} and {IMAGE_DIR}/")
     parser.add_argument("--ground-truth-csv")
     parser.add_argument("--metadata-csv")
     parser.add_argument("--image-dir")
-    parser.add_argument("--csv-only", action="store_true", help="check the CSVs and print class counts; no images needed")
+    parser.add_argument(
+        "--csv-only", action="store_true", help="check the CSVs and print class counts; no images needed"
+    )
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if args.data_dir is None and not (args.ground_truth_csv and args.metadata_csv and (args.image_dir or args.csv_only)):
+    if args.data_dir is None and not (
+        args.ground_truth_csv and args.metadata_csv and (args.image_dir or args.csv_only)
+    ):
         parser.error("give --data-dir or the explicit CSV (and image) paths")
     if not args.csv_only and not args.output_dir:
         parser.error("--output-dir is required (unless --csv-only)")
     if args.csv_only:
         issues: list = []
-        table = load_table(args.ground_truth_csv or Path(args.data_dir) / GROUND_TRUTH_FILE,
-                           args.metadata_csv or Path(args.data_dir) / METADATA_FILE, issues)
+        table = load_table(
+            args.ground_truth_csv or Path(args.data_dir) / GROUND_TRUTH_FILE,
+            args.metadata_csv or Path(args.data_dir) / METADATA_FILE,
+            issues,
+        )
         print_metadata_issues(issues)
         counts = np.bincount(table["label"], minlength=len(CLASS_NAMES))
-        print(f"{len(table)} rows, {table['group_id'].nunique()} groups; " + ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, counts)))
+        print(
+            f"{len(table)} rows, {table['group_id'].nunique()} groups; "
+            + ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, counts))
+        )
         return
     dataset_dict = convert(
-        args.data_dir, args.output_dir, ground_truth_csv=args.ground_truth_csv, metadata_csv=args.metadata_csv,
-        image_dir=args.image_dir, overwrite=args.overwrite, strict=args.strict, verify_images=args.verify_images,
-        descriptions=args.descriptions, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        seed=args.seed, train_fraction=args.train_fraction,
+        args.data_dir,
+        args.output_dir,
+        ground_truth_csv=args.ground_truth_csv,
+        metadata_csv=args.metadata_csv,
+        image_dir=args.image_dir,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        verify_images=args.verify_images,
+        descriptions=args.descriptions,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        train_fraction=args.train_fraction,
     )
     print(split_summary(dataset_dict))
     print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {args.output_dir}")

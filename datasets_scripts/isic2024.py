@@ -16,7 +16,8 @@ Scoring an ISIC 2019 model: P(malignant) = P(MEL) + P(BCC) + P(SCC)
 ``target`` is 0 for actinic keratoses (an indeterminate/pre-malignant lesion); pass
 ``malignant=(*MALIGNANT_CLASSES, "AK")`` for the stricter reading.
 
-    python -m datasets_scripts.isic2024 --metadata-csv train-metadata.csv --hdf5 train-image.hdf5 --output-dir data/isic2024 --ood-only
+    python -m datasets_scripts.isic2024 --metadata-csv train-metadata.csv --hdf5 train-image.hdf5 \
+        --output-dir data/isic2024 --ood-only
 """
 
 from __future__ import annotations
@@ -64,8 +65,15 @@ LEAK_COLUMNS = ["target", "lesion_id", "iddx_full", "tbp_lv_dnn_lesion_confidenc
 LEAK_PREFIXES = ("iddx_", "mel_")
 PROMPT_TEXT_COLUMNS = ("sex", "anatom_site_general")  # cut to a prompt-sized length; other strings kept whole
 STRING_COLUMNS = [
-    "patient_id", "sex", "anatom_site_general", "image_type", "tbp_tile_type", "tbp_lv_location",
-    "tbp_lv_location_simple", "attribution", "copyright_license",
+    "patient_id",
+    "sex",
+    "anatom_site_general",
+    "image_type",
+    "tbp_tile_type",
+    "tbp_lv_location",
+    "tbp_lv_location_simple",
+    "attribution",
+    "copyright_license",
 ]
 REPORTS = {
     0: "Diagnosis: benign skin lesion, seen as a crop of a 3D total-body photograph.",
@@ -95,7 +103,12 @@ def load_table(metadata_csv, issues: list | None = None) -> pd.DataFrame:
         table[column] = [_clean_value(column, value, row, issues) for value, row in zip(meta[column], rows)]
     table["group_id"] = unique_groups(table["patient_id"], table["image_id"])
     table["metadata_text"] = [
-        describe_metadata(age=row.get("age_approx"), sex=row.get("sex"), site=row.get("anatom_site_general"), diameter_mm=row.get("clin_size_long_diam_mm"))
+        describe_metadata(
+            age=row.get("age_approx"),
+            sex=row.get("sex"),
+            site=row.get("anatom_site_general"),
+            diameter_mm=row.get("clin_size_long_diam_mm"),
+        )
         for row in table.to_dict("records")
     ]
     table["report"] = [REPORTS[label] for label in labels]
@@ -141,9 +154,21 @@ def _generate_rows(table_path: str, hdf5_path: str):
             yield {key: (None if isinstance(value, float) and np.isnan(value) else value) for key, value in row.items()}
 
 
-def convert(metadata_csv, hdf5_path, output_dir=None, *, ood_only: bool = False, overwrite: bool = False,
-            strict: bool = False, verify_images: bool = True, descriptions=None, val_fraction: float = 0.15,
-            test_fraction: float = 0.15, seed: int = 0, train_fraction: float = 1.0):
+def convert(
+    metadata_csv,
+    hdf5_path,
+    output_dir=None,
+    *,
+    ood_only: bool = False,
+    overwrite: bool = False,
+    strict: bool = False,
+    verify_images: bool = True,
+    descriptions=None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    train_fraction: float = 1.0,
+):
     """Convert ``train-metadata.csv`` + HDF5; ``ood_only`` puts every row in ``test`` (train/validation empty)."""
     import h5py
     from datasets import Dataset, DatasetDict, DatasetInfo
@@ -159,7 +184,9 @@ def convert(metadata_csv, hdf5_path, output_dir=None, *, ood_only: bool = False,
     with h5py.File(hdf5_path, "r") as handle:
         missing = [image_id for image_id in table["image_id"] if image_id not in handle]
         if missing:
-            raise DataError(f"{hdf5_path}: {len(missing)} image(s) listed in {metadata_csv} but absent, e.g. {missing[:10]}")
+            raise DataError(
+                f"{hdf5_path}: {len(missing)} image(s) listed in {metadata_csv} but absent, e.g. {missing[:10]}"
+            )
         if verify_images:
             for position, image_id in enumerate(tqdm(table["image_id"], desc="checking images", leave=False)):
                 problem = image_problem(data=_read_image_bytes(handle, image_id))
@@ -175,8 +202,11 @@ def convert(metadata_csv, hdf5_path, output_dir=None, *, ood_only: bool = False,
     table = apply_train_fraction(table, train_fraction, seed).reset_index(drop=True)
 
     schema = features(table)
-    info = DatasetInfo(description="ISIC 2024 SLICE-3D (3D-TBP tile crops), binary benign/malignant, for OOD evaluation; "
-                       "label-leaking columns (target, lesion_id, iddx_*, mel_*, tbp_lv_dnn_lesion_confidence) dropped. CC-BY-NC.", features=schema)
+    info = DatasetInfo(
+        description="ISIC 2024 SLICE-3D (3D-TBP tile crops), binary benign/malignant, for OOD evaluation; "
+        "label-leaking columns (target, lesion_id, iddx_*, mel_*, tbp_lv_dnn_lesion_confidence) dropped. CC-BY-NC.",
+        features=schema,
+    )
     work_dir = Path(tempfile.mkdtemp(prefix=".isic2024-build-", dir=Path(output_dir).parent if output_dir else None))
     dataset_dict = DatasetDict()
     for name in SPLIT_NAMES:
@@ -184,18 +214,31 @@ def convert(metadata_csv, hdf5_path, output_dir=None, *, ood_only: bool = False,
         part_path = work_dir / f"{name}.parquet"
         part.to_parquet(part_path)
         if len(part) == 0:
-            dataset_dict[name] = Dataset.from_dict({column: [] for column in schema}, features=schema, info=info, split=name)
+            dataset_dict[name] = Dataset.from_dict(
+                {column: [] for column in schema}, features=schema, info=info, split=name
+            )
         else:
             dataset_dict[name] = Dataset.from_generator(
-                _generate_rows, features=schema, gen_kwargs={"table_path": str(part_path), "hdf5_path": str(hdf5_path)},
-                cache_dir=str(work_dir / "cache"), split=name,
+                _generate_rows,
+                features=schema,
+                gen_kwargs={"table_path": str(part_path), "hdf5_path": str(hdf5_path)},
+                cache_dir=str(work_dir / "cache"),
+                split=name,
             )
             dataset_dict[name].info.description = info.description
     if output_dir is not None:
         try:
-            atomic_save(dataset_dict, output_dir, overwrite=overwrite, **inputs,
-                        extra_files={SKIP_REPORT_NAME: report, SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]],
-                                     METADATA_WARNINGS_NAME: metadata_issue_table(issues)})
+            atomic_save(
+                dataset_dict,
+                output_dir,
+                overwrite=overwrite,
+                **inputs,
+                extra_files={
+                    SKIP_REPORT_NAME: report,
+                    SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]],
+                    METADATA_WARNINGS_NAME: metadata_issue_table(issues),
+                },
+            )
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         from datasets import load_from_disk
@@ -207,7 +250,11 @@ def convert(metadata_csv, hdf5_path, output_dir=None, *, ood_only: bool = False,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datasets_scripts.isic2024", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets_scripts.isic2024",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--metadata-csv", required=True, help="train-metadata.csv")
     parser.add_argument("--hdf5", required=True, help="train-image.hdf5 (isic_id → JPEG bytes)")
     parser.add_argument("--ood-only", action="store_true", help="every row in the test split (OOD evaluation)")
@@ -216,9 +263,18 @@ def main(argv=None) -> None:
     if not args.output_dir:
         parser.error("--output-dir is required")
     dataset_dict = convert(
-        args.metadata_csv, args.hdf5, args.output_dir, ood_only=args.ood_only, overwrite=args.overwrite, strict=args.strict,
-        verify_images=args.verify_images, descriptions=args.descriptions, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, seed=args.seed, train_fraction=args.train_fraction,
+        args.metadata_csv,
+        args.hdf5,
+        args.output_dir,
+        ood_only=args.ood_only,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        verify_images=args.verify_images,
+        descriptions=args.descriptions,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        train_fraction=args.train_fraction,
     )
     print(split_summary(dataset_dict))
     print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {args.output_dir}")

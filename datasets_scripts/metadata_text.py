@@ -115,8 +115,9 @@ def clean_age(value, row: str = "", issues: list | None = None, field: str = "ag
     return None if is_missing(value) else float(value)
 
 
-def clean_text(value, row: str = "", issues: list | None = None, field: str = "text",
-               max_chars: int = MAX_TEXT_CHARS) -> str | None:
+def clean_text(
+    value, row: str = "", issues: list | None = None, field: str = "text", max_chars: int = MAX_TEXT_CHARS
+) -> str | None:
     """One line of printable text, at most ``max_chars`` long, or None when missing; a cut is recorded."""
     if is_missing(value):
         return None

@@ -35,7 +35,9 @@ def _hold_out_one_fold(labels: np.ndarray, groups: np.ndarray, fraction: float, 
     return kept, held_out
 
 
-def make_splits(labels, groups, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> dict[str, np.ndarray]:
+def make_splits(
+    labels, groups, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Row indices of ``train`` / ``validation`` / ``test``, stratified by ``labels`` and grouped by ``groups``.
 
     ``groups`` must not contain missing values: give rows without a lesion/patient id their own group first
@@ -46,7 +48,9 @@ def make_splits(labels, groups, val_fraction: float = 0.15, test_fraction: float
     if labels.shape != groups.shape or labels.ndim != 1:
         raise ValueError(f"labels and groups must be 1-D of one length, got {labels.shape} and {groups.shape}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"need 0 <= val_fraction, test_fraction and their sum < 1, got {val_fraction}, {test_fraction}")
+        raise ValueError(
+            f"need 0 <= val_fraction, test_fraction and their sum < 1, got {val_fraction}, {test_fraction}"
+        )
     rest, test = _hold_out_one_fold(labels, groups, test_fraction, seed)
     val_of_rest = val_fraction / (1.0 - test_fraction) if val_fraction > 0 else 0.0
     train_of_rest, val_of_rest_idx = _hold_out_one_fold(labels[rest], groups[rest], val_of_rest, seed + 1)

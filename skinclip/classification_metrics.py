@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -51,8 +51,7 @@ def _absent_classes(labels: np.ndarray, num_classes: int) -> list[int]:
 def _warn_absent(labels: np.ndarray, num_classes: int, what: str) -> None:
     absent = _absent_classes(labels, num_classes)
     if absent:
-        warnings.warn(f"{what}: class index(es) {absent} have no samples in this split and are left out",
-                      stacklevel=3)
+        warnings.warn(f"{what}: class index(es) {absent} have no samples in this split and are left out", stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -70,8 +69,10 @@ def per_class_recall(labels, probs) -> list[float]:
     """Recall of each class on argmax predictions; nan for a class with no samples."""
     labels, probs = _check(labels, probs)
     predictions = probs.argmax(1)
-    return [float(np.mean(predictions[labels == k] == k)) if np.any(labels == k) else math.nan
-            for k in range(probs.shape[1])]
+    return [
+        float(np.mean(predictions[labels == k] == k)) if np.any(labels == k) else math.nan
+        for k in range(probs.shape[1])
+    ]
 
 
 def balanced_accuracy(labels, probs) -> float:
@@ -213,8 +214,9 @@ def fit_temperature(logits, labels, bounds: tuple[float, float] = (0.05, 20.0)) 
         others[rows, top] = 0.0
         return float(np.mean(np.log1p(others.sum(1)) - shifted[rows, labels]))
 
-    result = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
-                             options={"xatol": 1e-6})
+    result = minimize_scalar(
+        nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded", options={"xatol": 1e-6}
+    )
     return float(math.exp(result.x))
 
 
@@ -246,8 +248,11 @@ def classification_metrics(labels, probs, class_names: Sequence[str]) -> dict:
         raise ValueError(f"{len(class_names)} class names for {probs.shape[1]} probability columns")
     absent = [class_names[k] for k in _absent_classes(labels, probs.shape[1])]
     if absent:
-        warnings.warn(f"class(es) {absent} have no samples in this split: balanced accuracy and macro AUROC "
-                      f"average over the {probs.shape[1] - len(absent)} present", stacklevel=2)
+        warnings.warn(
+            f"class(es) {absent} have no samples in this split: balanced accuracy and macro AUROC "
+            f"average over the {probs.shape[1] - len(absent)} present",
+            stacklevel=2,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # said once above, with names
         bacc, auroc = balanced_accuracy(labels, probs), macro_auroc(labels, probs)
@@ -345,8 +350,9 @@ _VECTORISED_BOOTSTRAP = {
 }
 
 
-def bootstrap_distribution(labels, probs, metric_fn: Callable, n_resamples: int = 1000,
-                           seed: int = 0) -> tuple[np.ndarray, int]:
+def bootstrap_distribution(
+    labels, probs, metric_fn: Callable, n_resamples: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, int]:
     """``metric_fn`` on ``n_resamples`` resamples (with replacement): (defined values, number skipped).
 
     A resample is skipped when the metric is undefined on it (nan, or a ValueError such as one class only).
@@ -382,8 +388,9 @@ def bootstrap_distribution(labels, probs, metric_fn: Callable, n_resamples: int 
     return defined, int(len(values) - len(defined))
 
 
-def bootstrap_ci(labels, probs, metric_fn: Callable, n_resamples: int = 1000, confidence: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    labels, probs, metric_fn: Callable, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``metric_fn(labels, probs)``.
 
     Resamples where the metric is undefined are skipped; a warning gives their count. (nan, nan) when none
@@ -394,8 +401,9 @@ def bootstrap_ci(labels, probs, metric_fn: Callable, n_resamples: int = 1000, co
     values, skipped = bootstrap_distribution(labels, probs, metric_fn, n_resamples, seed)
     if skipped:
         name = getattr(metric_fn, "__name__", "metric")
-        warnings.warn(f"bootstrap of {name}: {skipped} of {n_resamples} resamples skipped (metric undefined)",
-                      stacklevel=2)
+        warnings.warn(
+            f"bootstrap of {name}: {skipped} of {n_resamples} resamples skipped (metric undefined)", stacklevel=2
+        )
     if len(values) == 0:
         return (math.nan, math.nan)
     tail = (1 - confidence) / 2 * 100
@@ -413,9 +421,15 @@ CI_METRICS = {
 }
 
 
-def classification_metrics_with_ci(labels, probs, class_names: Sequence[str], n_resamples: int = 1000,
-                                   confidence: float = 0.95, seed: int = 0,
-                                   metrics: Sequence[str] = tuple(CI_METRICS)) -> dict:
+def classification_metrics_with_ci(
+    labels,
+    probs,
+    class_names: Sequence[str],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    metrics: Sequence[str] = tuple(CI_METRICS),
+) -> dict:
     """`classification_metrics` plus ``"<metric>_ci": [low, high]`` for each of ``metrics``.
 
     Also ``"ci": {"confidence", "n_resamples", "skipped": {metric: count}}`` so a reader knows how many
@@ -428,8 +442,9 @@ def classification_metrics_with_ci(labels, probs, class_names: Sequence[str], n_
             raise ValueError(f"no bootstrap interval for {key!r}; choose from {sorted(CI_METRICS)}")
         values, skipped[key] = bootstrap_distribution(labels, probs, CI_METRICS[key], n_resamples, seed)
         tail = (1 - confidence) / 2 * 100
-        report[f"{key}_ci"] = ([float(v) for v in np.percentile(values, [tail, 100 - tail])] if len(values)
-                               else [math.nan, math.nan])
+        report[f"{key}_ci"] = (
+            [float(v) for v in np.percentile(values, [tail, 100 - tail])] if len(values) else [math.nan, math.nan]
+        )
     report["ci"] = {"confidence": confidence, "n_resamples": n_resamples, "skipped": skipped}
     return report
 
@@ -454,8 +469,15 @@ class SplitConformal:
     back on a fresh instance.
     """
 
-    def __init__(self, method: str = "aps", coverage: float = 0.9, raps_lambda: float = 0.01, raps_k_reg: int = 1,
-                 randomized: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        method: str = "aps",
+        coverage: float = 0.9,
+        raps_lambda: float = 0.01,
+        raps_k_reg: int = 1,
+        randomized: bool = False,
+        seed: int = 0,
+    ):
         if method not in ("lac", "aps", "raps"):
             raise ValueError(f"method={method!r}; choose 'lac', 'aps' or 'raps'")
         if not 0 < coverage < 1:
@@ -490,7 +512,7 @@ class SplitConformal:
     def _uniforms(self, n: int) -> np.ndarray:
         return self._rng.uniform(size=n) if self.randomized else np.ones(n)
 
-    def fit(self, probs, labels) -> "SplitConformal":
+    def fit(self, probs, labels) -> SplitConformal:
         """Calibrate ``qhat`` on held-out (probs, labels) exchangeable with the data sets will be made for."""
         labels, probs = _check(labels, probs)
         n = len(labels)
@@ -517,8 +539,10 @@ class SplitConformal:
             # to and including the class that crosses qhat.
             members = self._class_scores(probs, np.zeros(len(probs))) < self.qhat
         members[np.arange(len(probs)), probs.argmax(1)] = True
-        return [np.flatnonzero(row)[np.argsort(-probs[i, np.flatnonzero(row)], kind="stable")].tolist()
-                for i, row in enumerate(members)]
+        return [
+            np.flatnonzero(row)[np.argsort(-probs[i, np.flatnonzero(row)], kind="stable")].tolist()
+            for i, row in enumerate(members)
+        ]
 
 
 def conformal_report(sets: Sequence[Sequence[int]], labels) -> dict:
@@ -527,8 +551,10 @@ def conformal_report(sets: Sequence[Sequence[int]], labels) -> dict:
     if len(sets) != len(labels):
         raise ValueError(f"{len(sets)} sets but {len(labels)} labels")
     covered = [int(label) in set(members) for members, label in zip(sets, labels)]
-    return {"coverage": float(np.mean(covered)) if len(covered) else math.nan,
-            "mean_set_size": float(np.mean([len(s) for s in sets])) if len(sets) else math.nan}
+    return {
+        "coverage": float(np.mean(covered)) if len(covered) else math.nan,
+        "mean_set_size": float(np.mean([len(s) for s in sets])) if len(sets) else math.nan,
+    }
 
 
 def format_prediction_set(set_indices: Sequence[int], class_names: Sequence[str], coverage: float) -> str:
@@ -669,14 +695,16 @@ def subgroup_table(labels, probs, groups: dict[str, Sequence], class_names: Sequ
                 mask = keys == group
                 if mask.sum() < min_count:
                     continue
-                rows.append({
-                    "attribute": attribute,
-                    "group": group,
-                    "n": int(mask.sum()),
-                    "balanced_accuracy": balanced_accuracy(labels[mask], probs[mask]),
-                    "auroc_macro": macro_auroc(labels[mask], probs[mask]),
-                    "ece": expected_calibration_error(labels[mask], probs[mask]),
-                })
+                rows.append(
+                    {
+                        "attribute": attribute,
+                        "group": group,
+                        "n": int(mask.sum()),
+                        "balanced_accuracy": balanced_accuracy(labels[mask], probs[mask]),
+                        "auroc_macro": macro_auroc(labels[mask], probs[mask]),
+                        "ece": expected_calibration_error(labels[mask], probs[mask]),
+                    }
+                )
     return pd.DataFrame(rows, columns=list(SUBGROUP_COLUMNS))
 
 
@@ -693,8 +721,13 @@ def largest_gap(table, metric: str) -> dict[str, dict]:
             continue
         ordered = known.sort_values(metric, ascending=metric == "ece", kind="stable")
         best, worst = ordered.iloc[0], ordered.iloc[-1]
-        gaps[attribute] = {"gap": float(abs(best[metric] - worst[metric])), "best": str(best["group"]),
-                           "worst": str(worst["group"]), "best_n": int(best["n"]), "worst_n": int(worst["n"])}
+        gaps[attribute] = {
+            "gap": float(abs(best[metric] - worst[metric])),
+            "best": str(best["group"]),
+            "worst": str(worst["group"]),
+            "best_n": int(best["n"]),
+            "worst_n": int(worst["n"]),
+        }
     return gaps
 
 
@@ -718,8 +751,10 @@ def metrics_markdown_table(metrics: dict, class_names: Sequence[str]) -> str:
     lines += ["", "| class | support | recall | AUROC |", "|---|---|---|---|"]
     for name in class_names:
         entry = metrics.get("per_class", {}).get(name, {})
-        lines.append(f"| {name} | {entry.get('support', 0)} | {entry.get('recall', math.nan):.4f} | "
-                     f"{entry.get('auroc', math.nan):.4f} |")
+        lines.append(
+            f"| {name} | {entry.get('support', 0)} | {entry.get('recall', math.nan):.4f} | "
+            f"{entry.get('auroc', math.nan):.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -741,11 +776,22 @@ def plot_reliability_diagram(labels, probs, path, n_bins: int = 15) -> None:
     bins = np.minimum(bins, n_bins - 1)  # draw confidence 1.0 in the top bar
     accuracy_per_bin = [correct[bins == b].mean() if np.any(bins == b) else np.nan for b in range(n_bins)]
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    axis.bar(np.arange(n_bins) / n_bins, accuracy_per_bin, width=1 / n_bins, align="edge", edgecolor="black",
-             label="accuracy")
+    axis.bar(
+        np.arange(n_bins) / n_bins,
+        accuracy_per_bin,
+        width=1 / n_bins,
+        align="edge",
+        edgecolor="black",
+        label="accuracy",
+    )
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    axis.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-             title=f"ECE = {expected_calibration_error(labels, probs, n_bins):.3f}")
+    axis.set(
+        xlabel="confidence",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"ECE = {expected_calibration_error(labels, probs, n_bins):.3f}",
+    )
     axis.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -769,8 +815,15 @@ def plot_confusion_matrix(labels, probs, class_names: Sequence[str], path, norma
     axis.set(xlabel="predicted", ylabel="true")
     for i in range(len(class_names)):
         for j in range(len(class_names)):
-            axis.text(j, i, f"{matrix[i, j]:.2f}" if normalize else int(matrix[i, j]), ha="center", va="center",
-                      color="white" if matrix[i, j] > 0.5 * matrix.max() else "black", fontsize=8)
+            axis.text(
+                j,
+                i,
+                f"{matrix[i, j]:.2f}" if normalize else int(matrix[i, j]),
+                ha="center",
+                va="center",
+                color="white" if matrix[i, j] > 0.5 * matrix.max() else "black",
+                fontsize=8,
+            )
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -12,7 +12,7 @@ and exit code 1; ``--debug`` shows the traceback) and returns the exit code.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from skinclip.errors import run_entry_point
 

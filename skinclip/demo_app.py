@@ -125,8 +125,9 @@ def _define_components(gr):
     return UploadedImage, InlineImage
 
 
-def build_app(model, processor, calibration: dict | None = None, max_new_tokens: int = 64,
-              folder: PrivateFolder | None = None):
+def build_app(
+    model, processor, calibration: dict | None = None, max_new_tokens: int = 64, folder: PrivateFolder | None = None
+):
     """A Gradio Blocks app whose `/diagnose` endpoint returns (probabilities, prediction set, rationale, heatmap).
 
     ``folder`` (default: a new `PrivateFolder`) receives Gradio's uploads; ``app.close()`` deletes it.
@@ -160,8 +161,12 @@ def build_app(model, processor, calibration: dict | None = None, max_new_tokens:
                 conformal_set = gr.Textbox(label="Prediction set")
                 rationale = gr.Textbox(label="Rationale", lines=4)
                 heatmap = InlineImage(label="Focal attention")
-        button.click(diagnose, [image, age, sex, site, with_rationale],
-                     [probabilities, conformal_set, rationale, heatmap], api_name="diagnose")
+        button.click(
+            diagnose,
+            [image, age, sex, site, with_rationale],
+            [probabilities, conformal_set, rationale, heatmap],
+            api_name="diagnose",
+        )
     app.private_folder = folder
     return app
 
@@ -170,6 +175,8 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
     """The request handler: every failure is a `gr.Error` naming the problem, never a path or a traceback."""
     import numpy as np
 
+    from skinclip.errors import UserError
+    from skinclip.inference import predict_batch
     from skinclip.prediction import (
         Case,
         heatmap_overlay,
@@ -177,8 +184,6 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
         metadata_sentence,
         prediction_set,
     )
-    from skinclip.errors import UserError
-    from skinclip.inference import predict_batch
 
     class_names = model.config.class_names
 
@@ -191,8 +196,9 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
             finally:
                 folder.discard(image_path)  # in memory now: the upload itself is not kept
             case = Case(Path(UPLOAD_NAME), *_checked_metadata(gr, age, sex, site))
-            prediction, _ = predict_batch(model, processor, [image], [metadata_sentence(case)],
-                                          max_new_tokens if with_rationale else 0)
+            prediction, _ = predict_batch(
+                model, processor, [image], [metadata_sentence(case)], max_new_tokens if with_rationale else 0
+            )
             probs = prediction.probs[0].float().cpu().numpy()
             if not np.all(np.isfinite(probs)):
                 raise gr.Error("The model gave non-finite probabilities (NaN); the checkpoint is likely broken.")
@@ -245,8 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     atexit.register(folder.remove)  # also after Ctrl+C or an error
     previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        app = build_app(model, processor, load_calibration(args.model) if Path(args.model).is_dir() else {},
-                        folder=folder)
+        app = build_app(
+            model, processor, load_calibration(args.model) if Path(args.model).is_dir() else {}, folder=folder
+        )
         app.launch(server_name="127.0.0.1", server_port=args.port, share=args.share)
     finally:
         folder.remove()

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from skinclip.errors import UserError
@@ -58,8 +56,12 @@ def run(dataset, class_names: list[str], model_args, data_args, training_args, c
     memory = memory_plan(model, parameters, batch, training_args)
     report = {
         "config": _settings(config, training_args),
-        "dataset": {"path": data_args.dataset_path, "classes": class_names,
-                    "rows": {split: len(dataset[split]) for split in splits}, "images_checked": images_checked},
+        "dataset": {
+            "path": data_args.dataset_path,
+            "classes": class_names,
+            "rows": {split: len(dataset[split]) for split in splits},
+            "images_checked": images_checked,
+        },
         "batch": batch,
         "train_split_truncation": truncation,
         "parameters": parameters,
@@ -131,8 +133,9 @@ def _decode_image(rows, index: int, where: str) -> None:
             raise ValueError(f"image has size {image.size}")
     except Exception as error:  # PIL/datasets raise many types for a bad image; all mean the same to the user
         image_id = _image_id(rows, index)
-        raise UserError(f"{where} row {index}{image_id}: image is not readable ({type(error).__name__}: {error})") \
-            from error
+        raise UserError(
+            f"{where} row {index}{image_id}: image is not readable ({type(error).__name__}: {error})"
+        ) from error
 
 
 def _image_id(rows, index: int) -> str:
@@ -176,13 +179,20 @@ def batch_layout(model, processor, train_split, training_args) -> dict:
     indices = np.random.default_rng(training_args.seed).choice(len(train_split), size=size, replace=False)
     rows = [train_split[int(i)] for i in sorted(indices)]
     with_report, with_rationale = training_args.lambda_align > 0, training_args.lambda_gen > 0
-    collator = SkinClipVLCollator(processor, with_report=with_report, with_rationale=with_rationale,
-                                  augment=training_args.augment, seed=training_args.seed)
+    collator = SkinClipVLCollator(
+        processor,
+        with_report=with_report,
+        with_rationale=with_rationale,
+        augment=training_args.augment,
+        seed=training_args.seed,
+    )
     try:
         batch = collator(rows)
     except Exception as error:  # e.g. a None report, a metadata_text that is not text
-        raise UserError(f"training split rows {sorted(int(i) for i in indices)} cannot be collated into a batch "
-                        f"({type(error).__name__}: {error})") from error
+        raise UserError(
+            f"training split rows {sorted(int(i) for i in indices)} cannot be collated into a batch "
+            f"({type(error).__name__}: {error})"
+        ) from error
     image_tokens = model.encode_image(batch["pixel_values"].to("meta"))[0].shape[1]  # shapes only
     full = untruncated_lengths(processor, [r.get("metadata_text") or "" for r in rows], [r["report"] for r in rows])
     config = processor.config
@@ -192,9 +202,12 @@ def batch_layout(model, processor, train_split, training_args) -> dict:
         "image_tokens": int(image_tokens),
         "prompt": _part(batch, "prompt", full["prompt"], config.max_prompt_tokens),
         "cls": 1,
-        "rationale": _part(batch, "rationale", full["rationale"], config.max_rationale_tokens) if with_rationale else None,
+        "rationale": _part(batch, "rationale", full["rationale"], config.max_rationale_tokens)
+        if with_rationale
+        else None,
         "report": _part(batch, "report", full["report"], config.max_report_tokens)
-        if with_report and full["report"] is not None else None,
+        if with_report and full["report"] is not None
+        else None,
     }
     padded_rationale = layout["rationale"]["padded"] if with_rationale else 0
     maximum_rationale = config.max_rationale_tokens if with_rationale else 0
@@ -228,8 +241,11 @@ def untruncated_lengths(processor, metadata_texts: list[str], reports: list[str]
         report = [len(ids) for ids in report_tokenizer(list(reports))["input_ids"]]
     else:  # open_clip's tokenizer always pads/cuts to its context length: nothing to count
         report = None
-    return {"prompt": [len(ids) for ids in prompts], "rationale": [len(ids) + 1 for ids in rationales],
-            "report": report}
+    return {
+        "prompt": [len(ids) for ids in prompts],
+        "rationale": [len(ids) + 1 for ids in rationales],
+        "report": report,
+    }
 
 
 def split_truncation(processor, split) -> dict:
@@ -240,13 +256,19 @@ def split_truncation(processor, split) -> dict:
     texts = split.select_columns(["metadata_text", "report"])
     full = untruncated_lengths(processor, [t or "" for t in texts["metadata_text"]], texts["report"])
     config = processor.config
-    limits = {"prompt": config.max_prompt_tokens, "rationale": config.max_rationale_tokens,
-              "report": config.max_report_tokens}
+    limits = {
+        "prompt": config.max_prompt_tokens,
+        "rationale": config.max_rationale_tokens,
+        "report": config.max_report_tokens,
+    }
     counted = {"rows": len(split), "of_rows": rows}
     for name, lengths in full.items():
         if lengths is not None:
-            counted[name] = {"limit": limits[name], "truncated": sum(n > limits[name] for n in lengths),
-                             "longest": max(lengths, default=0)}
+            counted[name] = {
+                "limit": limits[name],
+                "truncated": sum(n > limits[name] for n in lengths),
+                "longest": max(lengths, default=0),
+            }
     return counted
 
 
@@ -260,7 +282,9 @@ def split_truncation(processor, split) -> dict:
 #       + 4·n/(64·256) (one fp32 absmax per 256 blocks) + 4 (fp32 offset) + 64 (the 16-value fp32 NF4 code table)
 #   int8 (LLM.int8): n (int8 codes) + 4·rows (one fp32 scale per row)
 # Everything else (CLIP, embeddings, LM head, norms, biases) stays in the compute dtype; trained tensors are fp32.
-NF4_RULE = "n/2 + n/64 + 4n/16384 + 68 bytes per weight tensor (4-bit codes, 8-bit absmax per 64, fp32 absmax per 256 blocks)"
+NF4_RULE = (
+    "n/2 + n/64 + 4n/16384 + 68 bytes per weight tensor (4-bit codes, 8-bit absmax per 64, fp32 absmax per 256 blocks)"
+)
 INT8_RULE = "n + 4*rows bytes per weight tensor (int8 codes + fp32 row scales)"
 
 
@@ -290,9 +314,19 @@ def _groups(model) -> dict[str, list[tuple[str, nn.Parameter]]]:
     lm = model.language_model
     embedding, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
     quantised = _quantised_weights(lm) if model.config.decoder_config.quantization != "none" else {}
-    groups: dict[str, list] = {name: [] for name in (
-        "CLIP vision", "CLIP text (reports)", "decoder linear", "decoder embeddings",
-        "LM head", "decoder norms/biases", "LoRA", "new modules")}
+    groups: dict[str, list] = {
+        name: []
+        for name in (
+            "CLIP vision",
+            "CLIP text (reports)",
+            "decoder linear",
+            "decoder embeddings",
+            "LM head",
+            "decoder norms/biases",
+            "LoRA",
+            "new modules",
+        )
+    }
     for name, param in model.named_parameters():
         if name.startswith("vision."):
             tower = name.split(".")[2] if name.startswith("vision.model.") else ""
@@ -358,7 +392,11 @@ def parameter_table(model, lambda_align: float) -> dict:
         "frozen": total - trained_numel,
         "bytes_by_storage": by_storage,
         "lm_head_shape": list(head.shape),
-        "counting": NF4_RULE if quantization == "nf4" else INT8_RULE if quantization == "int8" else "numel x dtype size",
+        "counting": NF4_RULE
+        if quantization == "nf4"
+        else INT8_RULE
+        if quantization == "int8"
+        else "numel x dtype size",
         "_trained_tensors": trained_tensors,  # (numel, element size) for the plan; dropped before printing/JSON
     }
 
@@ -370,16 +408,41 @@ def parameter_table(model, lambda_align: float) -> dict:
 # Optimizer state per trained element: (number of states, bytes per state). 8-bit states (bitsandbytes, torchao)
 # add one fp32 absmax per 256-value block, and bitsandbytes keeps tensors under 4096 elements in 32-bit states.
 OPTIMIZER_STATES: dict[str, tuple[int, float]] = {
-    **dict.fromkeys(("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused",
-                     "adamw_anyprecision", "paged_adamw_32bit", "grokadamw", "stable_adamw",
-                     "schedule_free_adamw", "schedule_free_radam", "galore_adamw", "apollo_adamw"), (2, 4)),
-    **dict.fromkeys(("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit",
-                     "galore_adamw_8bit"), (2, 1)),
+    **dict.fromkeys(
+        (
+            "adamw_torch",
+            "adamw_torch_fused",
+            "adamw_torch_xla",
+            "adamw_torch_npu_fused",
+            "adamw_anyprecision",
+            "paged_adamw_32bit",
+            "grokadamw",
+            "stable_adamw",
+            "schedule_free_adamw",
+            "schedule_free_radam",
+            "galore_adamw",
+            "apollo_adamw",
+        ),
+        (2, 4),
+    ),
+    **dict.fromkeys(
+        ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "galore_adamw_8bit"), (2, 1)
+    ),
     "adamw_torch_4bit": (2, 0.5),
     **dict.fromkeys(("ademamix", "paged_ademamix_32bit"), (3, 4)),
     **dict.fromkeys(("ademamix_8bit", "paged_ademamix_8bit"), (3, 1)),
-    **dict.fromkeys(("lion_32bit", "paged_lion_32bit", "adagrad", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_32bit",
-                     "schedule_free_sgd"), (1, 4)),
+    **dict.fromkeys(
+        (
+            "lion_32bit",
+            "paged_lion_32bit",
+            "adagrad",
+            "rmsprop",
+            "rmsprop_bnb",
+            "rmsprop_bnb_32bit",
+            "schedule_free_sgd",
+        ),
+        (1, 4),
+    ),
     **dict.fromkeys(("lion_8bit", "paged_lion_8bit", "rmsprop_bnb_8bit"), (1, 1)),
     **dict.fromkeys(("sgd", "lomo", "adalomo"), (0, 4)),  # SGD without momentum (transformers' default)
     "adafactor": (0, 4),  # factored second moment: rows + columns per matrix, negligible here
@@ -428,8 +491,15 @@ def _lora_inputs_per_layer(model) -> list[int]:
     return [m.in_features for name, m in layer.named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")]
 
 
-def layer_activation_bytes_per_token(shape: dict, compute_bytes: int, lora_inputs: list[int], lora_r: int,
-                                     lora_dropout: float, attn_implementation: str, sequence: int) -> int:
+def layer_activation_bytes_per_token(
+    shape: dict,
+    compute_bytes: int,
+    lora_inputs: list[int],
+    lora_r: int,
+    lora_dropout: float,
+    attn_implementation: str,
+    sequence: int,
+) -> int:
     """Bytes one decoder layer keeps for backward, per token (Qwen2/Llama-style layer, frozen base weights).
 
     With h = hidden, i = intermediate, c = compute-dtype bytes:
@@ -465,12 +535,19 @@ def activation_bytes(model, shape: dict, batch_size: int, image_tokens: int, seq
     decoder = model.config.decoder_config
     c = DTYPE_BYTES[decoder.compute_dtype]
     per_token = layer_activation_bytes_per_token(
-        shape, c, _lora_inputs_per_layer(model), decoder.lora_r, decoder.lora_dropout,
-        decoder.attn_implementation, sequence)
+        shape,
+        c,
+        _lora_inputs_per_layer(model),
+        decoder.lora_r,
+        decoder.lora_dropout,
+        decoder.attn_implementation,
+        sequence,
+    )
     tokens = batch_size * sequence
     per_layer = tokens * per_token
-    image_path = batch_size * image_tokens * (4 * model.vision.hidden_size + 4 * shape["hidden"]
-                                              + 8 * model.config.focal_dim)
+    image_path = (
+        batch_size * image_tokens * (4 * model.vision.hidden_size + 4 * shape["hidden"] + 8 * model.config.focal_dim)
+    )
     shared = per_layer + tokens * (4 + 2 * c) * shape["hidden"] + image_path
     return {
         "per_layer": per_layer,
@@ -493,8 +570,9 @@ def card_verdicts(total: int) -> dict[str, str]:
     verdicts = {}
     for card in CARDS_GB:
         capacity = card * GIB
-        verdicts[f"{card}GB"] = ("fits" if total + GIB + 0.1 * total <= capacity
-                                 else "tight" if total <= capacity else "does not fit")
+        verdicts[f"{card}GB"] = (
+            "fits" if total + GIB + 0.1 * total <= capacity else "tight" if total <= capacity else "does not fit"
+        )
     return verdicts
 
 
@@ -546,52 +624,74 @@ def _gib(size: float) -> str:
 def format_report(report: dict) -> str:
     return "\n".join(
         ["dry run: config and dataset valid; no weights loaded (model built on the meta device)", ""]
-        + _format_data(report) + [""] + _format_batch(report) + [""] + _format_parameters(report["parameters"])
-        + [""] + _format_memory(report["memory"], report["parameters"], report["config"]))
+        + _format_data(report)
+        + [""]
+        + _format_batch(report)
+        + [""]
+        + _format_parameters(report["parameters"])
+        + [""]
+        + _format_memory(report["memory"], report["parameters"], report["config"])
+    )
 
 
 def _format_data(report: dict) -> list[str]:
     data = report["dataset"]
     rows = ", ".join(f"{split} {n:,}" for split, n in data["rows"].items())
-    return [f"dataset {data['path']}: {rows} rows; {len(data['classes'])} classes {data['classes']}; "
-            f"{data['images_checked']} images decoded"]
+    return [
+        f"dataset {data['path']}: {rows} rows; {len(data['classes'])} classes {data['classes']}; "
+        f"{data['images_checked']} images decoded"
+    ]
 
 
 def _format_part(label: str, part: dict | None) -> str:
     if part is None:
         return f"  {label:<10} not tokenised (its loss weight is 0)"
     lengths = part["lengths"]
-    return (f"  {label:<10} {min(lengths)}-{max(lengths)} tokens (padded to {part['padded']}), limit {part['limit']}, "
-            f"{part['truncated']} of {len(lengths)} truncated")
+    return (
+        f"  {label:<10} {min(lengths)}-{max(lengths)} tokens (padded to {part['padded']}), limit {part['limit']}, "
+        f"{part['truncated']} of {len(lengths)} truncated"
+    )
 
 
 def _format_batch(report: dict) -> list[str]:
     batch, split = report["batch"], report["train_split_truncation"]
-    lines = [f"batch layout ({batch['rows']} training rows through SkinClipVLCollator; pixel_values "
-             f"{batch['pixel_values']}):",
-             f"  {'image':<10} {batch['image_tokens']} tokens per image (CLIP tokens incl. prefix, projected)",
-             _format_part("prompt", batch["prompt"]),
-             f"  {'CLS':<10} 1",
-             _format_part("rationale", batch["rationale"]),
-             _format_part("report", batch["report"]) + "  (CLIP text tower, alignment)",
-             f"  decoder sequence [image][prompt][CLS][rationale]: {batch['decoder_tokens']['this_batch']} tokens in "
-             f"this batch, at most {batch['decoder_tokens']['maximum']}"]
-    cut = [f"{name} {split[name]['truncated']:,} (longest {split[name]['longest']})"
-           for name in ("prompt", "rationale", "report") if name in split]
-    lines.append(f"  whole training split ({split['rows']:,} of {split['of_rows']:,} rows): truncated " + ", ".join(cut))
+    lines = [
+        f"batch layout ({batch['rows']} training rows through SkinClipVLCollator; pixel_values "
+        f"{batch['pixel_values']}):",
+        f"  {'image':<10} {batch['image_tokens']} tokens per image (CLIP tokens incl. prefix, projected)",
+        _format_part("prompt", batch["prompt"]),
+        f"  {'CLS':<10} 1",
+        _format_part("rationale", batch["rationale"]),
+        _format_part("report", batch["report"]) + "  (CLIP text tower, alignment)",
+        f"  decoder sequence [image][prompt][CLS][rationale]: {batch['decoder_tokens']['this_batch']} tokens in "
+        f"this batch, at most {batch['decoder_tokens']['maximum']}",
+    ]
+    cut = [
+        f"{name} {split[name]['truncated']:,} (longest {split[name]['longest']})"
+        for name in ("prompt", "rationale", "report")
+        if name in split
+    ]
+    lines.append(
+        f"  whole training split ({split['rows']:,} of {split['of_rows']:,} rows): truncated " + ", ".join(cut)
+    )
     return lines
 
 
 def _format_parameters(parameters: dict) -> list[str]:
-    lines = ["parameters (bytes as stored on the GPU):",
-             f"  {'group':<22} {'parameters':>15} {'trained':>12}  {'storage':<9} {'size':>12}"]
+    lines = [
+        "parameters (bytes as stored on the GPU):",
+        f"  {'group':<22} {'parameters':>15} {'trained':>12}  {'storage':<9} {'size':>12}",
+    ]
     for row in parameters["rows"]:
         storage = "+".join(row["storage"])
-        lines.append(f"  {row['group']:<22} {row['parameters']:>15,} {row['trained']:>12,}  {storage:<9} "
-                     f"{_gib(row['bytes'])}")
-    lines.append(f"  total {parameters['total']:,}: frozen {parameters['frozen']:,}, trained {parameters['trained']:,} "
-                 f"(LoRA {parameters['lora']:,}); LM head {parameters['lm_head_shape'][0]:,} x "
-                 f"{parameters['lm_head_shape'][1]:,}")
+        lines.append(
+            f"  {row['group']:<22} {row['parameters']:>15,} {row['trained']:>12,}  {storage:<9} {_gib(row['bytes'])}"
+        )
+    lines.append(
+        f"  total {parameters['total']:,}: frozen {parameters['frozen']:,}, trained {parameters['trained']:,} "
+        f"(LoRA {parameters['lora']:,}); LM head {parameters['lm_head_shape'][0]:,} x "
+        f"{parameters['lm_head_shape'][1]:,}"
+    )
     lines.append(f"  quantised weights counted as {parameters['counting']}")
     return lines
 
@@ -599,33 +699,50 @@ def _format_parameters(parameters: dict) -> list[str]:
 def _memory_rows(memory: dict, parameters: dict, settings: dict) -> list[tuple[str, float, str]]:
     """(label, bytes, how it is counted) for each term of the plan."""
     terms, d = memory["terms"], memory["decoder"]
-    holders = {storage: [row["group"] for row in parameters["rows"] if storage in row["storage"]]
-               for storage in terms["weights"]}
+    holders = {
+        storage: [row["group"] for row in parameters["rows"] if storage in row["storage"]]
+        for storage in terms["weights"]
+    }
     rows = [(f"weights, {storage}", size, ", ".join(holders[storage])) for storage, size in terms["weights"].items()]
     tokens = f"{memory['batch_size']} x {memory['sequence_tokens']} tokens"
     rows += [
         ("gradients", terms["gradients"], "trained tensors only, in their fp32 dtype"),
         ("optimizer states", terms["optimizer"], f"{settings['optim']}: {memory['optimizer_rule']} per trained value"),
-        ("activations, checkpointing on", terms["activations"]["with_checkpointing"],
-         f"{d['layers']} layer inputs + 1 layer recomputed + 1 layer of gradients, {tokens}"),
-        ("activations, checkpointing off", terms["activations"]["without_checkpointing"],
-         f"({d['layers']} + 1) layers x {memory['activation_bytes_per_token_per_layer']:,} B per token, {tokens}"),
-        ("LM-head logits", terms["lm_head_logits"],
-         f"{memory['rationale_positions']:,} rationale positions x {d['vocab']:,} x "
-         f"({DTYPE_BYTES[settings['compute_dtype']]} + 4 + 4) B"),
+        (
+            "activations, checkpointing on",
+            terms["activations"]["with_checkpointing"],
+            f"{d['layers']} layer inputs + 1 layer recomputed + 1 layer of gradients, {tokens}",
+        ),
+        (
+            "activations, checkpointing off",
+            terms["activations"]["without_checkpointing"],
+            f"({d['layers']} + 1) layers x {memory['activation_bytes_per_token_per_layer']:,} B per token, {tokens}",
+        ),
+        (
+            "LM-head logits",
+            terms["lm_head_logits"],
+            f"{memory['rationale_positions']:,} rationale positions x {d['vocab']:,} x "
+            f"({DTYPE_BYTES[settings['compute_dtype']]} + 4 + 4) B",
+        ),
     ]
     return rows
 
 
 def _format_memory(memory: dict, parameters: dict, settings: dict) -> list[str]:
     d = memory["decoder"]
-    lines = [f"GPU memory plan, per device (batch {memory['batch_size']} x {memory['sequence_tokens']} decoder tokens "
-             f"at most, {settings['compute_dtype']} compute, {d['layers']} layers, hidden {d['hidden']}):"]
-    lines += [f"  {label:<32} {_gib(size)}   {note}" for label, size, note in _memory_rows(memory, parameters, settings)]
+    lines = [
+        f"GPU memory plan, per device (batch {memory['batch_size']} x {memory['sequence_tokens']} decoder tokens "
+        f"at most, {settings['compute_dtype']} compute, {d['layers']} layers, hidden {d['hidden']}):"
+    ]
+    lines += [
+        f"  {label:<32} {_gib(size)}   {note}" for label, size, note in _memory_rows(memory, parameters, settings)
+    ]
     for key, label in (("with_checkpointing", "on"), ("without_checkpointing", "off")):
         mark = "   <- configured" if memory["configured"] == key else ""
         cards = ", ".join(f"{card.removesuffix('GB')} GB {verdict}" for card, verdict in memory["cards"][key].items())
         lines.append(f"  {'TOTAL, checkpointing ' + label:<32} {_gib(memory['total'][key])}   {cards}{mark}")
-    lines.append("  ('fits' leaves 1 GiB + 10% free for the CUDA context and fragmentation; every term is an estimate "
-                 "from shapes: formulas in skinclip/dry_run.py)")
+    lines.append(
+        "  ('fits' leaves 1 GiB + 10% free for the CUDA context and fragmentation; every term is an estimate "
+        "from shapes: formulas in skinclip/dry_run.py)"
+    )
     return lines

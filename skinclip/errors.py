@@ -8,7 +8,7 @@ prints ``error: <message>`` on one line and exits with :data:`EXIT_FATAL`; ``--d
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 EXIT_OK = 0
 EXIT_FATAL = 1  # nothing (or nothing trustworthy) was produced

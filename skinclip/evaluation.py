@@ -50,8 +50,16 @@ def subgroup_values(split, num_rows: int) -> dict[str, list]:
     age_column = next((c for c in AGE_COLUMNS if c in columns), None)
     if age_column:
         groups["age_band"] = [sm.age_band(a) for a in split[age_column]]
-    skip = {"image", "image_id", "label", "metadata_text", "report", "group_id", age_column,
-            *(c for cands in SUBGROUP_COLUMNS.values() for c in cands)}
+    skip = {
+        "image",
+        "image_id",
+        "label",
+        "metadata_text",
+        "report",
+        "group_id",
+        age_column,
+        *(c for cands in SUBGROUP_COLUMNS.values() for c in cands),
+    }
     for column in columns:
         if column in skip:
             continue
@@ -62,16 +70,28 @@ def subgroup_values(split, num_rows: int) -> dict[str, list]:
     return {k: v for k, v in groups.items() if len(v) == num_rows}
 
 
-def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibration_split: str | None = "validation",
-             coverage: float = 0.9, conformal_method: str = "aps", n_bootstrap: int = 1000, batch_size: int = 16,
-             progress: bool = True, seed: int = 0) -> dict:
+def evaluate(
+    model,
+    processor,
+    dataset,
+    split_name: str,
+    out_dir: Path,
+    calibration_split: str | None = "validation",
+    coverage: float = 0.9,
+    conformal_method: str = "aps",
+    n_bootstrap: int = 1000,
+    batch_size: int = 16,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict:
     """Run the whole evaluation and write every report file; returns the metrics dict."""
     import pandas as pd
 
     class_names = model.config.class_names
     # Every split is checked before anything is computed or written (an empty one crashed half-way).
-    in_model_classes = validation.check_evaluation_splits(dataset, split_name, calibration_split, class_names,
-                                                          "dataset")
+    in_model_classes = validation.check_evaluation_splits(
+        dataset, split_name, calibration_split, class_names, "dataset"
+    )
     split = dataset[split_name]
     out_dir.mkdir(parents=True, exist_ok=True)
     data_classes = split.features["label"].names
@@ -89,16 +109,25 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
         calibration = {
             "temperature": temperature,
             "fitted_on": calibration_split,
-            "conformal": {"method": conformal_method, "coverage": coverage, "qhat": float(predictor.qhat),
-                          **({"raps_lambda": predictor.raps_lambda, "raps_k_reg": predictor.raps_k_reg}
-                             if conformal_method == "raps" else {})},
+            "conformal": {
+                "method": conformal_method,
+                "coverage": coverage,
+                "qhat": float(predictor.qhat),
+                **(
+                    {"raps_lambda": predictor.raps_lambda, "raps_k_reg": predictor.raps_k_reg}
+                    if conformal_method == "raps"
+                    else {}
+                ),
+            },
         }
         bound_warning = temperature_bound_warning(temperature, calibration_split)
         if bound_warning:
-            warnings.warn(bound_warning)
+            warnings.warn(bound_warning, stacklevel=2)
             calibration["warning"] = bound_warning
     elif calibration_split and calibration_split not in dataset:
-        warnings.warn(f"no {calibration_split!r} split: temperature scaling and conformal sets are skipped")
+        warnings.warn(
+            f"no {calibration_split!r} split: temperature scaling and conformal sets are skipped", stacklevel=2
+        )
 
     temperature = calibration.get("temperature", 1.0)
     probs_raw = sm.apply_temperature(logits, 1.0)
@@ -112,8 +141,12 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
         frame[f"{name}_uncalibrated"] = probs_raw[:, index]
     frame.to_csv(out_dir / "predictions.csv", index=False)
 
-    report: dict = {"split": split_name, "num_images": int(len(labels)), "classes": class_names,
-                    "temperature": temperature}
+    report: dict = {
+        "split": split_name,
+        "num_images": int(len(labels)),
+        "classes": class_names,
+        "temperature": temperature,
+    }
     report["calibration"] = calibration or None
     if "warning" in calibration:
         report["temperature_warning"] = calibration["warning"]
@@ -121,7 +154,8 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
         report["uncalibrated"] = sm.classification_metrics(labels, probs_raw, class_names)
         report["calibrated"] = (
             sm.classification_metrics_with_ci(labels, probs, class_names, n_resamples=n_bootstrap, seed=seed)
-            if n_bootstrap > 0 else sm.classification_metrics(labels, probs, class_names)
+            if n_bootstrap > 0
+            else sm.classification_metrics(labels, probs, class_names)
         )
         sm.plot_reliability_diagram(labels, probs, out_dir / "reliability.png", n_bins=15)
         sm.plot_confusion_matrix(labels, probs, class_names, out_dir / "confusion_matrix.png")
@@ -130,10 +164,15 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
             table = sm.subgroup_table(labels, probs, groups, class_names)
             table.to_csv(out_dir / "subgroups.csv", index=False)
             report["subgroup_largest_gaps"] = _largest_gaps(table)
-            (out_dir / "subgroups.md").write_text(table.to_markdown(index=False) if _has_tabulate() else table.to_string())
+            (out_dir / "subgroups.md").write_text(
+                table.to_markdown(index=False) if _has_tabulate() else table.to_string()
+            )
         if predictor is not None:
-            report["conformal"] = {**sm.conformal_report(predictor.predict_sets(probs), labels),
-                                   "method": conformal_method, "target_coverage": coverage}
+            report["conformal"] = {
+                **sm.conformal_report(predictor.predict_sets(probs), labels),
+                "method": conformal_method,
+                "target_coverage": coverage,
+            }
         if set(ISIC2019_CLASSES) <= set(class_names):
             sm.write_isic2019_submission(out_dir / "isic2019_submission.csv", [str(i) for i in ids], probs, class_names)
     else:
@@ -155,8 +194,11 @@ def evaluate(model, processor, dataset, split_name: str, out_dir: Path, calibrat
 def save_calibration(calibration: dict | None, checkpoint: Path) -> None:
     """``--save-calibration``: the one way a calibration reaches a checkpoint (from_pretrained applies it)."""
     if not calibration:
-        warnings.warn("--save-calibration: no calibration was fitted (no calibration split, or an out-of-"
-                      "distribution dataset); the checkpoint is left unchanged")
+        warnings.warn(
+            "--save-calibration: no calibration was fitted (no calibration split, or an out-of-"
+            "distribution dataset); the checkpoint is left unchanged",
+            stacklevel=2,
+        )
         return
     (checkpoint / "calibration.json").write_text(sm.to_strict_json(calibration))
 
@@ -167,9 +209,11 @@ def temperature_bound_warning(temperature: float, calibration_split: str) -> str
     reasons = ("a model always right on it", "a model no better than chance on it")
     for bound, reason in zip(TEMPERATURE_BOUNDS, reasons):
         if abs(np.log(temperature / bound)) < 1e-3:
-            return (f"the temperature fitted on {calibration_split!r} ({temperature:.4g}) sits at its search bound "
-                    f"{bound}: that split does not determine it (too few images, or {reason}); treat the "
-                    "calibration as unreliable")
+            return (
+                f"the temperature fitted on {calibration_split!r} ({temperature:.4g}) sits at its search bound "
+                f"{bound}: that split does not determine it (too few images, or {reason}); treat the "
+                "calibration as unreliable"
+            )
     return None
 
 
@@ -204,20 +248,29 @@ def _markdown(report: dict, class_names: list[str]) -> str:
     if "calibrated" in report:
         lines.append(sm.metrics_markdown_table(report["calibrated"], class_names))
         before, after = report["uncalibrated"], report["calibrated"]
-        lines += ["", f"Temperature scaling (T = {report['temperature']:.3f}):", "",
-                  "| | ECE | NLL | Brier |", "|---|---|---|---|",
-                  f"| before | {before['ece']:.4f} | {before['nll']:.4f} | {before['brier']:.4f} |",
-                  f"| after | {after['ece']:.4f} | {after['nll']:.4f} | {after['brier']:.4f} |"]
+        lines += [
+            "",
+            f"Temperature scaling (T = {report['temperature']:.3f}):",
+            "",
+            "| | ECE | NLL | Brier |",
+            "|---|---|---|---|",
+            f"| before | {before['ece']:.4f} | {before['nll']:.4f} | {before['brier']:.4f} |",
+            f"| after | {after['ece']:.4f} | {after['nll']:.4f} | {after['brier']:.4f} |",
+        ]
         if "ci" in after:
             skipped = after["ci"]["skipped"]
             for name in skipped:
                 low, high = after[f"{name}_ci"]
-                lines.append(f"\n95% bootstrap CI of {name}: [{low:.4f}, {high:.4f}] "
-                             f"({after['ci']['n_resamples'] - skipped[name]} resamples)")
+                lines.append(
+                    f"\n95% bootstrap CI of {name}: [{low:.4f}, {high:.4f}] "
+                    f"({after['ci']['n_resamples'] - skipped[name]} resamples)"
+                )
         if "conformal" in report:
             c = report["conformal"]
-            lines.append(f"\nConformal ({c['method']}, target {c['target_coverage']:.0%}): empirical coverage "
-                         f"{c['coverage']:.3f}, mean set size {c['mean_set_size']:.2f}")
+            lines.append(
+                f"\nConformal ({c['method']}, target {c['target_coverage']:.0%}): empirical coverage "
+                f"{c['coverage']:.3f}, mean set size {c['mean_set_size']:.2f}"
+            )
     if "ood_binary" in report:
         ood = report["ood_binary"]
         lines += ["| metric | value |", "|---|---|"]
@@ -253,8 +306,18 @@ def main(argv: list[str] | None = None) -> dict:
     model.calibration_temperature.fill_(1.0)  # evaluate raw logits; the calibration is refitted here
     processor = SkinClipVLProcessor.from_pretrained(args.model)
     out_dir = Path(args.out)
-    report = evaluate(model, processor, dataset, args.split, out_dir, args.calibration_split or None, args.coverage,
-                      args.conformal_method, args.bootstrap, args.batch_size)
+    report = evaluate(
+        model,
+        processor,
+        dataset,
+        args.split,
+        out_dir,
+        args.calibration_split or None,
+        args.coverage,
+        args.conformal_method,
+        args.bootstrap,
+        args.batch_size,
+    )
     if args.save_calibration:
         save_calibration(report["calibration"], Path(args.model))
     print((out_dir / "metrics.md").read_text())

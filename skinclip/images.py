@@ -94,8 +94,10 @@ def _check_header(path: Path, label: str) -> None:
     except Exception as error:
         raise ImageInputError(f"{label}: not a readable image ({_reason(error, path)})") from error
     if width * height > MAX_IMAGE_PIXELS:
-        raise ImageInputError(f"{label}: image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), "
-                              f"above the {MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit")
+        raise ImageInputError(
+            f"{label}: image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), "
+            f"above the {MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit"
+        )
     if min(width, height) < MIN_IMAGE_SIDE:
         raise ImageInputError(f"{label}: image is {width}x{height} pixels, below {MIN_IMAGE_SIDE}")
 

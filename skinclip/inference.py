@@ -9,15 +9,17 @@ class probabilities with the checkpoint's calibration temperature applied (what 
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 
 @torch.no_grad()
-def predict_batch(model, processor, images: Sequence[Any], metadata_texts: Sequence[str | None],
-                  max_new_tokens: int = 0):
+def predict_batch(
+    model, processor, images: Sequence[Any], metadata_texts: Sequence[str | None], max_new_tokens: int = 0
+):
     """(`SkinClipVLPrediction`, the model inputs on the model's device) for one batch of images."""
     inputs = processor(list(images), [text or "" for text in metadata_texts])
     device = model.cls_token.device
@@ -25,8 +27,9 @@ def predict_batch(model, processor, images: Sequence[Any], metadata_texts: Seque
     return model.predict(**inputs, max_new_tokens=max_new_tokens), inputs
 
 
-def iter_split_predictions(model, processor, split, batch_size: int = 16, progress: bool = True,
-                           desc: str = "predict") -> Iterator:
+def iter_split_predictions(
+    model, processor, split, batch_size: int = 16, progress: bool = True, desc: str = "predict"
+) -> Iterator:
     """`model.predict` (classification only) of each batch of a dataset split's rows, in order."""
     from tqdm.auto import tqdm
 
@@ -40,13 +43,17 @@ def iter_split_predictions(model, processor, split, batch_size: int = 16, progre
 
 def split_logits(model, processor, split, batch_size: int = 16, progress: bool = True) -> np.ndarray:
     """Raw class logits `(num_rows, num_labels)` of every row (no calibration temperature)."""
-    chunks = [prediction.logits.float().cpu()
-              for prediction in iter_split_predictions(model, processor, split, batch_size, progress, "evaluate")]
+    chunks = [
+        prediction.logits.float().cpu()
+        for prediction in iter_split_predictions(model, processor, split, batch_size, progress, "evaluate")
+    ]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.config.num_labels), dtype=np.float32)
 
 
 def split_probabilities(model, processor, split, batch_size: int = 16, progress: bool = False) -> np.ndarray:
     """Class probabilities `(num_rows, num_labels)` of every row, with the checkpoint's calibration temperature."""
-    chunks = [prediction.probs.float().cpu()
-              for prediction in iter_split_predictions(model, processor, split, batch_size, progress)]
+    chunks = [
+        prediction.probs.float().cpu()
+        for prediction in iter_split_predictions(model, processor, split, batch_size, progress)
+    ]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.config.num_labels), dtype=np.float32)

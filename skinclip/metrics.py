@@ -8,8 +8,8 @@ these helpers need a checkout (an editable install).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

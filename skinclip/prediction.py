@@ -81,8 +81,9 @@ def collect_cases(inputs: list[str], age=None, sex=None, site=None, exclude: Pat
         path = Path(item)
         if path.is_dir():
             if exclude is not None and path.resolve() == exclude.resolve():
-                raise UserError(f"the output folder is also an input folder: its heatmaps would become inputs "
-                                f"(--out {exclude})")
+                raise UserError(
+                    f"the output folder is also an input folder: its heatmaps would become inputs (--out {exclude})"
+                )
             images, not_images = _walk_folder(path, exclude)
             skipped += not_images
             if not images:
@@ -230,8 +231,9 @@ def _safe_path(name: str) -> str:
     return "/".join(parts) or "image"
 
 
-def heatmap_overlay(image: Image.Image, attention: np.ndarray, opacity: float = 0.45,
-                    max_side: int = MAX_WORKING_SIDE) -> Image.Image:
+def heatmap_overlay(
+    image: Image.Image, attention: np.ndarray, opacity: float = 0.45, max_side: int = MAX_WORKING_SIDE
+) -> Image.Image:
     """Blend the attention map ``(grid_h, grid_w)``, upsampled bilinearly, over the image.
 
     Drawn at the image's own size up to ``max_side`` on the long side (a larger image is drawn on a downscaled
@@ -290,8 +292,13 @@ def rationale_words(rationale: str, limit: int = 6) -> list[str]:
     words = []
     for token in rationale.lower().replace("/", " ").split():
         word = token.strip(".,;:()[]\"'!?")
-        if len(word) >= 4 and word.isascii() and word.replace("-", "").isalpha() and word not in _STOPWORDS \
-                and word not in words:
+        if (
+            len(word) >= 4
+            and word.isascii()
+            and word.replace("-", "").isalpha()
+            and word not in _STOPWORDS
+            and word not in words
+        ):
             words.append(word)
     return words[:limit]
 
@@ -301,9 +308,19 @@ def predict_cases(model, processor, cases: list[Case], out_dir: Path | None, **o
     return list(iter_predictions(model, processor, cases, out_dir, **options))
 
 
-def iter_predictions(model, processor, cases: list[Case], out_dir: Path | None, batch_size: int = 8,
-                     max_new_tokens: int = 64, top_k: int = 3, grounding_words: list[str] | None = None,
-                     calibration: dict | None = None, progress: bool = True, ground_rationale: bool = False):
+def iter_predictions(
+    model,
+    processor,
+    cases: list[Case],
+    out_dir: Path | None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    top_k: int = 3,
+    grounding_words: list[str] | None = None,
+    calibration: dict | None = None,
+    progress: bool = True,
+    ground_rationale: bool = False,
+):
     """Yield one result per case, in order, as soon as its batch is done.
 
     A problem with one input (unreadable or huge file, bad CSV row, NaN probabilities, even a MemoryError)
@@ -313,8 +330,9 @@ def iter_predictions(model, processor, cases: list[Case], out_dir: Path | None, 
     """
     from tqdm.auto import tqdm
 
-    run = _Run(model, processor, out_dir, max_new_tokens, top_k, grounding_words or [], calibration or {},
-               ground_rationale)
+    run = _Run(
+        model, processor, out_dir, max_new_tokens, top_k, grounding_words or [], calibration or {}, ground_rationale
+    )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     batches = [cases[i : i + batch_size] for i in range(0, len(cases), batch_size)]
@@ -368,25 +386,35 @@ class _Run:
 
         sentences = [metadata_sentence(case) for case in cases]
         prediction, inputs = predict_batch(self.model, self.processor, images, sentences, self.max_new_tokens)
-        rationales = (self.processor.decode(prediction.rationale_ids)
-                      if prediction.rationale_ids is not None else None)
+        rationales = self.processor.decode(prediction.rationale_ids) if prediction.rationale_ids is not None else None
         probs = prediction.probs.float().cpu().numpy()
         results = []
         for row, (case, image, sentence) in enumerate(zip(cases, images, sentences)):
             try:
-                results.append(self._result(case, image, sentence, probs[row],
-                                            rationales[row] if rationales is not None else None,
-                                            prediction.attention_map[row], inputs["pixel_values"][row : row + 1]))
+                results.append(
+                    self._result(
+                        case,
+                        image,
+                        sentence,
+                        probs[row],
+                        rationales[row] if rationales is not None else None,
+                        prediction.attention_map[row],
+                        inputs["pixel_values"][row : row + 1],
+                    )
+                )
             except Exception as error:  # e.g. NaN probabilities, a full disk: this case only
                 results.append(_error_result(case, error))
         return results
 
-    def _result(self, case: Case, image, sentence: str, probs: np.ndarray, rationale: str | None,
-                attention, pixel_values) -> dict:
+    def _result(
+        self, case: Case, image, sentence: str, probs: np.ndarray, rationale: str | None, attention, pixel_values
+    ) -> dict:
         class_names = self.model.config.class_names
         if not np.all(np.isfinite(probs)):
-            raise ImageInputError(f"{case.label}: the checkpoint gave non-finite class probabilities (NaN or inf); "
-                                  f"its weights are likely broken")
+            raise ImageInputError(
+                f"{case.label}: the checkpoint gave non-finite class probabilities (NaN or inf); "
+                f"its weights are likely broken"
+            )
         order = np.argsort(-probs)
         result = {
             "image": str(case.path),
@@ -422,8 +450,9 @@ class _Run:
         maps = self.model.word_grounding(word_ids.to(device), word_mask.to(device), pixel_values=pixel_values)[0]
         result["grounding"] = {}
         for index, word in enumerate(words):
-            word_path = self._save(heatmap_overlay(image, maps[index].float().cpu().numpy()),
-                                   self.names.word_map(heatmap_name, word))
+            word_path = self._save(
+                heatmap_overlay(image, maps[index].float().cpu().numpy()), self.names.word_map(heatmap_name, word)
+            )
             result["grounding"][word] = str(word_path)
 
     def _save(self, picture: Image.Image, relative_name: str) -> Path:
@@ -505,8 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grounding-words", default=None, help='comma-separated words, e.g. "veil,streaks"')
-    parser.add_argument("--ground-rationale", action="store_true",
-                        help="also draw a word-region map for each content word of the generated rationale")
+    parser.add_argument(
+        "--ground-rationale",
+        action="store_true",
+        help="also draw a word-region map for each content word of the generated rationale",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if available)")
     return parser
@@ -573,7 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     n_ok = n_failed = 0
     try:
         for result in iter_predictions(
-            model, processor, cases, out_dir,
+            model,
+            processor,
+            cases,
+            out_dir,
             batch_size=args.batch_size,
             max_new_tokens=0 if args.no_rationale else args.max_new_tokens,
             top_k=args.top_k,
@@ -586,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
             n_ok += "error" not in result
     finally:
         writer.close()
-    print(f"summary: {n_ok} of {len(cases)} input(s) predicted, {n_failed} failed, "
-          f"{len(skipped)} file(s) skipped (not images)", file=sys.stderr)
+    print(
+        f"summary: {n_ok} of {len(cases)} input(s) predicted, {n_failed} failed, "
+        f"{len(skipped)} file(s) skipped (not images)",
+        file=sys.stderr,
+    )
     return _exit_code(n_ok, n_failed)

@@ -18,9 +18,9 @@ probability column per class) and ``<split>_metrics.json`` (strict JSON), writte
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import yaml
@@ -77,8 +77,7 @@ def load_yaml_config(path: Path, _seen: tuple = ()) -> dict:
     return values
 
 
-def parse_config(argv: Sequence[str], dataclass_types: tuple,
-                 adjust: Callable[[dict], None] | None = None) -> tuple:
+def parse_config(argv: Sequence[str], dataclass_types: tuple, adjust: Callable[[dict], None] | None = None) -> tuple:
     """``[config.yaml, --field=value, ...]`` (or a plain command line) → one instance of each dataclass.
 
     ``adjust`` may change the values read from the file and overrides before they are checked (train.py's
@@ -142,10 +141,14 @@ class DataArguments:
     )
     dry_run: bool = field(
         default=False,
-        metadata={"help": "Check config and data, tokenise one batch, print the parameter table and GPU memory plan; "
-                          "load no weights, train nothing (skinclip/dry_run.py)."},
+        metadata={
+            "help": "Check config and data, tokenise one batch, print the parameter table and GPU memory plan; "
+            "load no weights, train nothing (skinclip/dry_run.py)."
+        },
     )
-    dry_run_json: str | None = field(default=None, metadata={"help": "Also write the dry run's plan to this JSON file."})
+    dry_run_json: str | None = field(
+        default=None, metadata={"help": "Also write the dry run's plan to this JSON file."}
+    )
 
 
 def load_training_data(data_args: DataArguments, seed: int):
@@ -204,14 +207,16 @@ def write_predictions(path: Path, image_ids, labels: np.ndarray, probs: np.ndarr
     frame.to_csv(path, index=False)
 
 
-def write_split_outputs(output_dir: str | Path, split: str, image_ids, labels, probs: np.ndarray,
-                        class_names: list[str], metrics: dict) -> dict:
+def write_split_outputs(
+    output_dir: str | Path, split: str, image_ids, labels, probs: np.ndarray, class_names: list[str], metrics: dict
+) -> dict:
     """``<split>_predictions.csv`` and ``<split>_metrics.json`` (strict JSON: an undefined metric is null)."""
     from skinclip.classification_metrics import to_strict_json
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_predictions(output_dir / f"{split}_predictions.csv", image_ids, np.asarray(labels).astype(int), probs,
-                      class_names)
+    write_predictions(
+        output_dir / f"{split}_predictions.csv", image_ids, np.asarray(labels).astype(int), probs, class_names
+    )
     (output_dir / f"{split}_metrics.json").write_text(to_strict_json(metrics))
     return metrics

@@ -57,46 +57,83 @@ class Run:
     ood: bool = False  # also scored on ISIC 2024 (runs trained on ISIC 2019)
 
 
-RUNS = {run.name: run for run in [
-    Run("skinclip_isic2019", "skinclip", "configs/isic2019.yaml", "isic2019", ood=True),
-    Run("skinclip_derm7pt", "skinclip", "configs/derm7pt.yaml", "derm7pt"),
-    Run("efficientnet_b4_isic2019", "timm", "configs/baselines/efficientnet_b4_isic2019.yaml", "isic2019", ood=True),
-    Run("efficientnet_b4_derm7pt", "timm", "configs/baselines/efficientnet_b4_derm7pt.yaml", "derm7pt"),
-    Run("resnet34_isic2019", "timm", "configs/baselines/resnet34_isic2019.yaml", "isic2019", ood=True),
-    Run("resnet34_derm7pt", "timm", "configs/baselines/resnet34_derm7pt.yaml", "derm7pt"),
-    Run("convnext_base_isic2019", "timm", "configs/baselines/convnext_base_isic2019.yaml", "isic2019", ood=True),
-    Run("convnext_base_derm7pt", "timm", "configs/baselines/convnext_base_derm7pt.yaml", "derm7pt"),
-    Run("zero_shot_clip_isic2019", "zero_shot", "configs/baselines/zero_shot_clip_isic2019.yaml", "isic2019", ood=True),
-    Run("zero_shot_clip_derm7pt", "zero_shot", "configs/baselines/zero_shot_clip_derm7pt.yaml", "derm7pt"),
-    *[Run(f"ablation_{name}", "skinclip", f"configs/ablations/{name}.yaml", "isic2019", ood=True)
-      for name in ("ce_only", "focal", "focal_align", "focal_cal", "full_cfa")],
-    *[Run(f"lambda_gen_{value}", "skinclip", f"configs/ablations/lambda_gen_{value}.yaml", "isic2019", ood=True)
-      for value in ("0.1", "0.25", "0.5", "1.0")],
-    Run("skinclip_isic2019_train12", "skinclip", "configs/isic2019_train12.yaml", "isic2019", ood=True),
-    Run("efficientnet_b4_isic2019_train12", "timm", "configs/baselines/efficientnet_b4_isic2019_train12.yaml",
-        "isic2019", ood=True),
-]}
+RUNS = {
+    run.name: run
+    for run in [
+        Run("skinclip_isic2019", "skinclip", "configs/isic2019.yaml", "isic2019", ood=True),
+        Run("skinclip_derm7pt", "skinclip", "configs/derm7pt.yaml", "derm7pt"),
+        Run(
+            "efficientnet_b4_isic2019", "timm", "configs/baselines/efficientnet_b4_isic2019.yaml", "isic2019", ood=True
+        ),
+        Run("efficientnet_b4_derm7pt", "timm", "configs/baselines/efficientnet_b4_derm7pt.yaml", "derm7pt"),
+        Run("resnet34_isic2019", "timm", "configs/baselines/resnet34_isic2019.yaml", "isic2019", ood=True),
+        Run("resnet34_derm7pt", "timm", "configs/baselines/resnet34_derm7pt.yaml", "derm7pt"),
+        Run("convnext_base_isic2019", "timm", "configs/baselines/convnext_base_isic2019.yaml", "isic2019", ood=True),
+        Run("convnext_base_derm7pt", "timm", "configs/baselines/convnext_base_derm7pt.yaml", "derm7pt"),
+        Run(
+            "zero_shot_clip_isic2019",
+            "zero_shot",
+            "configs/baselines/zero_shot_clip_isic2019.yaml",
+            "isic2019",
+            ood=True,
+        ),
+        Run("zero_shot_clip_derm7pt", "zero_shot", "configs/baselines/zero_shot_clip_derm7pt.yaml", "derm7pt"),
+        *[
+            Run(f"ablation_{name}", "skinclip", f"configs/ablations/{name}.yaml", "isic2019", ood=True)
+            for name in ("ce_only", "focal", "focal_align", "focal_cal", "full_cfa")
+        ],
+        *[
+            Run(f"lambda_gen_{value}", "skinclip", f"configs/ablations/lambda_gen_{value}.yaml", "isic2019", ood=True)
+            for value in ("0.1", "0.25", "0.5", "1.0")
+        ],
+        Run("skinclip_isic2019_train12", "skinclip", "configs/isic2019_train12.yaml", "isic2019", ood=True),
+        Run(
+            "efficientnet_b4_isic2019_train12",
+            "timm",
+            "configs/baselines/efficientnet_b4_isic2019_train12.yaml",
+            "isic2019",
+            ood=True,
+        ),
+    ]
+}
 
 # Table I rows: (group heading, [(row label, key in paper_numbers.yaml or None, {dataset: run name})]).
 TABLE1_ROWS = [
-    ("Image models (the paper's heading: \"Multimodal Models\")", [
-        ("EfficientNet-B4", "EfficientNet-B4", {"isic2019": "efficientnet_b4_isic2019", "derm7pt": "efficientnet_b4_derm7pt"}),
-        ("ResNet-34", "ResNet-34", {"isic2019": "resnet34_isic2019", "derm7pt": "resnet34_derm7pt"}),
-        ("ConvNeXt-Base", "ConvNeXt-Base", {"isic2019": "convnext_base_isic2019", "derm7pt": "convnext_base_derm7pt"}),
-        ("CaFormer-B36", "CaFormer-B36", {}),
-        ("HEALNet", "HEALNet", {}),
-    ]),
-    ("Vision-Language Models", [
-        ("Zero-shot CLIP ViT-L/14 (this project)", None,
-         {"isic2019": "zero_shot_clip_isic2019", "derm7pt": "zero_shot_clip_derm7pt"}),
-        ("MedCLIP", "MedCLIP", {}),
-        ("Qwen2.5-VL-7B", "Qwen2.5-VL-7B", {}),
-        ("LLaVA-Med-7B", "LLaVA-Med-7B", {}),
-        ("SkinVL-MM", "SkinVL-MM", {}),
-        ("InternVL2.5-8B", "InternVL2.5-8B", {}),
-        ("SkinGPT-4", "SkinGPT-4", {}),
-        ("SkinCLIP-VL (Ours)", "SkinCLIP-VL", {"isic2019": "skinclip_isic2019", "derm7pt": "skinclip_derm7pt"}),
-    ]),
+    (
+        'Image models (the paper\'s heading: "Multimodal Models")',
+        [
+            (
+                "EfficientNet-B4",
+                "EfficientNet-B4",
+                {"isic2019": "efficientnet_b4_isic2019", "derm7pt": "efficientnet_b4_derm7pt"},
+            ),
+            ("ResNet-34", "ResNet-34", {"isic2019": "resnet34_isic2019", "derm7pt": "resnet34_derm7pt"}),
+            (
+                "ConvNeXt-Base",
+                "ConvNeXt-Base",
+                {"isic2019": "convnext_base_isic2019", "derm7pt": "convnext_base_derm7pt"},
+            ),
+            ("CaFormer-B36", "CaFormer-B36", {}),
+            ("HEALNet", "HEALNet", {}),
+        ],
+    ),
+    (
+        "Vision-Language Models",
+        [
+            (
+                "Zero-shot CLIP ViT-L/14 (this project)",
+                None,
+                {"isic2019": "zero_shot_clip_isic2019", "derm7pt": "zero_shot_clip_derm7pt"},
+            ),
+            ("MedCLIP", "MedCLIP", {}),
+            ("Qwen2.5-VL-7B", "Qwen2.5-VL-7B", {}),
+            ("LLaVA-Med-7B", "LLaVA-Med-7B", {}),
+            ("SkinVL-MM", "SkinVL-MM", {}),
+            ("InternVL2.5-8B", "InternVL2.5-8B", {}),
+            ("SkinGPT-4", "SkinGPT-4", {}),
+            ("SkinCLIP-VL (Ours)", "SkinCLIP-VL", {"isic2019": "skinclip_isic2019", "derm7pt": "skinclip_derm7pt"}),
+        ],
+    ),
 ]
 ABLATION_ROWS = [
     ("Baseline (CE loss)", "ce_only", "ablation_ce_only"),
@@ -159,19 +196,52 @@ def tiny_overrides(run: Run, resolved: dict, tiny_bases: str | None) -> dict:
     """Swap a run to tiny random bases, few steps and float32 on CPU; the data paths come from the Plan."""
     if run.runner == "skinclip":
         return dict(
-            tiny_bases_dir=tiny_bases, quantization="none", compute_dtype="float32", bf16=False, use_cpu=True,
-            num_train_epochs=2, learning_rate=3e-3, per_device_train_batch_size=8, per_device_eval_batch_size=16,
-            lora_r=4, lora_alpha=8,
-            focal_dim=16, alignment_dim=8, max_rationale_tokens=24, save_strategy="no", eval_strategy="no",
-            load_best_model_at_end=False, activation_checkpointing=False, dataloader_num_workers=0,
-            logging_steps=1, report_to="none", warmup_steps=0, augment=False,
+            tiny_bases_dir=tiny_bases,
+            quantization="none",
+            compute_dtype="float32",
+            bf16=False,
+            use_cpu=True,
+            num_train_epochs=2,
+            learning_rate=3e-3,
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=16,
+            lora_r=4,
+            lora_alpha=8,
+            focal_dim=16,
+            alignment_dim=8,
+            max_rationale_tokens=24,
+            save_strategy="no",
+            eval_strategy="no",
+            load_best_model_at_end=False,
+            activation_checkpointing=False,
+            dataloader_num_workers=0,
+            logging_steps=1,
+            report_to="none",
+            warmup_steps=0,
+            augment=False,
         )
     if run.runner == "timm":
-        family = next((tiny for prefix, tiny in TINY_TIMM_MODELS.items()
-                       if str(resolved.get("model_name", "")).startswith(prefix)), "test_resnet")
-        return dict(model_name=family, pretrained=False, image_size=32, num_train_epochs=1, learning_rate=3e-3,
-                    per_device_train_batch_size=8, per_device_eval_batch_size=16, dataloader_num_workers=0,
-                    device="cpu", bf16=False, select_best=False)
+        family = next(
+            (
+                tiny
+                for prefix, tiny in TINY_TIMM_MODELS.items()
+                if str(resolved.get("model_name", "")).startswith(prefix)
+            ),
+            "test_resnet",
+        )
+        return dict(
+            model_name=family,
+            pretrained=False,
+            image_size=32,
+            num_train_epochs=1,
+            learning_rate=3e-3,
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=16,
+            dataloader_num_workers=0,
+            device="cpu",
+            bf16=False,
+            select_best=False,
+        )
     if run.runner == "zero_shot":
         return dict(tiny_bases_dir=tiny_bases, device="cpu", per_device_eval_batch_size=16)
     raise ValueError(f"unknown runner {run.runner!r}")
@@ -213,8 +283,11 @@ def command_line(run: Run, plan: Plan) -> list[str]:
 # --------------------------------------------------------------------------------------------------------
 
 
-ENTRY_POINTS = {"skinclip": ("skinclip.training", "train.py"), "timm": ("baselines.timm_finetune", None),
-                "zero_shot": ("baselines.zero_shot_clip", None)}
+ENTRY_POINTS = {
+    "skinclip": ("skinclip.training", "train.py"),
+    "timm": ("baselines.timm_finetune", None),
+    "zero_shot": ("baselines.zero_shot_clip", None),
+}
 
 
 def required_files(run: Run) -> list[str]:
@@ -224,8 +297,11 @@ def required_files(run: Run) -> list[str]:
 def is_complete(run: Run, plan: Plan) -> bool:
     run_dir = plan.run_dir(run.name)
     key_file = run_dir / "run_key.json"
-    return (key_file.is_file() and key_file.read_text() == run_key(run, plan)
-            and all((run_dir / name).is_file() for name in required_files(run)))
+    return (
+        key_file.is_file()
+        and key_file.read_text() == run_key(run, plan)
+        and all((run_dir / name).is_file() for name in required_files(run))
+    )
 
 
 def execute(run: Run, plan: Plan, launcher: str) -> None:
@@ -385,8 +461,7 @@ class TableBuilder:
             return "failed", run_dir
         return "ok", run_dir
 
-    def metric_cell(self, row: str, column: str, run: str | None, which: str, metric: str,
-                    paper: float | None) -> str:
+    def metric_cell(self, row: str, column: str, run: str | None, which: str, metric: str, paper: float | None) -> str:
         state, run_dir = self.run_state(run)
         value, source = None, None
         if state == "ok":
@@ -399,13 +474,26 @@ class TableBuilder:
 
     def add_cell(self, row, column, metric, value, paper, state, source) -> str:
         diff = value - paper if value is not None and paper is not None else None
-        self.cells.append(dict(row=row, column=column, metric=metric, value=value, paper=paper, diff=diff,
-                               status=state, source=str(source) if source else None))
+        self.cells.append(
+            dict(
+                row=row,
+                column=column,
+                metric=metric,
+                value=value,
+                paper=paper,
+                diff=diff,
+                status=state,
+                source=str(source) if source else None,
+            )
+        )
         paper_text = format_value(metric, paper)
         if value is None:
             return f"{'—' if state == 'not reproduced' else state} ({paper_text})"
-        return f"{format_value(metric, value)} ({paper_text}, {format_diff(metric, diff)})" if diff is not None \
+        return (
+            f"{format_value(metric, value)} ({paper_text}, {format_diff(metric, diff)})"
+            if diff is not None
             else f"{format_value(metric, value)} (—)"
+        )
 
     def add_row(self, label: str, cells: list[str]) -> None:
         self.rows.append((label, cells))
@@ -414,10 +502,15 @@ class TableBuilder:
         self.rows.append(heading)
 
     def write(self) -> str:
-        lines = [f"## {self.title}", "",
-                 "Each cell: measured (paper, measured − paper); `not run`: no evaluation file yet; `—`: not "
-                 "reproduced by this project or not reported by the paper.", "",
-                 "| " + " | ".join(["Model"] + self.columns) + " |", "|" + "---|" * (len(self.columns) + 1)]
+        lines = [
+            f"## {self.title}",
+            "",
+            "Each cell: measured (paper, measured − paper); `not run`: no evaluation file yet; `—`: not "
+            "reproduced by this project or not reported by the paper.",
+            "",
+            "| " + " | ".join(["Model"] + self.columns) + " |",
+            "|" + "---|" * (len(self.columns) + 1),
+        ]
         for row in self.rows:
             if isinstance(row, str):
                 lines.append(f"| **{row}** |" + " |" * len(self.columns))
@@ -426,9 +519,19 @@ class TableBuilder:
         markdown = "\n".join(lines) + "\n"
         self.plan.out.mkdir(parents=True, exist_ok=True)
         (self.plan.out / f"{self.table}.md").write_text(markdown)
-        (self.plan.out / f"{self.table}.json").write_text(json.dumps(
-            {"table": self.table, "title": self.title, "columns": self.columns, "tiny": self.plan.tiny,
-             "cells": self.cells, "runs": self.statuses}, indent=2))
+        (self.plan.out / f"{self.table}.json").write_text(
+            json.dumps(
+                {
+                    "table": self.table,
+                    "title": self.title,
+                    "columns": self.columns,
+                    "tiny": self.plan.tiny,
+                    "cells": self.cells,
+                    "runs": self.statuses,
+                },
+                indent=2,
+            )
+        )
         return markdown
 
 
@@ -438,22 +541,31 @@ def metric_columns(dataset_label: str) -> list[str]:
 
 def build_table1(paper: dict, statuses: dict, plan: Plan) -> str:
     datasets = ("isic2019", "derm7pt", "isic2024")
-    columns = ["Params (paper)", "Trainable params (run)"] + [c for d in datasets for c in metric_columns(DATASET_LABELS[d])]
-    table = TableBuilder("table1", "Table I: performance on ISIC 2019, Derm7pt and ISIC 2024 (OOD)", columns, statuses, plan)
+    columns = ["Params (paper)", "Trainable params (run)"] + [
+        c for d in datasets for c in metric_columns(DATASET_LABELS[d])
+    ]
+    table = TableBuilder(
+        "table1", "Table I: performance on ISIC 2019, Derm7pt and ISIC 2024 (OOD)", columns, statuses, plan
+    )
     for heading, rows in TABLE1_ROWS:
         table.add_group(heading)
         for label, paper_key, runs in rows:
             reported = paper["table1"].get(paper_key, {}) if paper_key else {}
             state, run_dir = table.run_state(runs.get("isic2019"))
-            cells = [str(reported.get("params", "—")),
-                     format_count(trainable_parameters(run_dir)) if state == "ok" and run_dir else "—"]
+            cells = [
+                str(reported.get("params", "—")),
+                format_count(trainable_parameters(run_dir)) if state == "ok" and run_dir else "—",
+            ]
             for dataset in datasets:
                 run = runs.get("isic2019" if dataset == "isic2024" else dataset)
                 which = "ood" if dataset == "isic2024" else "test"
                 values = reported.get(dataset) or [None] * len(METRICS)
                 for (metric, metric_label), paper_value in zip(METRICS, values):
-                    cells.append(table.metric_cell(label, f"{DATASET_LABELS[dataset]} {metric_label}", run, which,
-                                                   metric, paper_value))
+                    cells.append(
+                        table.metric_cell(
+                            label, f"{DATASET_LABELS[dataset]} {metric_label}", run, which, metric, paper_value
+                        )
+                    )
             table.add_row(label, cells)
     return table.write()
 
@@ -476,8 +588,13 @@ def _per_run_table(name: str, title: str, rows, paper_rows: dict, statuses: dict
 
 def build_data_efficiency(paper: dict, statuses: dict, plan: Plan) -> str:
     columns = ["Train-100%", "Train-12%", "Drop"]
-    table = TableBuilder("data_efficiency", "Table III: data efficiency, B-ACC on ISIC 2024 (OOD), trained on ISIC 2019",
-                         columns, statuses, plan)
+    table = TableBuilder(
+        "data_efficiency",
+        "Table III: data efficiency, B-ACC on ISIC 2024 (OOD), trained on ISIC 2019",
+        columns,
+        statuses,
+        plan,
+    )
     metric = "balanced_accuracy"
     for label, paper_key, full, small in DATA_EFFICIENCY_ROWS:
         reported = paper["data_efficiency"].get(paper_key, {})
@@ -496,11 +613,23 @@ def build_table(table: str, statuses: dict, plan: Plan) -> str:
     if table == "table1":
         return build_table1(paper, statuses, plan)
     if table == "ablation":
-        return _per_run_table("ablation", "Table II: ablation of the CFA terms (trained on ISIC 2019)",
-                              ABLATION_ROWS, paper["ablation"], statuses, plan)
+        return _per_run_table(
+            "ablation",
+            "Table II: ablation of the CFA terms (trained on ISIC 2019)",
+            ABLATION_ROWS,
+            paper["ablation"],
+            statuses,
+            plan,
+        )
     if table == "lambda3":
-        return _per_run_table("lambda3", "Fig. 3: sensitivity to λ3 (lambda_gen; trained on ISIC 2019)",
-                              LAMBDA3_ROWS, paper["lambda3"], statuses, plan)
+        return _per_run_table(
+            "lambda3",
+            "Fig. 3: sensitivity to λ3 (lambda_gen; trained on ISIC 2019)",
+            LAMBDA3_ROWS,
+            paper["lambda3"],
+            statuses,
+            plan,
+        )
     if table == "data_efficiency":
         return build_data_efficiency(paper, statuses, plan)
     raise ValueError(f"unknown table {table!r}; choose from {TABLES}")
@@ -515,17 +644,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=TABLES + ("all",))
     parser.add_argument("--out", required=True, help="results directory: runs/, <table>.md, <table>.json")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny random bases, generated demo data, one short epoch per run (CPU, minutes)")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated run names to execute; the table's other runs are read if present")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random bases, generated demo data, one short epoch per run (CPU, minutes)",
+    )
+    parser.add_argument(
+        "--only", default=None, help="comma-separated run names to execute; the table's other runs are read if present"
+    )
     parser.add_argument("--collect-only", action="store_true", help="run nothing; build tables from existing runs")
     parser.add_argument("--force", action="store_true", help="rerun finished runs")
-    parser.add_argument("--launcher", choices=("python", "accelerate", "inprocess"), default="python",
-                        help="how to start train.py: a python subprocess, `accelerate launch`, or in this process")
+    parser.add_argument(
+        "--launcher",
+        choices=("python", "accelerate", "inprocess"),
+        default="python",
+        help="how to start train.py: a python subprocess, `accelerate launch`, or in this process",
+    )
     for dataset in ("isic2019", "derm7pt", "isic2024"):
         parser.add_argument(f"--{dataset}", default=None, help=f"{DATASET_LABELS[dataset]} DatasetDict directory")
-    parser.add_argument("--ood-split", default="test", help="split of the ISIC 2024 DatasetDict to score ('all': every split)")
+    parser.add_argument(
+        "--ood-split", default="test", help="split of the ISIC 2024 DatasetDict to score ('all': every split)"
+    )
     parser.add_argument("--list-runs", action="store_true", help="print the runs of the table and their commands")
     return parser
 
@@ -533,8 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    plan = Plan(out=Path(args.out).resolve(), tiny=args.tiny, ood_split=args.ood_split,
-                data={d: getattr(args, d) for d in ("isic2019", "derm7pt", "isic2024") if getattr(args, d)})
+    plan = Plan(
+        out=Path(args.out).resolve(),
+        tiny=args.tiny,
+        ood_split=args.ood_split,
+        data={d: getattr(args, d) for d in ("isic2019", "derm7pt", "isic2024") if getattr(args, d)},
+    )
     if args.tiny:
         prepare_tiny(plan)
     tables = list(TABLES) if args.table == "all" else [args.table]
@@ -549,7 +692,9 @@ def main(argv: list[str] | None = None) -> int:
         canonical = canonical_runs(plan)
         for name in names:
             run = RUNS[name]
-            print(f"{name} (same as {canonical[name]}): {ENTRY_POINTS[run.runner][0]} {' '.join(command_line(run, plan))}")
+            print(
+                f"{name} (same as {canonical[name]}): {ENTRY_POINTS[run.runner][0]} {' '.join(command_line(run, plan))}"
+            )
         return 0
     statuses = run_all(names, plan, args.launcher, force=args.force, collect_only=args.collect_only)
     for table in tables:

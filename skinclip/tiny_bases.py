@@ -45,13 +45,19 @@ QWEN_VL_COPIED_FILES = (
 
 # Sizes of the tiny copies; every other key of the real configs is kept.
 TINY_QWEN_TEXT = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     max_window_layers=2,
 )
 TINY_QWEN_VISION = dict(
     depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1]
 )
-TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, projection_dim=24)
+TINY_CLIP_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, projection_dim=24
+)
 TINY_CLIP_VISION = dict(
     hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, image_size=56, projection_dim=24
 )
@@ -82,8 +88,10 @@ def build_tiny_qwen2_5_vl(out_dir: Path, seed: int = 0) -> Path:
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(raw_config))).eval()
     # transformers 5 nests the modules (model.language_model.*, model.visual.*); the Hub repo stores the flat
     # names of the real index (model.layers.*, visual.*).
-    tensors = {_hub_weight_name(name): tensor.detach().to(torch.bfloat16).contiguous()
-               for name, tensor in model.state_dict().items()}
+    tensors = {
+        _hub_weight_name(name): tensor.detach().to(torch.bfloat16).contiguous()
+        for name, tensor in model.state_dict().items()
+    }
     real_names = json.loads((QWEN_VL_FILES / "model.safetensors.index.json").read_text())["weight_map"]
     _check_same_weight_names(set(tensors), set(real_names))
 
@@ -126,7 +134,8 @@ def _check_same_weight_names(tiny: set[str], real: set[str]) -> None:
     if pattern(tiny) != pattern(real):
         raise RuntimeError(
             "tiny Qwen2.5-VL weight names differ from the real index: "
-            f"only tiny {sorted(pattern(tiny) - pattern(real))[:5]}, only real {sorted(pattern(real) - pattern(tiny))[:5]}"
+            f"only tiny {sorted(pattern(tiny) - pattern(real))[:5]}, "
+            f"only real {sorted(pattern(real) - pattern(tiny))[:5]}"
         )
 
 
@@ -225,10 +234,16 @@ def build_tiny_gpt2(out_dir: Path, seed: int = 0) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(QWEN_VL_FILES))
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
-        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -41,7 +41,9 @@ class ModelArguments:
         default=None, metadata={"help": "Continue from a SkinCLIP-VL checkpoint (dir or Hub id) instead of new heads."}
     )
     vision_backend: str = field(default="hf", metadata={"help": "'hf' (transformers CLIP) or 'open_clip'."})
-    vision_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP id/path (open_clip name)."})
+    vision_model: str = field(
+        default="openai/clip-vit-large-patch14", metadata={"help": "CLIP id/path (open_clip name)."}
+    )
     vision_pretrained: str | None = field(default=None, metadata={"help": "open_clip pretrained tag."})
     vision_revision: str | None = field(default=None, metadata={"help": "Hub revision of the CLIP model."})
     vision_feature_layer: int = field(default=-2, metadata={"help": "CLIP block whose tokens are used."})
@@ -62,8 +64,10 @@ class ModelArguments:
     max_rationale_tokens: int = field(default=128)
     tiny_bases_dir: str | None = field(
         default=None,
-        metadata={"help": "Build tiny RANDOM bases here (if absent) and use them instead of the ids above (demo/CI); "
-                          "a decoder_model set away from its default is kept."},
+        metadata={
+            "help": "Build tiny RANDOM bases here (if absent) and use them instead of the ids above (demo/CI); "
+            "a decoder_model set away from its default is kept."
+        },
     )
 
 
@@ -127,8 +131,9 @@ def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClip
     )
 
 
-def write_model_card(output_dir: Path, config: SkinClipVLConfig, metrics: dict, data_args: DataArguments,
-                     parameter_counts: dict) -> None:
+def write_model_card(
+    output_dir: Path, config: SkinClipVLConfig, metrics: dict, data_args: DataArguments, parameter_counts: dict
+) -> None:
     base_models = [config.vision_config.model_name_or_path, config.decoder_config.model_name_or_path]
     header = {
         "library_name": "transformers",
@@ -181,8 +186,9 @@ def write_model_card(output_dir: Path, config: SkinClipVLConfig, metrics: dict, 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    previous_run = validation.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir,
-                                               training_args.resume_from_checkpoint)
+    previous_run = validation.check_output_dir(
+        training_args.output_dir, data_args.overwrite_output_dir, training_args.resume_from_checkpoint
+    )
     set_seed(training_args.seed)
     # Under a multi-process launch the main process writes the demo data / tiny bases first; the others
     # then read them (all writing one folder at once gave half-written files to the readers).
@@ -200,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if model_args.model_name_or_path:
         validation.check_same_classes(
-            validation.load_checkpoint_config(model_args.model_name_or_path).class_names, class_names,
-            f"checkpoint {model_args.model_name_or_path}", "the training split",
+            validation.load_checkpoint_config(model_args.model_name_or_path).class_names,
+            class_names,
+            f"checkpoint {model_args.model_name_or_path}",
+            "the training split",
         )
         model = validation.load_checkpoint(model_args.model_name_or_path)
         config = model.config
@@ -227,8 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_labels = np.asarray(dataset[data_args.train_split]["label"])
     class_counts = np.bincount(train_labels, minlength=len(class_names)).tolist()
-    needs = dict(with_report=training_args.lambda_align > 0, with_rationale=training_args.lambda_gen > 0,
-                 cached_features_key=cached_features_key)
+    needs = dict(
+        with_report=training_args.lambda_align > 0,
+        with_rationale=training_args.lambda_gen > 0,
+        cached_features_key=cached_features_key,
+    )
     trainer = CFATrainer(
         model=model,
         args=training_args,
@@ -252,8 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
         metrics[split] = {k.removeprefix(f"{split}_"): v for k, v in result.metrics.items()}
         if trainer.is_world_process_zero():
             probs = torch.softmax(torch.as_tensor(result.predictions, dtype=torch.float64), -1).numpy()
-            write_split_outputs(output_dir, split, image_ids_of(dataset[split]), result.label_ids, probs, class_names,
-                                metrics[split])
+            write_split_outputs(
+                output_dir, split, image_ids_of(dataset[split]), result.label_ids, probs, class_names, metrics[split]
+            )
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         write_model_card(output_dir, config, metrics, data_args, counts)
@@ -268,12 +280,17 @@ def run_summary(output_dir: Path, metrics: dict[str, dict], data_args: DataArgum
     lines = ["", f"Checkpoint: {output_dir}  (AutoModel.from_pretrained({str(output_dir)!r}, trust_remote_code=True))"]
     split = next((name for name in (data_args.test_split, data_args.eval_split) if name in metrics), None)
     if split is not None:
-        shown = [f"{name} {metrics[split][name]:.4f}" for name in ("balanced_accuracy", "auroc_macro", "ece")
-                 if isinstance(metrics[split].get(name), (int, float))]
+        shown = [
+            f"{name} {metrics[split][name]:.4f}"
+            for name in ("balanced_accuracy", "auroc_macro", "ece")
+            if isinstance(metrics[split].get(name), (int, float))
+        ]
         lines.append(f"{split.capitalize()} metrics ({output_dir / f'{split}_metrics.json'}): " + ", ".join(shown))
-    lines += [f"Next: python predict.py --model {output_dir} <image>",
-              f"      python evaluate_skinclip.py --model {output_dir} --dataset {data_args.dataset_path} "
-              f"--out {output_dir}-eval --save-calibration   (calibration and full report)"]
+    lines += [
+        f"Next: python predict.py --model {output_dir} <image>",
+        f"      python evaluate_skinclip.py --model {output_dir} --dataset {data_args.dataset_path} "
+        f"--out {output_dir}-eval --save-calibration   (calibration and full report)",
+    ]
     return "\n".join(lines)
 
 

@@ -12,9 +12,10 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from skinclip.errors import UserError
 
@@ -62,8 +63,13 @@ def _has_kind(value: Any, kind: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a single value",
-               list[str]: "a list of strings"}
+_KIND_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a single value",
+    list[str]: "a list of strings",
+}
 
 
 def check_field_types(values: dict, dataclass_types: Iterable[type], source: str) -> None:
@@ -94,15 +100,31 @@ def check_field_types(values: dict, dataclass_types: Iterable[type], source: str
 # field -> (lowest allowed, whether the lowest itself is allowed)
 _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     # CFA loss: a negative weight turns a loss term into a reward (lambda_cal: -5 trains to chance).
-    "lambda_align": (0, True), "lambda_cal": (0, True), "lambda_gen": (0, True), "focal_gamma": (0, True),
-    "learning_rate": (0, False), "weight_decay": (0, True), "max_grad_norm": (0, True),
-    "per_device_train_batch_size": (1, True), "per_device_eval_batch_size": (1, True),
-    "gradient_accumulation_steps": (1, True), "max_consecutive_nonfinite": (1, True),
-    "logging_steps": (0, False), "dataloader_num_workers": (0, True), "save_total_limit": (1, True),
-    "lora_r": (1, True), "lora_alpha": (0, False), "lora_dropout": (0, True),
-    "focal_dim": (1, True), "alignment_dim": (1, True), "focal_fusion_layers": (0, True),
-    "max_prompt_tokens": (1, True), "max_rationale_tokens": (1, True),
-    "demo_num_per_class": (5, True), "demo_image_size": (8, True), "train_fraction": (0, False),
+    "lambda_align": (0, True),
+    "lambda_cal": (0, True),
+    "lambda_gen": (0, True),
+    "focal_gamma": (0, True),
+    "learning_rate": (0, False),
+    "weight_decay": (0, True),
+    "max_grad_norm": (0, True),
+    "per_device_train_batch_size": (1, True),
+    "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True),
+    "max_consecutive_nonfinite": (1, True),
+    "logging_steps": (0, False),
+    "dataloader_num_workers": (0, True),
+    "save_total_limit": (1, True),
+    "lora_r": (1, True),
+    "lora_alpha": (0, False),
+    "lora_dropout": (0, True),
+    "focal_dim": (1, True),
+    "alignment_dim": (1, True),
+    "focal_fusion_layers": (0, True),
+    "max_prompt_tokens": (1, True),
+    "max_rationale_tokens": (1, True),
+    "demo_num_per_class": (5, True),
+    "demo_image_size": (8, True),
+    "train_fraction": (0, False),
 }
 # field -> (highest allowed, whether the highest itself is allowed)
 _UPPER_BOUNDS: dict[str, tuple[float, bool]] = {"lora_dropout": (1, False), "train_fraction": (1, True)}
@@ -147,8 +169,13 @@ def _check_training_length(training_args) -> None:
 def _check_choices(model_args) -> None:
     from configuration_skinclip import DTYPES, PROJECTOR_TYPES, QUANTIZATION_MODES, TEXT_ENCODERS, VISION_BACKENDS
 
-    choices = {"vision_backend": VISION_BACKENDS, "quantization": QUANTIZATION_MODES, "compute_dtype": DTYPES,
-               "text_encoder": TEXT_ENCODERS, "projector_type": PROJECTOR_TYPES}
+    choices = {
+        "vision_backend": VISION_BACKENDS,
+        "quantization": QUANTIZATION_MODES,
+        "compute_dtype": DTYPES,
+        "text_encoder": TEXT_ENCODERS,
+        "projector_type": PROJECTOR_TYPES,
+    }
     for name, allowed in choices.items():
         value = getattr(model_args, name, None)
         if value not in allowed:
@@ -164,8 +191,10 @@ def focal_alpha_weights(setting: Any) -> list[float] | None:
     except ValueError:
         weights = []
     if not weights or any(not math.isfinite(w) or w < 0 for w in weights):
-        raise UserError(f"focal_alpha must be 'inverse_frequency', 'uniform' or comma-separated non-negative "
-                        f"weights, got {setting!r}")
+        raise UserError(
+            f"focal_alpha must be 'inverse_frequency', 'uniform' or comma-separated non-negative "
+            f"weights, got {setting!r}"
+        )
     return weights
 
 
@@ -199,8 +228,10 @@ def split_class_names(dataset, split: str, source: str) -> list[str]:
         raise UserError(f"{source} has no split {split!r} (it has {list(dataset)})")
     feature = dataset[split].features.get("label")
     if not isinstance(feature, ClassLabel):
-        raise UserError(f"{source} split {split!r}: column 'label' must be a ClassLabel (names and order of the "
-                        f"classes), got {feature!r}")
+        raise UserError(
+            f"{source} split {split!r}: column 'label' must be a ClassLabel (names and order of the "
+            f"classes), got {feature!r}"
+        )
     return list(feature.names)
 
 
@@ -214,8 +245,10 @@ def check_same_classes(names: Sequence[str], expected: Sequence[str], where: str
     if list(names) == list(expected):
         return
     if sorted(names) == sorted(expected):
-        raise UserError(f"{where} lists the classes {list(names)} in another order than {reference} "
-                        f"{list(expected)}: label indices would mean other classes")
+        raise UserError(
+            f"{where} lists the classes {list(names)} in another order than {reference} "
+            f"{list(expected)}: label indices would mean other classes"
+        )
     raise UserError(f"{where} has the classes {list(names)}, {reference} has {list(expected)}")
 
 
@@ -240,13 +273,16 @@ def check_split_labels(dataset, train_split: str, other_splits: Iterable[str | N
         if split == train_split:
             continue
         where = f"{source} split {split!r}"
-        check_same_classes(split_class_names(dataset, split, source), class_names, where,
-                           f"the training split {train_split!r}")
+        check_same_classes(
+            split_class_names(dataset, split, source), class_names, where, f"the training split {train_split!r}"
+        )
         check_not_empty(dataset, split, source)
         unseen = sorted(_label_values(dataset[split], where, len(class_names)) - trained)
         if unseen:
-            raise UserError(f"{where} holds class(es) {[class_names[i] for i in unseen]} that the training split "
-                            f"{train_split!r} lacks")
+            raise UserError(
+                f"{where} holds class(es) {[class_names[i] for i in unseen]} that the training split "
+                f"{train_split!r} lacks"
+            )
     return class_names
 
 
@@ -263,9 +299,18 @@ def check_focal_alpha_count(setting: Any, num_classes: int) -> None:
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
 # What train.py / Trainer / evaluate --save-calibration write into output_dir, by exact name.
 _RUN_DIRS = {"lora", "tokenizer", "report_tokenizer", "image_processor", "runs"}
-_RUN_FILES = {"model.safetensors", "configuration_skinclip.py", "modeling_skinclip.py", "processing_skinclip.py",
-              "training_args.bin", "calibration.json", "trainer_state.json", "all_results.json", "train_results.json",
-              "eval_results.json"}
+_RUN_FILES = {
+    "model.safetensors",
+    "configuration_skinclip.py",
+    "modeling_skinclip.py",
+    "processing_skinclip.py",
+    "training_args.bin",
+    "calibration.json",
+    "trainer_state.json",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+}
 
 
 def _read_start(path: Path, size: int = 4096) -> str:
@@ -323,8 +368,10 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, resume: Any) -> li
     if overwrite:
         clashing = [name for name in foreign if _run_would_write(name)]
         if clashing:
-            raise UserError(f"output_dir {folder} holds {clashing}, not written by SkinCLIP-VL, which the run "
-                            "would overwrite; move them or choose another output_dir")
+            raise UserError(
+                f"output_dir {folder} holds {clashing}, not written by SkinCLIP-VL, which the run "
+                "would overwrite; move them or choose another output_dir"
+            )
         return ours
     if any(entry.name == "model.safetensors" for entry in ours):
         what = "a finished run"
@@ -336,8 +383,10 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, resume: Any) -> li
         what = "files not written by SkinCLIP-VL"
     if foreign:
         what += f" and other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
-    raise UserError(f"output_dir {folder} already holds {what}; choose another output_dir, or pass "
-                    f"--overwrite_output_dir=true to replace the run's outputs (other files are kept)")
+    raise UserError(
+        f"output_dir {folder} already holds {what}; choose another output_dir, or pass "
+        f"--overwrite_output_dir=true to replace the run's outputs (other files are kept)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -360,8 +409,10 @@ def load_checkpoint(path: str | Path, **kwargs):
         raise UserError(f"cannot load checkpoint {path}: {error}") from error
     except Exception as error:
         if type(error).__name__ == "SafetensorError":
-            raise UserError(f"{Path(path) / TRAINED_WEIGHTS_NAME} is not a readable safetensors file "
-                            f"(corrupt or truncated?): {error}") from error
+            raise UserError(
+                f"{Path(path) / TRAINED_WEIGHTS_NAME} is not a readable safetensors file "
+                f"(corrupt or truncated?): {error}"
+            ) from error
         if isinstance(error, OSError):
             raise UserError(f"cannot load checkpoint {path}: {error}") from error
         raise
@@ -401,10 +452,14 @@ def check_evaluation_arguments(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    if is_checkpoint_dir(out) or (out.exists() and Path(args.model).exists() and out.resolve() == Path(args.model).resolve()):
+    if is_checkpoint_dir(out) or (
+        out.exists() and Path(args.model).exists() and out.resolve() == Path(args.model).resolve()
+    ):
         # Its calibration.json would silently calibrate the checkpoint; --save-calibration is the one way.
-        raise UserError(f"--out {out} is a checkpoint folder; write the evaluation elsewhere (--save-calibration "
-                        "stores the calibration in the checkpoint)")
+        raise UserError(
+            f"--out {out} is a checkpoint folder; write the evaluation elsewhere (--save-calibration "
+            "stores the calibration in the checkpoint)"
+        )
 
 
 def load_dataset_dict(path: str | Path, field: str):
@@ -438,8 +493,9 @@ def _saved_empty_splits(folder: Path) -> list[str]:
     return empty
 
 
-def check_evaluation_splits(dataset, split: str, calibration_split: str | None, class_names: Sequence[str],
-                            source: str) -> bool:
+def check_evaluation_splits(
+    dataset, split: str, calibration_split: str | None, class_names: Sequence[str], source: str
+) -> bool:
     """Checks the evaluated and calibration splits before anything is computed or written.
 
     Returns whether the split is scored in the model's classes (True) or out of distribution as a binary
@@ -454,8 +510,10 @@ def check_evaluation_splits(dataset, split: str, calibration_split: str | None, 
     if in_model_classes:
         check_same_classes(data_classes, class_names, where, "the model's")
     elif len(data_classes) != 2:
-        raise UserError(f"{where} has the classes {data_classes}, which match neither the model's "
-                        f"{list(class_names)} nor a binary benign/malignant task")
+        raise UserError(
+            f"{where} has the classes {data_classes}, which match neither the model's "
+            f"{list(class_names)} nor a binary benign/malignant task"
+        )
     _label_values(dataset[split], where, len(data_classes))
     if in_model_classes and calibration_split and calibration_split in dataset:
         where = f"{source} calibration split {calibration_split!r}"

@@ -43,8 +43,10 @@ def shared_data() -> Path:
     """The complete real sample files (their SOURCES.md), for tests that a cut cannot serve."""
     path = _shared_data_dir()
     if not (path / "MANIFEST.json").is_file():
-        pytest.skip(f"needs the complete sample data (../shared/data), not found at {path}: this test reads the "
-                    "complete files, which the tests/data cut cannot stand in for; set SKINCLIP_SHARED_DATA")
+        pytest.skip(
+            f"needs the complete sample data (../shared/data), not found at {path}: this test reads the "
+            "complete files, which the tests/data cut cannot stand in for; set SKINCLIP_SHARED_DATA"
+        )
     return path
 
 
@@ -62,7 +64,9 @@ def make_config(tiny_bases):
     """Factory of small `SkinClipVLConfig`s over the tiny bases; keyword arguments override fields."""
     from configuration_skinclip import SkinClipVLConfig
 
-    def factory(decoder="qwen2_5_vl", vision="clip", class_names=("MEL", "NV", "BCC"), decoder_overrides=None, **overrides):
+    def factory(
+        decoder="qwen2_5_vl", vision="clip", class_names=("MEL", "NV", "BCC"), decoder_overrides=None, **overrides
+    ):
         decoder_config = dict(
             model_name_or_path=tiny_bases[f"decoder-{decoder}"],
             quantization="none",
@@ -73,7 +77,9 @@ def make_config(tiny_bases):
         )
         decoder_config.update(decoder_overrides or {})
         settings = dict(
-            vision_config=dict(backend="open_clip" if vision == "open_clip" else "hf", model_name_or_path=tiny_bases[vision]),
+            vision_config=dict(
+                backend="open_clip" if vision == "open_clip" else "hf", model_name_or_path=tiny_bases[vision]
+            ),
             decoder_config=decoder_config,
             focal_dim=16,
             alignment_dim=8,
@@ -92,7 +98,8 @@ COLOURS = {"MEL": (60, 30, 20), "NV": (200, 150, 90), "BCC": (210, 90, 180)}
 
 def colour_dataset(per_class, seed):
     """Images whose class is the lesion colour (plus noise and a random background tone)."""
-    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Image as ImageFeature
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -111,8 +118,12 @@ def colour_dataset(per_class, seed):
             rows["metadata_text"].append("A skin lesion.")
             rows["report"].append(f"{name}: a lesion of typical {name} colour.")
     features = Features(
-        {"image": ImageFeature(), "label": ClassLabel(names=list(COLOURS)), "metadata_text": Value("string"),
-         "report": Value("string")}
+        {
+            "image": ImageFeature(),
+            "label": ClassLabel(names=list(COLOURS)),
+            "metadata_text": Value("string"),
+            "report": Value("string"),
+        }
     )
     return Dataset.from_dict(rows, features=features)
 
@@ -131,14 +142,29 @@ def colour_trainer(make_config):
         model = SkinClipVLModel(config, device="cpu")
         processor = SkinClipVLProcessor.from_pretrained(None, config=config)
         args = CFATrainingArguments(
-            output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=6, learning_rate=1e-2,
-            lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-            augment=False, disable_tqdm=True, max_consecutive_nonfinite=max_consecutive, max_grad_norm=1.0,
+            output_dir=str(output_dir),
+            max_steps=max_steps,
+            per_device_train_batch_size=6,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            augment=False,
+            disable_tqdm=True,
+            max_consecutive_nonfinite=max_consecutive,
+            max_grad_norm=1.0,
         )
         for name, value in overrides.items():
             setattr(args, name, value)
-        trainer = CFATrainer(model=model, args=args, train_dataset=colour_dataset(4, seed=0),
-                             data_collator=SkinClipVLCollator(processor), class_counts=[4, 4, 4])
+        trainer = CFATrainer(
+            model=model,
+            args=args,
+            train_dataset=colour_dataset(4, seed=0),
+            data_collator=SkinClipVLCollator(processor),
+            class_counts=[4, 4, 4],
+        )
         return trainer, model
 
     return factory
@@ -149,6 +175,7 @@ def write_palette_png(path, side, bit_depth=1):
 
     20000 px gives a 48 KB file that declares 400 megapixels.
     """
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

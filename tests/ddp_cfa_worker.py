@@ -11,10 +11,18 @@ from configuration_skinclip import SkinClipVLConfig
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from trainer_cfa import CFALoss, NonFiniteGuard, TermAverages, report_keys
 
-METADATA = ["A lesion on the back.", "A skin lesion.", "A lesion on the lower extremity of a female patient.",
-            "A lesion on the face of a male patient aged about 70."]
-REPORTS = ["Melanoma: atypical network and blue-whitish veil.", "Nevus.", "Basal cell carcinoma: arborizing vessels.",
-           "Melanoma: irregular streaks, regression structures and irregular dots and globules."]
+METADATA = [
+    "A lesion on the back.",
+    "A skin lesion.",
+    "A lesion on the lower extremity of a female patient.",
+    "A lesion on the face of a male patient aged about 70.",
+]
+REPORTS = [
+    "Melanoma: atypical network and blue-whitish veil.",
+    "Nevus.",
+    "Basal cell carcinoma: arborizing vessels.",
+    "Melanoma: irregular streaks, regression structures and irregular dots and globules.",
+]
 # ISIC-style repeated reports: sample 0's report again on the other process (twice) for multi-positive targets.
 REPEATED_REPORTS = [REPORTS[0], REPORTS[1], REPORTS[0], REPORTS[0]]
 LABELS = [0, 1, 2, 0]
@@ -35,8 +43,12 @@ def build(config_dict: dict):
 def make_batch(processor, indices, reports=REPORTS):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in METADATA]
-    batch = processor([images[i] for i in indices], [METADATA[i] for i in indices],
-                      reports=[reports[i] for i in indices], rationales=[reports[i] for i in indices])
+    batch = processor(
+        [images[i] for i in indices],
+        [METADATA[i] for i in indices],
+        reports=[reports[i] for i in indices],
+        rationales=[reports[i] for i in indices],
+    )
     return batch, torch.tensor([LABELS[i] for i in indices])
 
 
@@ -49,16 +61,27 @@ def gradients(model):
     return {name: param.grad.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def run(rank: int, world_size: int, port: int, config_dict: dict, out_dir: str, focal_modulation: bool = False,
-        multi_positive: bool = False) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)
+def run(
+    rank: int,
+    world_size: int,
+    port: int,
+    config_dict: dict,
+    out_dir: str,
+    focal_modulation: bool = False,
+    multi_positive: bool = False,
+) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         model, processor = build(config_dict)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         per_rank = len(METADATA) // world_size
-        batch, labels = make_batch(processor, list(range(rank * per_rank, (rank + 1) * per_rank)),
-                                   REPEATED_REPORTS if multi_positive else REPORTS)
+        batch, labels = make_batch(
+            processor,
+            list(range(rank * per_rank, (rank + 1) * per_rank)),
+            REPEATED_REPORTS if multi_positive else REPORTS,
+        )
         keys = report_keys(batch["report_ids"], batch["report_attention_mask"]) if multi_positive else None
         cfa_loss = CFALoss(**LOSS_WEIGHTS, focal_modulation=focal_modulation, rank=rank, world_size=world_size)
         outputs = ddp(**batch)
@@ -80,7 +103,9 @@ def run(rank: int, world_size: int, port: int, config_dict: dict, out_dir: str, 
         # The non-finite guard's decision is shared: a NaN loss on rank 1 only makes both processes skip.
         guard = NonFiniteGuard()
         guard.observe_loss(torch.tensor(float("nan")) if rank == 1 else loss)
-        tensors["__step_is_finite__"] = torch.tensor([float(guard._step_is_finite(SimpleNamespace(device="cpu"), model))])
+        tensors["__step_is_finite__"] = torch.tensor(
+            [float(guard._step_is_finite(SimpleNamespace(device="cpu"), model))]
+        )
         save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out_dir}/rank{rank}.safetensors")
     finally:
         torch.distributed.destroy_process_group()

@@ -70,12 +70,24 @@ def test_timm_finetune_end_to_end_writes_train_py_files(demo_data, tmp_path, one
     from datasets_scripts.splits import subsample_indices
 
     out = tmp_path / "run"
-    metrics = timm_finetune.main([
-        "configs/baselines/resnet34_isic2019.yaml", f"--dataset_path={demo_data / 'demo'}", "--model_name=test_resnet",
-        "--pretrained=false", "--image_size=32", "--num_train_epochs=2", "--per_device_train_batch_size=4",
-        "--dataloader_num_workers=0", "--device=cpu", "--bf16=false", "--train_fraction=0.5", "--learning_rate=3e-3",
-        f"--ood_dataset_path={demo_data / 'ood'}", f"--output_dir={out}",
-    ])
+    metrics = timm_finetune.main(
+        [
+            "configs/baselines/resnet34_isic2019.yaml",
+            f"--dataset_path={demo_data / 'demo'}",
+            "--model_name=test_resnet",
+            "--pretrained=false",
+            "--image_size=32",
+            "--num_train_epochs=2",
+            "--per_device_train_batch_size=4",
+            "--dataloader_num_workers=0",
+            "--device=cpu",
+            "--bf16=false",
+            "--train_fraction=0.5",
+            "--learning_rate=3e-3",
+            f"--ood_dataset_path={demo_data / 'ood'}",
+            f"--output_dir={out}",
+        ]
+    )
     for split in ("validation", "test"):
         _check_split_files(out, split, demo_data / "demo")
     _check_ood_files(out, demo_data / "ood")
@@ -96,23 +108,40 @@ def test_timm_training_changes_the_classifier(demo_data, tmp_path, one_thread):
     outputs = {}
     for lr in (0.0, 3e-3):
         out = tmp_path / f"lr{lr}"
-        timm_finetune.main([
-            "configs/baselines/resnet34_isic2019.yaml", f"--dataset_path={demo_data / 'demo'}",
-            "--model_name=test_resnet", "--pretrained=false", "--image_size=32", "--num_train_epochs=3",
-            "--dataloader_num_workers=0", "--device=cpu", "--bf16=false", "--augment=false", "--select_best=false",
-            f"--learning_rate={lr}", "--per_device_train_batch_size=8", f"--output_dir={out}",
-        ])
+        timm_finetune.main(
+            [
+                "configs/baselines/resnet34_isic2019.yaml",
+                f"--dataset_path={demo_data / 'demo'}",
+                "--model_name=test_resnet",
+                "--pretrained=false",
+                "--image_size=32",
+                "--num_train_epochs=3",
+                "--dataloader_num_workers=0",
+                "--device=cpu",
+                "--bf16=false",
+                "--augment=false",
+                "--select_best=false",
+                f"--learning_rate={lr}",
+                "--per_device_train_batch_size=8",
+                f"--output_dir={out}",
+            ]
+        )
         outputs[lr] = pd.read_csv(out / "test_predictions.csv")[["MEL", "NV", "BCC", "BKL"]].to_numpy()
     assert np.abs(outputs[0.0] - outputs[3e-3]).max() > 1e-3
 
 
 def test_zero_shot_clip_end_to_end(demo_data, tmp_path):
     out = tmp_path / "zs"
-    zero_shot_clip.main([
-        "configs/baselines/zero_shot_clip_isic2019.yaml", f"--dataset_path={demo_data / 'demo'}",
-        f"--tiny_bases_dir={tmp_path / 'bases'}", "--device=cpu", f"--ood_dataset_path={demo_data / 'ood'}",
-        f"--output_dir={out}",
-    ])
+    zero_shot_clip.main(
+        [
+            "configs/baselines/zero_shot_clip_isic2019.yaml",
+            f"--dataset_path={demo_data / 'demo'}",
+            f"--tiny_bases_dir={tmp_path / 'bases'}",
+            "--device=cpu",
+            f"--ood_dataset_path={demo_data / 'ood'}",
+            f"--output_dir={out}",
+        ]
+    )
     for split in ("validation", "test"):
         _check_split_files(out, split, demo_data / "demo")
     _check_ood_files(out, demo_data / "ood")
@@ -145,10 +174,16 @@ def test_openai_clip_weights_get_the_quick_gelu_they_were_trained_with(monkeypat
 
 
 def test_class_texts_fill_every_template_with_every_description():
-    texts = class_texts(["MEL", "NV", "XYZ"], {"MEL": ["melanoma", "a melanoma"], "NV": "a mole", "SCC": ["scc"]},
-                        ["a photo of {}.", "{}!"])
-    assert texts == [["a photo of melanoma.", "melanoma!", "a photo of a melanoma.", "a melanoma!"],
-                     ["a photo of a mole.", "a mole!"], ["a photo of XYZ.", "XYZ!"]]
+    texts = class_texts(
+        ["MEL", "NV", "XYZ"],
+        {"MEL": ["melanoma", "a melanoma"], "NV": "a mole", "SCC": ["scc"]},
+        ["a photo of {}.", "{}!"],
+    )
+    assert texts == [
+        ["a photo of melanoma.", "melanoma!", "a photo of a melanoma.", "a melanoma!"],
+        ["a photo of a mole.", "a mole!"],
+        ["a photo of XYZ.", "XYZ!"],
+    ]
     with pytest.raises(ValueError, match="placeholder"):
         class_texts(["MEL"], {}, ["no placeholder"])
 
@@ -169,7 +204,9 @@ def test_binary_dataset_and_split_checks(demo_data):
     names = source.features["label"].names
     assert binary.features["label"].names == ["benign", "malignant"]
     assert list(binary["label"]) == [int(names[i] in ("MEL", "BCC")) for i in source["label"]]
-    assert len(ood.load_ood_split(demo_data / "ood", "all")) == len(binary) + len(load_from_disk(str(demo_data / "demo"))["validation"])
+    assert len(ood.load_ood_split(demo_data / "ood", "all")) == len(binary) + len(
+        load_from_disk(str(demo_data / "demo"))["validation"]
+    )
     with pytest.raises(ValueError, match="must have labels"):
         ood.load_ood_split(demo_data / "demo", "test")
     with pytest.raises(ValueError, match="no split"):

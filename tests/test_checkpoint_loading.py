@@ -56,8 +56,10 @@ def saved_checkpoint(tmp_path_factory, tiny_bases, make_config):
     checkpoint = root / "checkpoint"
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
-    batch = processor([Image.new("RGB", (60, 50), (180, 90, 70)), Image.new("RGB", (40, 40), (40, 50, 60))],
-                      ["A lesion on the back.", "A lesion on the scalp of a female patient aged about 70."])
+    batch = processor(
+        [Image.new("RGB", (60, 50), (180, 90, 70)), Image.new("RGB", (40, 40), (40, 50, 60))],
+        ["A lesion on the back.", "A lesion on the scalp of a female patient aged about 70."],
+    )
     with torch.no_grad():
         reference = model(**batch).logits
     save_file({k: v.contiguous() for k, v in batch.items()}, str(root / "batch.safetensors"))
@@ -69,7 +71,11 @@ def _run_loader(source: str, root: Path, cwd: Path, env_extra: dict | None = Non
     out = root / f"out-{abs(hash((source, str(cwd), json.dumps(kwargs))))}.safetensors"
     result = subprocess.run(
         [sys.executable, "-c", LOAD_AND_PREDICT, source, str(root / "batch.safetensors"), str(out), json.dumps(kwargs)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(str(out))
@@ -123,14 +129,16 @@ def test_repo_id_from_an_offline_hub_cache_with_a_pinned_revision(saved_checkpoi
     root, reference = saved_checkpoint
     cache = _hub_cache(root, "skinclip/tiny-demo", REVISION)
     offline = {"HF_HUB_OFFLINE": "1"}
-    outputs = _run_loader("skinclip/tiny-demo", root, cwd=tmp_path, env_extra=offline,
-                          cache_dir=str(cache), revision=REVISION)
+    outputs = _run_loader(
+        "skinclip/tiny-demo", root, cwd=tmp_path, env_extra=offline, cache_dir=str(cache), revision=REVISION
+    )
     torch.testing.assert_close(outputs["logits"], reference, rtol=1e-5, atol=1e-6)
     # The processor resolved through the same rule: the checkpoint's own tokenizer copy.
     assert outputs["prompt_ids"].numel() > 0
     # local_files_only is honoured too (no network needed, none tried).
-    outputs = _run_loader("skinclip/tiny-demo", root, cwd=tmp_path, env_extra=offline,
-                          cache_dir=str(cache), local_files_only=True)
+    outputs = _run_loader(
+        "skinclip/tiny-demo", root, cwd=tmp_path, env_extra=offline, cache_dir=str(cache), local_files_only=True
+    )
     torch.testing.assert_close(outputs["logits"], reference, rtol=1e-5, atol=1e-6)
 
 

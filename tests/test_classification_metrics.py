@@ -52,8 +52,9 @@ def test_submission_frame_scored_by_the_official_classification_score():
     truth_names = np.array(model_order)[labels]
     truth = pd.DataFrame({c: (truth_names == c).astype(float) for c in columns}, index=images)
     weights = pd.DataFrame({"score_weight": 1.0, "validation_weight": 1.0}, index=images)
-    score = classification.ClassificationScore(truth, submission, weights,
-                                               classification.ClassificationMetric.BALANCED_ACCURACY)
+    score = classification.ClassificationScore(
+        truth, submission, weights, classification.ClassificationMetric.BALANCED_ACCURACY
+    )
     assert sm.balanced_accuracy(labels, probs) == pytest.approx(score.aggregate["balanced_accuracy"], abs=1e-12)
     assert sm.macro_auroc(labels, probs) == pytest.approx(score.macro_average["auc"], abs=1e-12)
 
@@ -82,8 +83,16 @@ def test_absent_class_warns_and_gives_defined_result():
 def test_classification_metrics_keys():
     labels, probs, _ = _random_predictions(n=100, classes=3)
     report = sm.classification_metrics(labels, probs, ["A", "B", "C"])
-    assert set(report) == {"balanced_accuracy", "auroc_macro", "ece", "brier", "nll", "accuracy", "num_samples",
-                           "per_class"}
+    assert set(report) == {
+        "balanced_accuracy",
+        "auroc_macro",
+        "ece",
+        "brier",
+        "nll",
+        "accuracy",
+        "num_samples",
+        "per_class",
+    }
     assert report["num_samples"] == 100 and sum(c["support"] for c in report["per_class"].values()) == 100
     assert report["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels))
     with pytest.raises(ValueError, match="2 class names for 3"):
@@ -121,15 +130,17 @@ def test_ece_agrees_with_torchmetrics_on_bin_edges(n_bins):
     rng = np.random.default_rng(n_bins)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32).numpy()
     votes = np.array([1 / 3, 2 / 3, 0.4, 0.6, 0.8, 1.0], dtype=np.float32)
-    confidences = np.concatenate([np.repeat(edges[edges >= 0.25], 20), np.repeat(votes, 20),
-                                  rng.uniform(0.25, 1, 1000)]).astype(np.float32)
+    confidences = np.concatenate(
+        [np.repeat(edges[edges >= 0.25], 20), np.repeat(votes, 20), rng.uniform(0.25, 1, 1000)]
+    ).astype(np.float32)
     classes = 4
     probs = np.empty((len(confidences), classes), np.float32)
     probs[:, 0] = confidences
     probs[:, 1:] = ((1 - confidences) / (classes - 1))[:, None]
     labels = rng.integers(0, 2, len(confidences))
     assert sm.expected_calibration_error(labels, probs, n_bins) == pytest.approx(
-        _torchmetrics_ece(labels, probs, n_bins), abs=1e-6)
+        _torchmetrics_ece(labels, probs, n_bins), abs=1e-6
+    )
 
 
 def test_brier_and_nll_by_hand():
@@ -149,8 +160,9 @@ def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
     before = sm.expected_calibration_error(labels[test], sm.apply_temperature(overconfident[test]))
     after = sm.expected_calibration_error(labels[test], sm.apply_temperature(overconfident[test], temperature))
     assert after < before / 3
-    assert sm.negative_log_likelihood(labels[test], sm.apply_temperature(overconfident[test], temperature)) < \
-        sm.negative_log_likelihood(labels[test], sm.apply_temperature(overconfident[test]))
+    assert sm.negative_log_likelihood(
+        labels[test], sm.apply_temperature(overconfident[test], temperature)
+    ) < sm.negative_log_likelihood(labels[test], sm.apply_temperature(overconfident[test]))
 
 
 def test_fit_temperature_matches_a_grid_search_on_exact_nll():
@@ -178,8 +190,17 @@ def test_fit_temperature_is_robust():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("metric", ["balanced_accuracy", "macro_auroc", "expected_calibration_error",
-                                    "brier_score", "negative_log_likelihood", "accuracy"])
+@pytest.mark.parametrize(
+    "metric",
+    [
+        "balanced_accuracy",
+        "macro_auroc",
+        "expected_calibration_error",
+        "brier_score",
+        "negative_log_likelihood",
+        "accuracy",
+    ],
+)
 def test_vectorised_bootstrap_equals_the_plain_loop(metric):
     # A rare class (2 of 60) makes some resamples lack it; AUROC/B-ACC must average over the same classes.
     labels, probs, _ = _random_predictions(n=60, classes=4, seed=8)
@@ -187,8 +208,9 @@ def test_vectorised_bootstrap_equals_the_plain_loop(metric):
     labels[:2] = 3
     metric_fn = getattr(sm, metric)
     fast, fast_skipped = sm.bootstrap_distribution(labels, probs, metric_fn, n_resamples=150, seed=1)
-    slow, slow_skipped = sm.bootstrap_distribution(labels, probs, lambda l, p: metric_fn(l, p), n_resamples=150,
-                                                   seed=1)
+    slow, slow_skipped = sm.bootstrap_distribution(
+        labels, probs, lambda labels_, probs_: metric_fn(labels_, probs_), n_resamples=150, seed=1
+    )
     assert fast_skipped == slow_skipped and fast == pytest.approx(slow, abs=1e-12)
 
 
@@ -223,8 +245,9 @@ def test_classification_metrics_with_ci_and_markdown():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,randomized", [("lac", False), ("aps", False), ("raps", False), ("aps", True),
-                                               ("raps", True)])
+@pytest.mark.parametrize(
+    "method,randomized", [("lac", False), ("aps", False), ("raps", False), ("aps", True), ("raps", True)]
+)
 def test_conformal_sets_reach_target_coverage(method, randomized):
     # Exchangeable data: calibration and test drawn from one distribution. Tolerance 0.02 on 5,000 points
     # (the binomial standard error at 90% is 0.004).
@@ -320,8 +343,9 @@ def test_isic2019_submission_frame(tmp_path):
 def test_malignant_score_sums_malignant_classes():
     probs = np.array([[0.1, 0.5, 0.2, 0.2]])
     assert sm.malignant_score(probs, ["MEL", "NV", "BCC", "AK"])[0] == pytest.approx(0.3)
-    assert sm.malignant_score(probs, ["MEL", "NV", "BCC", "AK"], malignant=("MEL", "BCC", "SCC", "AK"))[0] == \
-        pytest.approx(0.5)
+    assert sm.malignant_score(probs, ["MEL", "NV", "BCC", "AK"], malignant=("MEL", "BCC", "SCC", "AK"))[
+        0
+    ] == pytest.approx(0.5)
 
 
 def test_malignant_score_of_an_isic2019_model():
@@ -346,10 +370,18 @@ def test_subgroup_table_counts_and_gap():
     table = sm.subgroup_table(labels, probs, {"sex": sex, "age_band": ages, "site": site}, ["A", "B", "C"])
     assert list(table.columns) == ["attribute", "group", "n", "balanced_accuracy", "auroc_macro", "ece"]
     counts = dict(zip(zip(table["attribute"], table["group"]), table["n"]))
-    assert counts == {("sex", "female"): 50, ("sex", "male"): 50, ("sex", "unknown"): 100,
-                      ("age_band", "20-39"): 50, ("age_band", "40-59"): 50, ("age_band", "60-79"): 50,
-                      ("age_band", "unknown"): 50,
-                      ("site", "back"): 40, ("site", "face"): 40, ("site", "unknown"): 120}
+    assert counts == {
+        ("sex", "female"): 50,
+        ("sex", "male"): 50,
+        ("sex", "unknown"): 100,
+        ("age_band", "20-39"): 50,
+        ("age_band", "40-59"): 50,
+        ("age_band", "60-79"): 50,
+        ("age_band", "unknown"): 50,
+        ("site", "back"): 40,
+        ("site", "face"): 40,
+        ("site", "unknown"): 120,
+    }
     male = sex == "male"
     row = table[(table["attribute"] == "sex") & (table["group"] == "male")].iloc[0]
     assert row["balanced_accuracy"] == pytest.approx(sm.balanced_accuracy(labels[male], probs[male]))
@@ -361,8 +393,15 @@ def test_subgroup_table_counts_and_gap():
 
 
 def test_age_band():
-    assert [sm.age_band(a) for a in (0, 19.9, 55, "55", None, "", -1)] == \
-        ["0-19", "0-19", "40-59", "40-59", "unknown", "unknown", "unknown"]
+    assert [sm.age_band(a) for a in (0, 19.9, 55, "55", None, "", -1)] == [
+        "0-19",
+        "0-19",
+        "40-59",
+        "40-59",
+        "unknown",
+        "unknown",
+        "unknown",
+    ]
 
 
 def test_plots_are_written(tmp_path):

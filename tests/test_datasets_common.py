@@ -20,8 +20,14 @@ from datasets_scripts.splits import make_splits, subsample_train
 
 
 def test_template_full_and_contract_example():
-    assert describe_metadata(age=55, sex="male", site="posterior torso") == "A lesion on the posterior torso of a male patient aged about 55."
-    assert describe_metadata(age=55.0, sex="FEMALE", site="head/neck") == "A lesion on the head or neck of a female patient aged about 55."
+    assert (
+        describe_metadata(age=55, sex="male", site="posterior torso")
+        == "A lesion on the posterior torso of a male patient aged about 55."
+    )
+    assert (
+        describe_metadata(age=55.0, sex="FEMALE", site="head/neck")
+        == "A lesion on the head or neck of a female patient aged about 55."
+    )
 
 
 @pytest.mark.parametrize(
@@ -41,20 +47,34 @@ def test_template_leaves_out_blank_fields(kwargs, expected):
 
 
 def test_template_extras_and_determinism():
-    text = describe_metadata(sex="male", site="lower limbs", elevation="Palpable", diameter_mm=3.14159, elevation_note=None)
-    assert text == "A lesion on the lower limbs of a male patient. The lesion is palpable. Its longest diameter is about 3.1 mm."
+    text = describe_metadata(
+        sex="male", site="lower limbs", elevation="Palpable", diameter_mm=3.14159, elevation_note=None
+    )
+    assert (
+        text == "A lesion on the lower limbs of a male patient. The lesion is palpable. "
+        "Its longest diameter is about 3.1 mm."
+    )
     assert describe_metadata(elevation="flat") == "A skin lesion. The lesion is flat."
-    assert describe_metadata(age=55, sex="male", site="palms/soles") == describe_metadata(age=55, sex="male", site="palms/soles")
+    assert describe_metadata(age=55, sex="male", site="palms/soles") == describe_metadata(
+        age=55, sex="male", site="palms/soles"
+    )
 
 
 def test_offline_descriptions_jsonl_and_csv(tmp_path):
     jsonl = tmp_path / "descriptions.jsonl"
-    jsonl.write_text(json.dumps({"image_id": "ISIC_0000000", "text": "Rewritten."}) + "\n\n" + json.dumps({"image_id": "ISIC_0000001", "text": "Other."}) + "\n")
+    jsonl.write_text(
+        json.dumps({"image_id": "ISIC_0000000", "text": "Rewritten."})
+        + "\n\n"
+        + json.dumps({"image_id": "ISIC_0000001", "text": "Other."})
+        + "\n"
+    )
     assert load_offline_descriptions(jsonl) == {"ISIC_0000000": "Rewritten.", "ISIC_0000001": "Other."}
     csv_path = tmp_path / "descriptions.csv"
     pd.DataFrame({"image_id": ["a"], "text": ["x"]}).to_csv(csv_path, index=False)
     assert load_offline_descriptions(csv_path) == {"a": "x"}
-    jsonl.write_text(json.dumps({"image_id": "a", "text": "x"}) + "\n" + json.dumps({"image_id": "a", "text": "y"}) + "\n")
+    jsonl.write_text(
+        json.dumps({"image_id": "a", "text": "x"}) + "\n" + json.dumps({"image_id": "a", "text": "y"}) + "\n"
+    )
     with pytest.raises(ValueError, match="line 2 repeats image_id 'a'"):
         load_offline_descriptions(jsonl)
     pd.DataFrame({"image_id": ["a"], "description": ["x"]}).to_csv(csv_path, index=False)
@@ -192,8 +212,14 @@ def test_offline_descriptions_replace_template(tiny_isic):
     root, truth, _ = tiny_isic
     descriptions = root / "descriptions.jsonl"
     descriptions.write_text(json.dumps({"image_id": truth.loc[0, "image"], "text": "An offline text."}) + "\n")
-    dataset = isic2019.convert(root, None, descriptions=descriptions, val_fraction=0.2, test_fraction=0.2, verify_images=False)
-    texts = {row["image_id"]: row["metadata_text"] for split in dataset.values() for row in split.select_columns(["image_id", "metadata_text"])}
+    dataset = isic2019.convert(
+        root, None, descriptions=descriptions, val_fraction=0.2, test_fraction=0.2, verify_images=False
+    )
+    texts = {
+        row["image_id"]: row["metadata_text"]
+        for split in dataset.values()
+        for row in split.select_columns(["image_id", "metadata_text"])
+    }
     assert texts[truth.loc[0, "image"]] == "An offline text."
     assert texts[truth.loc[1, "image"]] == "A lesion on the anterior torso of a female patient aged about 30."
 
@@ -230,7 +256,9 @@ def test_demo_classes_learnable_from_image():
     def colour_features(split):
         images = np.stack([np.asarray(image, dtype=np.float32) for image in split["image"]])
         dark = images.mean(axis=3) < 120
-        return np.concatenate([images.mean(axis=(1, 2)), images.std(axis=(1, 2)), dark.mean(axis=(1, 2))[:, None] * 255], axis=1)
+        return np.concatenate(
+            [images.mean(axis=(1, 2)), images.std(axis=(1, 2)), dark.mean(axis=(1, 2))[:, None] * 255], axis=1
+        )
 
     train_x, train_y = colour_features(dataset["train"]), np.asarray(dataset["train"]["label"])
     test_x, test_y = colour_features(dataset["test"]), np.asarray(dataset["test"]["label"])
@@ -247,8 +275,11 @@ def _hashes(folder):
     """sha256 of every file under ``folder`` (relative path → digest): a byte-identical check of the raw data."""
     import hashlib
 
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def test_destructive_output_folder_is_refused_and_data_untouched(tiny_isic):
@@ -258,13 +289,28 @@ def test_destructive_output_folder_is_refused_and_data_untouched(tiny_isic):
     before = _hashes(root.parent)
     repo = Path(__file__).resolve().parents[1]
     for output in (root, root.parent, root / isic2019.IMAGE_DIR):
-        run = subprocess.run([sys.executable, "-m", "datasets_scripts.isic2019", "--data-dir", str(root),
-                              "--output-dir", str(output), "--overwrite", "--no-verify-images"],
-                             cwd=repo, capture_output=True, text=True)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "datasets_scripts.isic2019",
+                "--data-dir",
+                str(root),
+                "--output-dir",
+                str(output),
+                "--overwrite",
+                "--no-verify-images",
+            ],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        )
         relation = {root: "is", root.parent: "contains", root / isic2019.IMAGE_DIR: "lies inside"}[output]
         assert run.returncode == 1, run.stderr
-        assert run.stderr.splitlines() == [f"error: output folder {output} {relation} the input folder {root}; "
-                                           "choose a folder outside the input (--output-dir)"]
+        assert run.stderr.splitlines() == [
+            f"error: output folder {output} {relation} the input folder {root}; "
+            "choose a folder outside the input (--output-dir)"
+        ]
         assert _hashes(root.parent) == before
 
 
@@ -276,12 +322,24 @@ def test_overwrite_replaces_only_a_previous_conversion(tiny_isic, capsys):
     mine.mkdir()
     (mine / "thesis.tex").write_text("do not delete")
     before = _hashes(mine)
-    argv = ["--data-dir", str(root), "--output-dir", str(mine), "--overwrite", "--no-verify-images",
-            "--val-fraction", "0.2", "--test-fraction", "0.2"]
+    argv = [
+        "--data-dir",
+        str(root),
+        "--output-dir",
+        str(mine),
+        "--overwrite",
+        "--no-verify-images",
+        "--val-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.2",
+    ]
     assert run_entry_point(isic2019.main, argv) == 1
-    assert capsys.readouterr().err == (f"error: {mine} is not the output of a previous conversion (no "
-                                       ".skinclip-conversion.json); --overwrite replaces only those: delete it "
-                                       "yourself or choose another --output-dir\n")
+    assert capsys.readouterr().err == (
+        f"error: {mine} is not the output of a previous conversion (no "
+        ".skinclip-conversion.json); --overwrite replaces only those: delete it "
+        "yourself or choose another --output-dir\n"
+    )
     assert _hashes(mine) == before
 
     output = root.parent / "converted"
@@ -293,7 +351,9 @@ def test_overwrite_replaces_only_a_previous_conversion(tiny_isic, capsys):
     assert run_entry_point(isic2019.main, argv) == 0  # a marked folder is replaced whole
     assert not (output / "stale.txt").exists() and (output / ".skinclip-conversion.json").is_file()
     assert run_entry_point(isic2019.main, argv[:4] + argv[5:]) == 1  # exists, no --overwrite
-    assert capsys.readouterr().err.endswith(f"error: {output} exists; pass overwrite=True (--overwrite) to replace it\n")
+    assert capsys.readouterr().err.endswith(
+        f"error: {output} exists; pass overwrite=True (--overwrite) to replace it\n"
+    )
 
 
 def test_isic2024_output_may_not_contain_its_input_files(tmp_path, capsys):
@@ -303,12 +363,23 @@ def test_isic2024_output_may_not_contain_its_input_files(tmp_path, capsys):
     (tmp_path / "train-metadata.csv").write_text("isic_id,target,patient_id\nISIC_1,0,P1\n")
     (tmp_path / "train-image.hdf5").write_bytes(b"not read")
     before = _hashes(tmp_path)
-    code = run_entry_point(isic2024.main, ["--metadata-csv", str(tmp_path / "train-metadata.csv"), "--hdf5",
-                                           str(tmp_path / "train-image.hdf5"), "--output-dir", str(tmp_path),
-                                           "--overwrite"])
+    code = run_entry_point(
+        isic2024.main,
+        [
+            "--metadata-csv",
+            str(tmp_path / "train-metadata.csv"),
+            "--hdf5",
+            str(tmp_path / "train-image.hdf5"),
+            "--output-dir",
+            str(tmp_path),
+            "--overwrite",
+        ],
+    )
     assert code == 1 and _hashes(tmp_path) == before
-    assert capsys.readouterr().err == (f"error: output folder {tmp_path} contains the input file "
-                                       f"{tmp_path / 'train-metadata.csv'}; choose another folder (--output-dir)\n")
+    assert capsys.readouterr().err == (
+        f"error: output folder {tmp_path} contains the input file "
+        f"{tmp_path / 'train-metadata.csv'}; choose another folder (--output-dir)\n"
+    )
 
 
 # ---------------------------------------------------------------------- hostile metadata (issue 12)
@@ -343,8 +414,9 @@ def test_bad_ages_and_long_texts_are_dropped_per_row_with_warnings(tiny_isic, ca
     assert saved["row"].tolist() == [f"{meta_csv} image {image_id}" for image_id in ids[:5]]
     rows = {row["image_id"]: row for split in load_from_disk(str(output)).values() for row in split}
     assert all(rows[image_id]["age_approx"] is None for image_id in ids[:4])
-    assert rows[ids[0]]["metadata_text"] == describe_metadata(sex=metadata.loc[0, "sex"],
-                                                              site=metadata.loc[0, "anatom_site_general"])
+    assert rows[ids[0]]["metadata_text"] == describe_metadata(
+        sex=metadata.loc[0, "sex"], site=metadata.loc[0, "anatom_site_general"]
+    )
     assert len(rows[ids[4]]["anatom_site_general"]) <= 100 and len(rows) == 12
 
 

@@ -14,12 +14,17 @@ from PIL import Image
 from datasets_scripts import derm7pt
 from datasets_scripts.common import DataError
 
-# Counted in the meta files: ../shared/data/SOURCES.md for the release, tests/data/build_test_data.py's rules for the cut.
+# Counted in the meta files: ../shared/data/SOURCES.md for the release,
+# tests/data/build_test_data.py's rules for the cut.
 EXPECTED = {
-    "tests/data": dict(counts={"BCC": 10, "NEV": 14, "MEL": 12, "MISC": 11, "SK": 2},
-                       splits={"train": 21, "validation": 10, "test": 18}),
-    "shared/data": dict(counts={"BCC": 42, "NEV": 575, "MEL": 252, "MISC": 97, "SK": 45},
-                        splits={"train": 413, "validation": 203, "test": 395}),
+    "tests/data": dict(
+        counts={"BCC": 10, "NEV": 14, "MEL": 12, "MISC": 11, "SK": 2},
+        splits={"train": 21, "validation": 10, "test": 18},
+    ),
+    "shared/data": dict(
+        counts={"BCC": 42, "NEV": 575, "MEL": 252, "MISC": 97, "SK": 45},
+        splits={"train": 413, "validation": 203, "test": 395},
+    ),
 }
 
 

@@ -8,12 +8,25 @@ from PIL import Image
 
 from datasets_scripts import ham10000, isic2019
 
-# Counted in the CSVs: ../shared/data/SOURCES.md for the complete file, tests/data/build_test_data.py's rules for the cut.
+# Counted in the CSVs: ../shared/data/SOURCES.md for the complete file,
+# tests/data/build_test_data.py's rules for the cut.
 EXPECTED = {
-    "tests/data": dict(rows=88, counts={"MEL": 11, "NV": 11, "BCC": 11, "AK": 11, "BKL": 22, "DF": 11, "VASC": 11},
-                       lesions=57, age=2, sex=2, site=5),
-    "shared/data": dict(rows=10015, counts={"MEL": 1113, "NV": 6705, "BCC": 514, "AK": 327, "BKL": 1099, "DF": 115, "VASC": 142},
-                        lesions=7470, age=57, sex=57, site=234),
+    "tests/data": dict(
+        rows=88,
+        counts={"MEL": 11, "NV": 11, "BCC": 11, "AK": 11, "BKL": 22, "DF": 11, "VASC": 11},
+        lesions=57,
+        age=2,
+        sex=2,
+        site=5,
+    ),
+    "shared/data": dict(
+        rows=10015,
+        counts={"MEL": 1113, "NV": 6705, "BCC": 514, "AK": 327, "BKL": 1099, "DF": 115, "VASC": 142},
+        lesions=7470,
+        age=57,
+        sex=57,
+        site=234,
+    ),
 }
 
 

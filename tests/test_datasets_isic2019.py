@@ -12,16 +12,31 @@ import pytest
 from PIL import Image
 
 from datasets_scripts import isic2019
-from datasets_scripts.common import DataError
 from datasets_scripts.splits import make_splits
 
 # What each source holds, counted in its CSVs: ../shared/data/SOURCES.md for the complete files, the cut's rules
 # (tests/data/build_test_data.py) for tests/data. Missing values stay missing: never filled in.
 EXPECTED = {
-    "tests/data": dict(rows=261, counts={"MEL": 55, "NV": 82, "BCC": 20, "AK": 16, "BKL": 35, "DF": 20, "VASC": 20, "SCC": 13},
-                       age=15, site=22, sex=14, lesion=97, downsampled=77, repeated_lesions=56),
-    "shared/data": dict(rows=25331, counts={"MEL": 4522, "NV": 12875, "BCC": 3323, "AK": 867, "BKL": 2624, "DF": 239, "VASC": 253, "SCC": 628},
-                        age=437, site=2631, sex=384, lesion=2084, downsampled=2074, repeated_lesions=5059),
+    "tests/data": dict(
+        rows=261,
+        counts={"MEL": 55, "NV": 82, "BCC": 20, "AK": 16, "BKL": 35, "DF": 20, "VASC": 20, "SCC": 13},
+        age=15,
+        site=22,
+        sex=14,
+        lesion=97,
+        downsampled=77,
+        repeated_lesions=56,
+    ),
+    "shared/data": dict(
+        rows=25331,
+        counts={"MEL": 4522, "NV": 12875, "BCC": 3323, "AK": 867, "BKL": 2624, "DF": 239, "VASC": 253, "SCC": 628},
+        age=437,
+        site=2631,
+        sex=384,
+        lesion=2084,
+        downsampled=2074,
+        repeated_lesions=5059,
+    ),
 }
 # Absolute, per class and split: 0.01 on the full 25k rows; on the 261-row cut, one row of a 37-row split (0.027).
 PROPORTION_TOLERANCE = {"tests/data": 0.03, "shared/data": 0.01}
@@ -114,7 +129,9 @@ def subset_layout(sample_data, isic_dir, tmp_path_factory):
     real = labels[labels["dataset"] == "ISIC2019"]
     (root / isic2019.IMAGE_DIR).mkdir()
     for file, image_id in zip(real["file"], real["image_id"]):
-        shutil.copy(sample_data / "images" / file, root / isic2019.IMAGE_DIR / f"{image_id.replace('_downsampled', '')}.jpg")
+        shutil.copy(
+            sample_data / "images" / file, root / isic2019.IMAGE_DIR / f"{image_id.replace('_downsampled', '')}.jpg"
+        )
     # Two images of each of 14 lesions (all eight classes) as generated stand-ins.
     joined = truth.merge(metadata, on="image")
     joined["cls"] = joined[isic2019.CLASS_NAMES].astype(float).to_numpy().argmax(axis=1)
@@ -140,10 +157,25 @@ def test_convert_subset_and_save(subset_layout, tmp_path):
     assert sorted(loaded) == ["test", "train", "validation"]
     assert sum(len(split) for split in loaded.values()) == n_rows
     assert loaded["train"].features["label"].names == isic2019.CLASS_NAMES
-    for column in ["image_id", "image", "label", "metadata_text", "report", "group_id", "age_approx", "sex", "anatom_site_general", "lesion_id"]:
+    for column in [
+        "image_id",
+        "image",
+        "label",
+        "metadata_text",
+        "report",
+        "group_id",
+        "age_approx",
+        "sex",
+        "anatom_site_general",
+        "lesion_id",
+    ]:
         assert column in loaded["train"].column_names
     groups = {name: set(split["group_id"]) for name, split in loaded.items()}
-    assert not (groups["train"] & groups["validation"]) and not (groups["train"] & groups["test"]) and not (groups["validation"] & groups["test"])
+    assert (
+        not (groups["train"] & groups["validation"])
+        and not (groups["train"] & groups["test"])
+        and not (groups["validation"] & groups["test"])
+    )
     row = loaded["train"][0]
     assert row["image"].size[0] > 0  # bytes embedded: readable after the source folder is gone
     assert row["report"].startswith("Diagnosis: ")

@@ -25,13 +25,20 @@ def test_leak_columns_dropped(slice3d):
     table = isic2024.load_table(metadata_csv)
     assert len(table) == 5 and table["label"].tolist().count(1) == 3
     raw = pd.read_csv(metadata_csv)
-    leaked = [c for c in raw.columns if c == "target" or c == "lesion_id" or c.startswith(("iddx_", "mel_")) or c == "tbp_lv_dnn_lesion_confidence"]
+    leaked = [
+        c
+        for c in raw.columns
+        if c == "target" or c == "lesion_id" or c.startswith(("iddx_", "mel_")) or c == "tbp_lv_dnn_lesion_confidence"
+    ]
     assert len(leaked) == 11
     assert not set(leaked) & set(table.columns)
     texts = " ".join(table["metadata_text"]).lower()
     for word in ["malignant", "benign", "carcinoma", "il_", "72.2"]:
         assert word not in texts, word
-    assert table["metadata_text"][0] == "A lesion on the anterior torso of a female patient aged about 80. Its longest diameter is about 9.3 mm."
+    assert (
+        table["metadata_text"][0]
+        == "A lesion on the anterior torso of a female patient aged about 80. Its longest diameter is about 9.3 mm."
+    )
 
 
 def test_convert_from_hdf5(slice3d, tmp_path):

@@ -88,10 +88,17 @@ def test_demo_answers_on_loopback_and_keeps_no_file(running_app, sample_data, tm
 @pytest.mark.parametrize(
     "name, make, message",
     [
-        ("notes.jpg", lambda p: p.write_text("not an image"),
-         "the uploaded image: not a readable image (not a JPEG, PNG, BMP, TIFF or WEBP file)"),
-        ("bomb.png", None, "the uploaded image: image too large (Image size (400000000 pixels) exceeds limit of "
-                           "200000000 pixels, could be decompression bomb DOS attack.)"),
+        (
+            "notes.jpg",
+            lambda p: p.write_text("not an image"),
+            "the uploaded image: not a readable image (not a JPEG, PNG, BMP, TIFF or WEBP file)",
+        ),
+        (
+            "bomb.png",
+            None,
+            "the uploaded image: image too large (Image size (400000000 pixels) exceeds limit of "
+            "200000000 pixels, could be decompression bomb DOS attack.)",
+        ),
     ],
 )
 def test_bad_upload_gets_a_named_error_without_server_paths(running_app, palette_png, tmp_path, name, make, message):
@@ -145,16 +152,23 @@ def test_demo_process_leaves_nothing_after_a_request_and_sigterm(make_config, sa
     port = _free_port()
     env = {**os.environ, "TMPDIR": str(temp_root)}
     env.pop("GRADIO_TEMP_DIR", None)
-    server = subprocess.Popen([sys.executable, "demo_app.py", "--model", str(checkpoint), "--port", str(port)],
-                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "demo_app.py", "--model", str(checkpoint), "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for_port(port, server)
         assert [p.name.startswith("skinclip-demo-") for p in temp_root.iterdir()] == [True]
         upload = tmp_path / f"patient-{uuid.uuid4().hex}.jpg"
         upload.write_bytes(sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[0].read_bytes())
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-        result = client.predict(gradio_client.handle_file(str(upload)), None, "unknown", "", False,
-                                api_name="/diagnose")
+        result = client.predict(
+            gradio_client.handle_file(str(upload)), None, "unknown", "", False, api_name="/diagnose"
+        )
         assert result[3]["url"].startswith("data:image/png")
         assert _files_under(temp_root) == []  # after the request
     finally:

@@ -24,13 +24,16 @@ def _free_port() -> int:
     [(False, False), (True, False), (False, True), (True, True)],
     ids=["clip_loss", "focal_modulated", "multi_positive", "multi_positive_focal_modulated"],
 )
-def test_two_process_cfa_loss_and_gradients_equal_single_process(tmp_path, make_config, focal_modulation, multi_positive):
+def test_two_process_cfa_loss_and_gradients_equal_single_process(
+    tmp_path, make_config, focal_modulation, multi_positive
+):
     config = make_config(decoder_overrides=dict(lora_dropout=0.0)).to_dict()
     for key in ("transformers_version", "model_type", "architectures", "auto_map"):
         config.pop(key, None)
 
-    mp.spawn(worker.run, args=(2, _free_port(), config, str(tmp_path), focal_modulation, multi_positive), nprocs=2,
-             join=True)
+    mp.spawn(
+        worker.run, args=(2, _free_port(), config, str(tmp_path), focal_modulation, multi_positive), nprocs=2, join=True
+    )
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
 
     model, processor = worker.build(config)
@@ -77,11 +80,24 @@ def test_accelerate_launch_with_the_ddp_config_runs_train_py_in_two_processes(tm
 
     from tests.conftest import REPO_ROOT
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
-               "--main_process_port", str(_free_port()), "train.py", "configs/demo.yaml",
-               f"--output_dir={tmp_path / 'out'}", f"--dataset_path={tmp_path / 'data'}",
-               f"--tiny_bases_dir={tmp_path / 'bases'}", "--num_train_epochs=1", "--save_strategy=epoch",
-               "--eval_strategy=no", "--disable_tqdm=true"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/ddp.yaml",
+        "--main_process_port",
+        str(_free_port()),
+        "train.py",
+        "configs/demo.yaml",
+        f"--output_dir={tmp_path / 'out'}",
+        f"--dataset_path={tmp_path / 'data'}",
+        f"--tiny_bases_dir={tmp_path / 'bases'}",
+        "--num_train_epochs=1",
+        "--save_strategy=epoch",
+        "--eval_strategy=no",
+        "--disable_tqdm=true",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     train_rows = len(load_from_disk(str(tmp_path / "data"))["train"])
@@ -114,13 +130,28 @@ def test_accelerate_launch_trains_an_ablation_without_alignment_in_two_processes
     ablation = yaml.safe_load((REPO_ROOT / "configs/ablations/focal.yaml").read_text())
     loss_settings = {key: value for key, value in ablation.items() if key.startswith(("lambda_", "focal_"))}
     assert loss_settings["lambda_align"] == 0
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
-               "--main_process_port", str(_free_port()), "train.py", "configs/demo.yaml",
-               *(f"--{key}={value}" for key, value in loss_settings.items()),
-               f"--output_dir={tmp_path / 'out'}", f"--dataset_path={tmp_path / 'data'}",
-               f"--tiny_bases_dir={tmp_path / 'bases'}", "--max_steps=3", "--logging_steps=1",
-               "--save_strategy=steps", "--save_steps=3", "--eval_strategy=steps", "--eval_steps=3",
-               "--disable_tqdm=true"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/ddp.yaml",
+        "--main_process_port",
+        str(_free_port()),
+        "train.py",
+        "configs/demo.yaml",
+        *(f"--{key}={value}" for key, value in loss_settings.items()),
+        f"--output_dir={tmp_path / 'out'}",
+        f"--dataset_path={tmp_path / 'data'}",
+        f"--tiny_bases_dir={tmp_path / 'bases'}",
+        "--max_steps=3",
+        "--logging_steps=1",
+        "--save_strategy=steps",
+        "--save_steps=3",
+        "--eval_strategy=steps",
+        "--eval_steps=3",
+        "--disable_tqdm=true",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -153,6 +184,8 @@ def test_fsdp_config_wraps_the_decoder_layers(make_config):
         transformer_cls_names_to_wrap=fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","),
     )
     plugin.set_auto_wrap_policy(model)
-    wrapped = [module for module in model.modules() if plugin.auto_wrap_policy(module, recurse=False, nonwrapped_numel=0)]
+    wrapped = [
+        module for module in model.modules() if plugin.auto_wrap_policy(module, recurse=False, nonwrapped_numel=0)
+    ]
     assert wrapped and all(type(module).__name__ == "Qwen2_5_VLDecoderLayer" for module in wrapped)
     assert len(wrapped) == model.config.decoder_config.to_dict().get("num_hidden_layers", len(wrapped))

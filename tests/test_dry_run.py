@@ -84,8 +84,15 @@ def cli_run(isic_small, hub_cache, tmp_path_factory):
     """What a user runs: the paper config, its Hub ids resolved from the cache, offline."""
     root = tmp_path_factory.mktemp("dry-run")
     env = {**os.environ, "HF_HOME": str(hub_cache.parent), "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "train.py", CONFIG, "--dry_run", f"--dataset_path={isic_small}",
-               f"--output_dir={root / 'out'}", f"--dry_run_json={root / 'plan.json'}"]
+    command = [
+        sys.executable,
+        "train.py",
+        CONFIG,
+        "--dry_run",
+        f"--dataset_path={isic_small}",
+        f"--output_dir={root / 'out'}",
+        f"--dry_run_json={root / 'plan.json'}",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return root, result, json.loads((root / "plan.json").read_text())
@@ -102,8 +109,16 @@ def test_paper_config_dry_run_from_a_hub_cache_loads_no_weights(cli_run, hub_cac
     assert plan["weights_loaded"] is False
     assert plan["config"]["decoder_model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert plan["dataset"]["classes"] == CLASSES and plan["dataset"]["images_checked"] > 0
-    for text in ("batch layout (8 training rows", "image      257 tokens per image", "LoRA", "152,064 x 3,584",
-                 "GPU memory plan", "TOTAL, checkpointing on", "<- configured", "16 GB"):
+    for text in (
+        "batch layout (8 training rows",
+        "image      257 tokens per image",
+        "LoRA",
+        "152,064 x 3,584",
+        "GPU memory plan",
+        "TOTAL, checkpointing on",
+        "<- configured",
+        "16 GB",
+    ):
         assert text in result.stdout, text
 
 
@@ -117,7 +132,9 @@ def test_batch_layout_at_paper_shapes(cli_run):
         assert max(batch[part]["lengths"]) == batch[part]["padded"] <= limit
         assert min(batch[part]["lengths"]) > 5  # the metadata sentence / the class description
     assert batch["decoder_tokens"] == {
-        "this_batch": 257 + batch["prompt"]["padded"] + 1 + batch["rationale"]["padded"], "maximum": 257 + 64 + 1 + 128}
+        "this_batch": 257 + batch["prompt"]["padded"] + 1 + batch["rationale"]["padded"],
+        "maximum": 257 + 64 + 1 + 128,
+    }
     assert cli_run[2]["train_split_truncation"]["rationale"]["truncated"] == 0
 
 
@@ -133,8 +150,20 @@ def test_parameter_table_at_paper_shapes(cli_run):
     assert parameters["lora"] == rows["LoRA"]["trained"] == 28 * 64 * (3584 + 3584 + 3584 + 512) == 20_185_088
     assert parameters["lm_head_shape"] == [VOCAB, HIDDEN]
     assert rows["CLIP vision"]["parameters"] + rows["CLIP text (reports)"]["parameters"] == 427_616_513  # CLIP-L
-    heads = (1024 * HIDDEN + HIDDEN + HIDDEN + 3 * HIDDEN * 1024 + HIDDEN + HIDDEN * 8 + 8
-             + 1024 * 512 + 512 + 768 * 512 + 512 + 1)  # as tests/test_real_bases.py counts them
+    heads = (
+        1024 * HIDDEN
+        + HIDDEN
+        + HIDDEN
+        + 3 * HIDDEN * 1024
+        + HIDDEN
+        + HIDDEN * 8
+        + 8
+        + 1024 * 512
+        + 512
+        + 768 * 512
+        + 512
+        + 1
+    )  # as tests/test_real_bases.py counts them
     assert parameters["trained"] == heads + 20_185_088 and rows["new modules"]["trained"] == heads
     linear = [HIDDEN * HIDDEN, KV * HIDDEN, KV * HIDDEN, HIDDEN * HIDDEN] + [INTERMEDIATE * HIDDEN] * 3
     assert rows["decoder linear"]["parameters"] == LAYERS * sum(linear)
@@ -175,8 +204,15 @@ def test_memory_plan_at_paper_shapes(cli_run):
 
 def _argv(data, base_dirs, output, *extra):
     qwen, clip = base_dirs
-    return [CONFIG, "--dry_run", f"--dataset_path={data}", f"--output_dir={output}",
-            f"--decoder_model={qwen}", f"--vision_model={clip}", *extra]
+    return [
+        CONFIG,
+        "--dry_run",
+        f"--dataset_path={data}",
+        f"--output_dir={output}",
+        f"--decoder_model={qwen}",
+        f"--vision_model={clip}",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -192,9 +228,18 @@ def no_weight_loading(monkeypatch):
 def test_8bit_optimizer_no_checkpointing_and_truncation(isic_small, base_dirs, tmp_path, no_weight_loading):
     from skinclip import training
 
-    report = training.main(_argv(isic_small, base_dirs, tmp_path / "out", "--optim=paged_adamw_8bit",
-                              "--activation_checkpointing=false", "--per_device_train_batch_size=3",
-                              "--max_prompt_tokens=4", "--max_rationale_tokens=8"))
+    report = training.main(
+        _argv(
+            isic_small,
+            base_dirs,
+            tmp_path / "out",
+            "--optim=paged_adamw_8bit",
+            "--activation_checkpointing=false",
+            "--per_device_train_batch_size=3",
+            "--max_prompt_tokens=4",
+            "--max_rationale_tokens=8",
+        )
+    )
     batch, memory, trained = report["batch"], report["memory"], report["parameters"]["trained"]
     assert batch["prompt"]["lengths"] == [4, 4, 4] and batch["prompt"]["truncated"] == 3
     assert batch["rationale"]["lengths"] == [8, 8, 8] and batch["rationale"]["truncated"] == 3
@@ -231,20 +276,26 @@ def _broken_first_image(dataset):
     from datasets import Image as ImageFeature
 
     rows = dataset["train"].cast_column("image", ImageFeature(decode=False))
-    rows = rows.map(lambda row, i: {"image": {"bytes": b"not an image" if i == 0 else row["image"]["bytes"],
-                                              "path": None}}, with_indices=True)
+    rows = rows.map(
+        lambda row, i: {"image": {"bytes": b"not an image" if i == 0 else row["image"]["bytes"], "path": None}},
+        with_indices=True,
+    )
     dataset["train"] = rows.cast_column("image", ImageFeature())
 
 
 def _missing_second_report(dataset):
-    dataset["train"] = dataset["train"].map(lambda row, i: {"report": None if i == 1 else row["report"]},
-                                            with_indices=True)
+    dataset["train"] = dataset["train"].map(
+        lambda row, i: {"report": None if i == 1 else row["report"]}, with_indices=True
+    )
 
 
 BAD_INPUTS = {
     "missing column": (_drop_report, [], "split 'train' lacks required column(s) ['report']"),
     "labels the training split does not have": (
-        _foreign_validation_labels, [], f"split 'validation' has the classes {CLASSES + ['UNK']}"),
+        _foreign_validation_labels,
+        [],
+        f"split 'validation' has the classes {CLASSES + ['UNK']}",
+    ),
     "focal_alpha for other classes": (None, ["--focal_alpha=1,1,1"], "focal_alpha gives 3 weights for 8 classes"),
     "unreadable image": (_broken_first_image, [], "split 'train' row 0 (image_id "),
     "a report that is not text": (_missing_second_report, [], "split 'train' rows [1]: column 'report' must hold text"),
@@ -253,8 +304,9 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_inputs_are_one_error_line_before_any_weight(case, isic_small, base_dirs, tmp_path, capsys, monkeypatch,
-                                                         no_weight_loading):
+def test_bad_inputs_are_one_error_line_before_any_weight(
+    case, isic_small, base_dirs, tmp_path, capsys, monkeypatch, no_weight_loading
+):
     import modeling_skinclip
     from skinclip import training
 

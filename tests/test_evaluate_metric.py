@@ -69,7 +69,7 @@ def test_probabilities_by_path_equal_classification_metrics(offline_evaluate):
     _same(got, _reference(labels, probs.astype(np.float64)))
     # Batches add up to the same thing (the Arrow round trip keeps float64 values exact).
     for start in range(0, len(labels), 100):
-        metric.add_batch(predictions=probs[start:start + 100], references=labels[start:start + 100])
+        metric.add_batch(predictions=probs[start : start + 100], references=labels[start : start + 100])
     _same(metric.compute(), _reference(labels, probs.astype(np.float64)))
     assert list(offline_evaluate.rglob("skin_lesion_classification.py"))  # the copy went to the tmp cache
 
@@ -122,10 +122,21 @@ def test_cfa_trainer_evaluates_with_it(offline_evaluate, make_config, tmp_path):
 
     config = make_config(class_names=tuple(COLOURS))
     processor = SkinClipVLProcessor.from_pretrained(None, config=config)
-    args = CFATrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=6, report_to=[], use_cpu=True,
-                                augment=False, disable_tqdm=True)
-    trainer = CFATrainer(model=SkinClipVLModel(config, device="cpu"), args=args, data_collator=SkinClipVLCollator(processor),
-                         compute_metrics=evaluate_compute_metrics(), class_counts=[2, 2, 2])
+    args = CFATrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_eval_batch_size=6,
+        report_to=[],
+        use_cpu=True,
+        augment=False,
+        disable_tqdm=True,
+    )
+    trainer = CFATrainer(
+        model=SkinClipVLModel(config, device="cpu"),
+        args=args,
+        data_collator=SkinClipVLCollator(processor),
+        compute_metrics=evaluate_compute_metrics(),
+        class_counts=[2, 2, 2],
+    )
     metrics = trainer.evaluate(colour_dataset(2, seed=3))
     for key in KEYS:
         assert isinstance(metrics[f"eval_{key}"], float), key
@@ -137,9 +148,16 @@ def test_a_fresh_offline_process_loads_it_without_the_network(tmp_path):
     the metric loads by path, computes, and writes only under HF_HOME (its script copied to HF_MODULES_CACHE)."""
     home, hf_home = tmp_path / "home", tmp_path / "hf"
     home.mkdir()
-    env = {**os.environ, "HOME": str(home), "HF_HOME": str(hf_home), "HF_MODULES_CACHE": str(hf_home / "modules"),
-           "HF_EVALUATE_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "HF_HOME": str(hf_home),
+        "HF_MODULES_CACHE": str(hf_home / "modules"),
+        "HF_EVALUATE_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     script = (
         "import json, socket, sys\n"
         "def refuse(*a, **k): raise OSError('network access attempted')\n"
@@ -149,8 +167,14 @@ def test_a_fresh_offline_process_loads_it_without_the_network(tmp_path):
         "print(json.dumps(metric.compute(predictions=[[2.0, 0.0, 1.0], [0.0, 1.0, 3.0], [1.0, 2.0, 0.0]],"
         " references=[0, 2, 1])))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(METRIC_DIR)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(METRIC_DIR)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     labels = np.array([0, 2, 1])
     probs = clf_metrics.apply_temperature(np.array([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0], [1.0, 2.0, 0.0]]))

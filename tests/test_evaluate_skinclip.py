@@ -8,9 +8,9 @@ import pytest
 import torch
 from datasets import ClassLabel, DatasetDict
 
-from skinclip import evaluation
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from skinclip import classification_metrics as sm
+from skinclip import evaluation
 from skinclip.inference import split_logits
 
 
@@ -35,10 +35,28 @@ def checkpoint_and_data(tmp_path_factory, make_config):
 def test_evaluation_writes_every_report(checkpoint_and_data, capsys):
     root, dataset = checkpoint_and_data
     out = root / "eval"
-    evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out),
-                                     "--bootstrap", "50", "--save-calibration"])
-    for name in ("predictions.csv", "metrics.json", "metrics.md", "reliability.png", "confusion_matrix.png",
-                 "subgroups.csv", "calibration.json"):
+    evaluation.main(
+        [
+            "--model",
+            str(root / "model"),
+            "--dataset",
+            str(root / "data"),
+            "--out",
+            str(out),
+            "--bootstrap",
+            "50",
+            "--save-calibration",
+        ]
+    )
+    for name in (
+        "predictions.csv",
+        "metrics.json",
+        "metrics.md",
+        "reliability.png",
+        "confusion_matrix.png",
+        "subgroups.csv",
+        "calibration.json",
+    ):
         assert (out / name).is_file(), name
     predictions = pd.read_csv(out / "predictions.csv")
     names = dataset["test"].features["label"].names
@@ -69,14 +87,18 @@ def test_binary_out_of_distribution_evaluation(checkpoint_and_data):
 
     def to_binary(split):
         labels = [int(names[label] in malignant) for label in split["label"]]
-        return split.remove_columns("label").add_column("label", labels).cast_column(
-            "label", ClassLabel(names=["benign", "malignant"]))
+        return (
+            split.remove_columns("label")
+            .add_column("label", labels)
+            .cast_column("label", ClassLabel(names=["benign", "malignant"]))
+        )
 
     binary = DatasetDict({"test": to_binary(dataset["test"])})
     binary.save_to_disk(str(root / "binary"))
     out = root / "ood"
-    report = evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "binary"),
-                                     "--out", str(out), "--bootstrap", "0"])
+    report = evaluation.main(
+        ["--model", str(root / "model"), "--dataset", str(root / "binary"), "--out", str(out), "--bootstrap", "0"]
+    )
     ood = report["ood_binary"]
     predictions = pd.read_csv(out / "predictions.csv")
     score = sm.malignant_score(predictions[names].to_numpy(), names)
@@ -90,15 +112,26 @@ def test_binary_out_of_distribution_evaluation(checkpoint_and_data):
 def test_missing_split_is_named(checkpoint_and_data):
     root, _ = checkpoint_and_data
     with pytest.raises(ValueError, match="no split 'holdout'"):
-        evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--split", "holdout",
-                                "--out", str(root / "x")])
+        evaluation.main(
+            [
+                "--model",
+                str(root / "model"),
+                "--dataset",
+                str(root / "data"),
+                "--split",
+                "holdout",
+                "--out",
+                str(root / "x"),
+            ]
+        )
 
 
 def test_report_carries_bootstrap_intervals(checkpoint_and_data):
     root, _ = checkpoint_and_data
     out = root / "eval-ci"
-    report = evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out),
-                                     "--bootstrap", "100"])
+    report = evaluation.main(
+        ["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out), "--bootstrap", "100"]
+    )
     calibrated = report["calibrated"]
     for name in ("balanced_accuracy", "auroc_macro", "ece"):
         low, high = calibrated[f"{name}_ci"]
@@ -128,8 +161,18 @@ def test_out_in_a_checkpoint_folder_is_refused_and_the_checkpoint_is_untouched(c
     root, _ = checkpoint_and_data
     before = _folder_bytes(root / "model")
     with pytest.raises(UserError, match="--out .* is a checkpoint folder"):
-        evaluation.main(["--model", str(root / "model"), "--dataset", str(root / "data"),
-                                "--out", str(root / "model"), "--bootstrap", "0"])
+        evaluation.main(
+            [
+                "--model",
+                str(root / "model"),
+                "--dataset",
+                str(root / "data"),
+                "--out",
+                str(root / "model"),
+                "--bootstrap",
+                "0",
+            ]
+        )
     assert _folder_bytes(root / "model") == before
 
 
@@ -140,8 +183,9 @@ def test_calibration_reaches_the_checkpoint_only_with_save_calibration(checkpoin
     model = tmp_path / "model"
     shutil.copytree(root / "model", model)
     (model / "calibration.json").unlink(missing_ok=True)
-    evaluation.main(["--model", str(model), "--dataset", str(root / "data"), "--out", str(tmp_path / "eval"),
-                            "--bootstrap", "0"])
+    evaluation.main(
+        ["--model", str(model), "--dataset", str(root / "data"), "--out", str(tmp_path / "eval"), "--bootstrap", "0"]
+    )
     assert (tmp_path / "eval" / "calibration.json").is_file()
     assert not (model / "calibration.json").exists()
 
@@ -154,12 +198,17 @@ def test_a_temperature_at_its_search_bound_is_warned_about(checkpoint_and_data):
     model.calibration_temperature.fill_(1.0)
     processor = SkinClipVLProcessor.from_pretrained(root / "model")
     predicted = split_logits(model, processor, dataset["validation"], progress=False).argmax(1)
-    always_right = dataset["validation"].remove_columns("label").add_column("label", predicted.tolist()).cast_column(
-        "label", dataset["validation"].features["label"])
+    always_right = (
+        dataset["validation"]
+        .remove_columns("label")
+        .add_column("label", predicted.tolist())
+        .cast_column("label", dataset["validation"].features["label"])
+    )
     data = _saved(root, "always-right", DatasetDict({"test": dataset["test"], "validation": always_right}))
     with pytest.warns(UserWarning, match=r"sits at its search bound 0.05"):
-        report = evaluation.main(["--model", str(root / "model"), "--dataset", data,
-                                         "--out", str(root / "eval-bound"), "--bootstrap", "0"])
+        report = evaluation.main(
+            ["--model", str(root / "model"), "--dataset", data, "--out", str(root / "eval-bound"), "--bootstrap", "0"]
+        )
     assert report["temperature"] == pytest.approx(0.05, rel=1e-3)
     saved = json.loads((root / "eval-bound" / "metrics.json").read_text())
     assert "search bound" in saved["temperature_warning"]
@@ -173,11 +222,17 @@ def test_an_empty_split_fails_with_one_line_before_anything_is_written(checkpoin
     from tests.conftest import REPO_ROOT
 
     root, dataset = checkpoint_and_data
-    data = _saved(root, "empty-test", DatasetDict({"test": dataset["test"].select([]),
-                                                   "validation": dataset["validation"]}))
+    data = _saved(
+        root, "empty-test", DatasetDict({"test": dataset["test"].select([]), "validation": dataset["validation"]})
+    )
     out = root / "eval-empty"
-    result = subprocess.run([sys.executable, "evaluate_skinclip.py", "--model", str(root / "model"), "--dataset", data,
-                             "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "evaluate_skinclip.py", "--model", str(root / "model"), "--dataset", data, "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {data} split 'test' is empty"] and "Traceback" not in result.stderr
@@ -214,8 +269,20 @@ def test_metrics_json_is_strict_json_with_null_for_undefined_metrics(checkpoint_
     root, dataset = checkpoint_and_data
     one_class = dataset["test"].filter(lambda row: row["label"] == 0)
     data = _saved(root, "one-class", DatasetDict({"test": one_class}))
-    evaluation.main(["--model", str(root / "model"), "--dataset", data, "--out", str(root / "eval-one"),
-                            "--bootstrap", "0", "--calibration-split", ""])
+    evaluation.main(
+        [
+            "--model",
+            str(root / "model"),
+            "--dataset",
+            data,
+            "--out",
+            str(root / "eval-one"),
+            "--bootstrap",
+            "0",
+            "--calibration-split",
+            "",
+        ]
+    )
 
     def reject(constant):
         raise AssertionError(f"metrics.json holds {constant}, which is not JSON")

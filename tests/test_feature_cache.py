@@ -17,12 +17,18 @@ def setup(make_config):
     model = SkinClipVLModel(config, device="cpu").eval()
     processor = SkinClipVLProcessor.from_pretrained(None, config=config)
     rng = np.random.default_rng(0)
-    dataset = datasets.Dataset.from_dict({
-        "image": [Image.fromarray(rng.integers(0, 255, (36 + 4 * i, 40, 3), dtype=np.uint8)) for i in range(3)],
-        "metadata_text": ["A lesion on the back.", "", "A lesion on the lower extremity of a female patient."],
-        "report": ["Melanoma: blue-whitish veil.", "Nevus: regular network.", "Basal cell carcinoma: arborizing vessels."],
-        "label": [0, 1, 2],
-    })
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [Image.fromarray(rng.integers(0, 255, (36 + 4 * i, 40, 3), dtype=np.uint8)) for i in range(3)],
+            "metadata_text": ["A lesion on the back.", "", "A lesion on the lower extremity of a female patient."],
+            "report": [
+                "Melanoma: blue-whitish veil.",
+                "Nevus: regular network.",
+                "Basal cell carcinoma: arborizing vessels.",
+            ],
+            "label": [0, 1, 2],
+        }
+    )
     return model, processor, dataset
 
 
@@ -48,9 +54,7 @@ def test_cached_features_give_the_same_batch_and_loss(setup):
 def test_cache_of_another_tower_or_layer_is_refused(setup):
     model, processor, dataset = setup
     cached = add_vision_features(dataset.select([0]), model, processor)
-    other_layer = model.config.vision_config.__class__(
-        **{**model.config.vision_config.to_dict(), "feature_layer": -1}
-    )
+    other_layer = model.config.vision_config.__class__(**{**model.config.vision_config.to_dict(), "feature_layer": -1})
     assert vision_features_key(other_layer) != vision_features_key(model.config.vision_config)
     with pytest.raises(ValueError, match="recompute them with skinclip.feature_cache.add_vision_features"):
         SkinClipVLCollator(processor, cached_features_key=vision_features_key(other_layer))([cached[0]])

@@ -5,7 +5,8 @@ import torch
 from datasets import DatasetDict
 
 from modeling_skinclip import SkinClipVLModel
-from tests.conftest import COLOURS, colour_dataset as _colour_dataset
+from tests.conftest import COLOURS
+from tests.conftest import colour_dataset as _colour_dataset
 
 
 class PoisonAtSteps:
@@ -50,7 +51,9 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, colour_trainer
     # ...while the finite steps around it did train.
     assert not torch.equal(snapshots[0]["classifier.1.weight"], snapshots[1]["classifier.1.weight"])
     assert not torch.equal(snapshots[2]["classifier.1.weight"], after["classifier.1.weight"])
-    logged = [entry["nonfinite_steps_skipped"] for entry in trainer.state.log_history if "nonfinite_steps_skipped" in entry]
+    logged = [
+        entry["nonfinite_steps_skipped"] for entry in trainer.state.log_history if "nonfinite_steps_skipped" in entry
+    ]
     assert logged[0] == 0 and logged[-1] == 1
 
 
@@ -110,8 +113,9 @@ def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, colour_trainer):
 def test_training_data_missing_a_column_fails_before_the_model_is_built(tmp_path, monkeypatch):
     from skinclip import training
 
-    dataset = DatasetDict({split: _colour_dataset(2, seed=0).remove_columns("report")
-                           for split in ("train", "validation", "test")})
+    dataset = DatasetDict(
+        {split: _colour_dataset(2, seed=0).remove_columns("report") for split in ("train", "validation", "test")}
+    )
     dataset.save_to_disk(str(tmp_path / "data"))
 
     def must_not_build(*args, **kwargs):
@@ -119,14 +123,23 @@ def test_training_data_missing_a_column_fails_before_the_model_is_built(tmp_path
 
     monkeypatch.setattr(training, "SkinClipVLModel", must_not_build)
     with pytest.raises(ValueError, match=r"split 'train' lacks required column\(s\) \['report'\]"):
-        training.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
-                    f"--output_dir={tmp_path / 'out'}"])
+        training.main(
+            [
+                "configs/demo.yaml",
+                f"--dataset_path={tmp_path / 'data'}",
+                "--demo_dataset=false",
+                f"--output_dir={tmp_path / 'out'}",
+            ]
+        )
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("decoder", "gpt2", "decoder"),
-    ("vision", "open_clip", "vision tower"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("decoder", "gpt2", "decoder"),
+        ("vision", "open_clip", "vision tower"),
+    ],
+)
 def test_loading_a_checkpoint_with_other_bases_fails_clearly(tmp_path, make_config, field, value, message):
     config = make_config()
     model = SkinClipVLModel(config, device="cpu")
@@ -145,13 +158,16 @@ def _must_not_build(*args, **kwargs):
     raise AssertionError("data or model was built before the values were checked")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--lambda_cal=-5", "lambda_cal must be >= 0"),              # trained to chance, exit 0
-    ("--num_train_epochs=0", "num_train_epochs must be > 0"),     # shipped an untrained checkpoint
-    ("--learning_rate=fast", "learning_rate must be a number"),   # failed inside torch, unnamed
-    ('--lambda_cal="nan"', "lambda_cal must be a number"),
-    ("--lambda_align=-1", "lambda_align must be >= 0"),           # said "lambda_align > 0 needs report_ids"
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--lambda_cal=-5", "lambda_cal must be >= 0"),  # trained to chance, exit 0
+        ("--num_train_epochs=0", "num_train_epochs must be > 0"),  # shipped an untrained checkpoint
+        ("--learning_rate=fast", "learning_rate must be a number"),  # failed inside torch, unnamed
+        ('--lambda_cal="nan"', "lambda_cal must be a number"),
+        ("--lambda_align=-1", "lambda_align must be >= 0"),  # said "lambda_align > 0 needs report_ids"
+    ],
+)
 def test_bad_training_values_fail_before_data_or_model(tmp_path, monkeypatch, override, message):
     from skinclip import training
     from skinclip.errors import UserError
@@ -163,8 +179,13 @@ def test_bad_training_values_fail_before_data_or_model(tmp_path, monkeypatch, ov
 
 
 def _colour_splits(validation=None, train_split=None):
-    return DatasetDict({"train": train_split or _colour_dataset(2, seed=0),
-                        "validation": validation or _colour_dataset(1, seed=1), "test": _colour_dataset(1, seed=2)})
+    return DatasetDict(
+        {
+            "train": train_split or _colour_dataset(2, seed=0),
+            "validation": validation or _colour_dataset(1, seed=1),
+            "test": _colour_dataset(1, seed=2),
+        }
+    )
 
 
 def _train_on(tmp_path, monkeypatch, dataset):
@@ -172,8 +193,14 @@ def _train_on(tmp_path, monkeypatch, dataset):
 
     dataset.save_to_disk(str(tmp_path / "data"))
     monkeypatch.setattr(training, "SkinClipVLModel", _must_not_build)
-    training.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
-                f"--output_dir={tmp_path / 'out'}"])
+    training.main(
+        [
+            "configs/demo.yaml",
+            f"--dataset_path={tmp_path / 'data'}",
+            "--demo_dataset=false",
+            f"--output_dir={tmp_path / 'out'}",
+        ]
+    )
 
 
 def test_validation_classes_in_another_order_fail_before_the_model_is_built(tmp_path, monkeypatch):
@@ -214,5 +241,12 @@ def test_continuing_from_a_corrupt_checkpoint_names_the_file(tmp_path, make_conf
     (checkpoint / "model.safetensors").write_bytes(b"not safetensors")
     _colour_splits().save_to_disk(str(tmp_path / "data"))
     with pytest.raises(UserError, match=r"checkpoint/model.safetensors:? (is )?not a readable safetensors file"):
-        training.main(["configs/demo.yaml", f"--dataset_path={tmp_path / 'data'}", "--demo_dataset=false",
-                    f"--output_dir={tmp_path / 'out'}", f"--model_name_or_path={checkpoint}"])
+        training.main(
+            [
+                "configs/demo.yaml",
+                f"--dataset_path={tmp_path / 'data'}",
+                "--demo_dataset=false",
+                f"--output_dir={tmp_path / 'out'}",
+                f"--model_name_or_path={checkpoint}",
+            ]
+        )

@@ -15,8 +15,9 @@ def model_and_split(make_config):
     model = SkinClipVLModel(config, device="cpu").eval()
     processor = SkinClipVLProcessor.from_pretrained(None, config=config)
     split = colour_dataset(per_class=2, seed=0)
-    split = split.map(lambda row, index: {"metadata_text": None if index == 1 else row["metadata_text"]},
-                      with_indices=True)  # a missing metadata text is an empty one
+    split = split.map(
+        lambda row, index: {"metadata_text": None if index == 1 else row["metadata_text"]}, with_indices=True
+    )  # a missing metadata text is an empty one
     return model, processor, split
 
 

@@ -3,10 +3,10 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
-from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -120,7 +120,9 @@ def test_lm_loss_ignores_prompt_and_image_positions(model_and_processor, batch):
     labels = torch.full(hidden.shape[:2], -100)
     labels[:, num_prefix:] = batch["rationale_ids"].masked_fill(batch["rationale_attention_mask"] == 0, -100)
     logits = model.language_model.get_output_embeddings()(hidden)
-    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    reference = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(outputs.lm_loss, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -139,22 +141,36 @@ def test_gradients_reach_trained_parts_and_stop_at_frozen_bases(make_config):
         else:
             assert not param.requires_grad and param.grad is None, f"frozen {name} got a gradient"
     names = set(trained)
-    for part in ("projector.", "focal_pooling.query", "focal_pooling.k_proj", "cls_token", "classifier.",
-                 "image_alignment.", "text_alignment.", "logit_scale", "lora_A", "lora_B"):
+    for part in (
+        "projector.",
+        "focal_pooling.query",
+        "focal_pooling.k_proj",
+        "cls_token",
+        "classifier.",
+        "image_alignment.",
+        "text_alignment.",
+        "logit_scale",
+        "lora_A",
+        "lora_B",
+    ):
         assert any(part in name for name in names), part
     assert not any(name.startswith("vision.") for name in names)
 
 
 def test_greedy_generation_with_cache_matches_full_recompute(model_and_processor, batch):
     model, _ = model_and_processor
-    prediction = model.predict(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
-                               max_new_tokens=6, eos_token_id=-1)
+    prediction = model.predict(
+        batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"], max_new_tokens=6, eos_token_id=-1
+    )
     assert prediction.rationale_ids.shape == (2, 6)
     # Without a cache: feed the generated tokens as a rationale and take the argmax at each position.
-    full = model(**{k: batch[k] for k in ("prompt_ids", "prompt_attention_mask", "pixel_values")},
-                 rationale_ids=prediction.rationale_ids, output_hidden_states=True)
+    full = model(
+        **{k: batch[k] for k in ("prompt_ids", "prompt_attention_mask", "pixel_values")},
+        rationale_ids=prediction.rationale_ids,
+        output_hidden_states=True,
+    )
     start = full.hidden_states.shape[1] - 6 - 1
-    expected = model.language_model.get_output_embeddings()(full.hidden_states[:, start:start + 6]).argmax(-1)
+    expected = model.language_model.get_output_embeddings()(full.hidden_states[:, start : start + 6]).argmax(-1)
     assert torch.equal(prediction.rationale_ids, expected)
     torch.testing.assert_close(prediction.logits, full.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(2))
@@ -193,7 +209,8 @@ def test_save_then_automodel_in_fresh_process_gives_same_logits(tmp_path, model_
     assert (checkpoint / "lora" / "adapter_config.json").is_file()
     assert not (checkpoint / "adapter_config.json").exists()  # at the root it would hijack AutoModel
     assert {"modeling_skinclip.py", "configuration_skinclip.py", "processing_skinclip.py"} <= {
-        p.name for p in checkpoint.iterdir()}
+        p.name for p in checkpoint.iterdir()
+    }
     saved = load_file(checkpoint / "model.safetensors")
     assert set(saved) == set(model.trained_state_dict())
     base_names = {n for n in model.state_dict() if n not in saved}
@@ -205,15 +222,15 @@ def test_save_then_automodel_in_fresh_process_gives_same_logits(tmp_path, model_
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True, device="cpu")
-        batch = torch.load({str(tmp_path / 'batch.pt')!r}, weights_only=True)
+        batch = torch.load({str(tmp_path / "batch.pt")!r}, weights_only=True)
         with torch.no_grad():
-            torch.save(model(**batch).logits, {str(tmp_path / 'logits.pt')!r})
+            torch.save(model(**batch).logits, {str(tmp_path / "logits.pt")!r})
         print(type(model).__name__)
         # The processor ships as remote code too, and resolves the checkpoint's own tokenizer copy.
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
         processor_class = get_class_from_dynamic_module("processing_skinclip.SkinClipVLProcessor", {str(checkpoint)!r})
         processor = processor_class.from_pretrained({str(checkpoint)!r})
-        torch.save(processor.tokenize_prompts(["A lesion on the back."])[0], {str(tmp_path / 'prompt.pt')!r})
+        torch.save(processor.tokenize_prompts(["A lesion on the back."])[0], {str(tmp_path / "prompt.pt")!r})
         print(processor_class.__module__)
     """)
     # cwd outside the repo: the model class must come from the checkpoint's copied code
@@ -221,8 +238,9 @@ def test_save_then_automodel_in_fresh_process_gives_same_logits(tmp_path, model_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SkinClipVLModel" in result.stdout
     assert "transformers_modules" in result.stdout  # the processor class came from the checkpoint's code
-    torch.testing.assert_close(torch.load(tmp_path / "prompt.pt", weights_only=True),
-                               processor.tokenize_prompts(["A lesion on the back."])[0])
+    torch.testing.assert_close(
+        torch.load(tmp_path / "prompt.pt", weights_only=True), processor.tokenize_prompts(["A lesion on the back."])[0]
+    )
     reloaded = torch.load(tmp_path / "logits.pt", weights_only=True)
     with torch.no_grad():
         torch.testing.assert_close(reloaded, model(**batch).logits, rtol=0, atol=1e-6)

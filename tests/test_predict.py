@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from skinclip import prediction
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+from skinclip import prediction
 from skinclip.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, run_entry_point
 from tests.conftest import write_palette_png
 
@@ -40,8 +40,23 @@ def _run(capsys, *argv):
 
 def test_predict_real_images_json(checkpoint, sample_data, tmp_path, capsys):
     images = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[:5]
-    code, out = _run(capsys, "--model", checkpoint, *images, "--json", "--out", tmp_path, "--max-new-tokens", "4",
-                     "--age", "55", "--sex", "male", "--site", "posterior torso")
+    code, out = _run(
+        capsys,
+        "--model",
+        checkpoint,
+        *images,
+        "--json",
+        "--out",
+        tmp_path,
+        "--max-new-tokens",
+        "4",
+        "--age",
+        "55",
+        "--sex",
+        "male",
+        "--site",
+        "posterior torso",
+    )
     assert code == 0
     results = json.loads(out)
     assert [r["image"] for r in results] == [str(p) for p in images]
@@ -60,8 +75,18 @@ def test_folder_batch_and_no_rationale_skips_generation(checkpoint, sample_data,
         raise AssertionError("generation must not run with --no-rationale")
 
     monkeypatch.setattr(SkinClipVLModel, "generate_rationale", fail)
-    code, out = _run(capsys, "--model", checkpoint, sample_data / "images" / "isic2024", "--no-rationale", "--json",
-                     "--out", tmp_path, "--batch-size", "3")
+    code, out = _run(
+        capsys,
+        "--model",
+        checkpoint,
+        sample_data / "images" / "isic2024",
+        "--no-rationale",
+        "--json",
+        "--out",
+        tmp_path,
+        "--batch-size",
+        "3",
+    )
     results = json.loads(out)
     assert code == 0 and len(results) == 8
     assert all("rationale" not in r and "error" not in r for r in results)
@@ -129,8 +154,9 @@ def test_bad_file_in_a_batch_is_reported_not_fatal(checkpoint, sample_data, tmp_
     bad = tmp_path / "broken.jpg"
     bad.write_text("oops")
     good = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
-    code = prediction.main([str(a) for a in ("--model", checkpoint, good, bad, "--json", "--out", tmp_path / "o",
-                                          "--no-rationale")])
+    code = prediction.main(
+        [str(a) for a in ("--model", checkpoint, good, bad, "--json", "--out", tmp_path / "o", "--no-rationale")]
+    )
     captured = capsys.readouterr()
     good_result, bad_result = json.loads(captured.out)
     assert code == EXIT_PARTIAL
@@ -141,8 +167,18 @@ def test_bad_file_in_a_batch_is_reported_not_fatal(checkpoint, sample_data, tmp_
 
 def test_grounding_words_write_maps(checkpoint, sample_data, tmp_path, capsys):
     image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
-    code, out = _run(capsys, "--model", checkpoint, image, "--json", "--out", tmp_path, "--no-rationale",
-                     "--grounding-words", "blue-whitish veil,streaks")
+    code, out = _run(
+        capsys,
+        "--model",
+        checkpoint,
+        image,
+        "--json",
+        "--out",
+        tmp_path,
+        "--no-rationale",
+        "--grounding-words",
+        "blue-whitish veil,streaks",
+    )
     (result,) = json.loads(out)
     assert set(result["grounding"]) == {"blue-whitish veil", "streaks"}
     for path in result["grounding"].values():
@@ -163,8 +199,9 @@ def test_calibrated_checkpoint_prints_prediction_set(checkpoint, sample_data, tm
     # Beside the original: a checkpoint may name its bases by a path relative to its own folder.
     calibrated = checkpoint.parent / f"calibrated-{tmp_path.name}"
     shutil.copytree(checkpoint, calibrated)
-    (calibrated / "calibration.json").write_text(json.dumps(
-        {"temperature": 2.0, "conformal": {"method": "aps", "coverage": 0.9, "qhat": 0.6}}))
+    (calibrated / "calibration.json").write_text(
+        json.dumps({"temperature": 2.0, "conformal": {"method": "aps", "coverage": 0.9, "qhat": 0.6}})
+    )
     image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
     code, out = _run(capsys, "--model", calibrated, image, "--out", tmp_path / "o", "--no-rationale")
     assert code == 0 and "(90% coverage)" in out
@@ -181,13 +218,34 @@ def test_calibrated_checkpoint_prints_prediction_set(checkpoint, sample_data, tm
 
 def test_rationale_words_are_grounded(checkpoint, sample_data, tmp_path, capsys, monkeypatch):
     # A random decoder writes noise; fix the decoded rationale to check which words get maps.
-    monkeypatch.setattr(SkinClipVLProcessor, "decode",
-                        lambda self, ids: ["Atypical pigment network and a blue-whitish veil; irregular streaks."] * len(ids))
+    monkeypatch.setattr(
+        SkinClipVLProcessor,
+        "decode",
+        lambda self, ids: ["Atypical pigment network and a blue-whitish veil; irregular streaks."] * len(ids),
+    )
     assert prediction.rationale_words("Atypical pigment network and a blue-whitish veil; irregular streaks.") == [
-        "atypical", "pigment", "network", "blue-whitish", "veil", "irregular"]
+        "atypical",
+        "pigment",
+        "network",
+        "blue-whitish",
+        "veil",
+        "irregular",
+    ]
     image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
-    code, out = _run(capsys, "--model", checkpoint, image, "--json", "--out", tmp_path, "--max-new-tokens", "3",
-                     "--ground-rationale", "--grounding-words", "veil")
+    code, out = _run(
+        capsys,
+        "--model",
+        checkpoint,
+        image,
+        "--json",
+        "--out",
+        tmp_path,
+        "--max-new-tokens",
+        "3",
+        "--ground-rationale",
+        "--grounding-words",
+        "veil",
+    )
     (result,) = json.loads(out)
     assert list(result["grounding"]) == ["veil", "atypical", "pigment", "network", "blue-whitish", "irregular"]
     for path in result["grounding"].values():
@@ -212,18 +270,36 @@ def test_huge_images_do_not_cost_the_batch_and_memory_is_bounded(checkpoint, sam
     bomb = write_palette_png(folder / "bomb_20000.png", 20000)
     large = write_palette_png(folder / "large_13000.png", 13000)
     assert bomb.stat().st_size < 60_000
-    wrapper = ("import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
-               "print(json.dumps({'rc': r.returncode, 'out': r.stdout, 'err': r.stderr,"
-               " 'peak_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
-    command = [sys.executable, "-c", wrapper, sys.executable, "predict.py", "--model", str(checkpoint), str(folder),
-               "--json", "--no-rationale", "--batch-size", "4", "--out", str(tmp_path / "out")]
+    wrapper = (
+        "import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+        "print(json.dumps({'rc': r.returncode, 'out': r.stdout, 'err': r.stderr,"
+        " 'peak_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
+    command = [
+        sys.executable,
+        "-c",
+        wrapper,
+        sys.executable,
+        "predict.py",
+        "--model",
+        str(checkpoint),
+        str(folder),
+        "--json",
+        "--no-rationale",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     run = json.loads(subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout)
     results = {Path(r["image"]).name: r for r in json.loads(run["out"])}
     print(f"peak RSS of predict.py: {run['peak_kb'] / 1024:.0f} MiB")
     assert run["rc"] == EXIT_PARTIAL, run["err"]
     assert sorted(results) == sorted([g.name for g in goods] + [bomb.name, large.name])
-    assert results[bomb.name]["error"] == (f"{bomb}: image too large (Image size (400000000 pixels) exceeds limit of "
-                                           "200000000 pixels, could be decompression bomb DOS attack.)")
+    assert results[bomb.name]["error"] == (
+        f"{bomb}: image too large (Image size (400000000 pixels) exceeds limit of "
+        "200000000 pixels, could be decompression bomb DOS attack.)"
+    )
     assert [name for name, r in results.items() if "error" in r] == [bomb.name]
     with Image.open(results[large.name]["heatmap"]) as heatmap:
         assert heatmap.size == (2048, 2048)  # drawn on the bounded working copy
@@ -270,8 +346,20 @@ def test_results_are_printed_as_they_are_produced(checkpoint, sample_data, tmp_p
         return real_predict(self, *args, **kwargs)
 
     monkeypatch.setattr(SkinClipVLModel, "predict", predict_then_die)
-    code = run_entry_point(prediction.main, ["--model", str(checkpoint), *map(str, images), "--json",
-                                          "--batch-size", "1", "--out", str(tmp_path), "--no-rationale"])
+    code = run_entry_point(
+        prediction.main,
+        [
+            "--model",
+            str(checkpoint),
+            *map(str, images),
+            "--json",
+            "--batch-size",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--no-rationale",
+        ],
+    )
     captured = capsys.readouterr()
     assert code == 130 and "error: interrupted" in captured.err
     (first,) = json.loads(captured.out)  # the list is closed even so, holding the finished result
@@ -291,8 +379,10 @@ def test_nan_probabilities_are_errors_not_percentages(checkpoint, sample_data, t
     code, out = _run(capsys, "--model", checkpoint, image, "--out", tmp_path, "--no-rationale")
     assert code == EXIT_FATAL
     assert "nan" not in out.lower().replace("non-finite class probabilities (nan or inf)", "")
-    assert out.strip() == (f"{image}: ERROR {image}: the checkpoint gave non-finite class probabilities (NaN or "
-                           "inf); its weights are likely broken")
+    assert out.strip() == (
+        f"{image}: ERROR {image}: the checkpoint gave non-finite class probabilities (NaN or "
+        "inf); its weights are likely broken"
+    )
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -305,15 +395,33 @@ def test_same_stems_get_their_own_outputs(checkpoint, sample_data, tmp_path, cap
     table = tmp_path / "cases.csv"
     table.write_text("image\na/x.jpg\na/x.jpg\n")
     out = tmp_path / "out"
-    code, printed = _run(capsys, "--model", checkpoint, tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg", table,
-                         "--json", "--out", out, "--no-rationale", "--grounding-words", "blue veil,blue-veil")
+    code, printed = _run(
+        capsys,
+        "--model",
+        checkpoint,
+        tmp_path / "a" / "x.jpg",
+        tmp_path / "b" / "x.jpg",
+        table,
+        "--json",
+        "--out",
+        out,
+        "--no-rationale",
+        "--grounding-words",
+        "blue veil,blue-veil",
+    )
     results = json.loads(printed)
     assert code == EXIT_OK
     heatmaps = [r["heatmap"] for r in results]
-    assert heatmaps == [str(out / "x_focal_attention.png"), str(out / "x-2_focal_attention.png"),
-                        str(out / "a/x_focal_attention.png"), str(out / "a/x-2_focal_attention.png")]
-    assert results[1]["grounding"] == {"blue veil": str(out / "x-2_word_blue_veil.png"),
-                                       "blue-veil": str(out / "x-2_word_blue_veil-2.png")}
+    assert heatmaps == [
+        str(out / "x_focal_attention.png"),
+        str(out / "x-2_focal_attention.png"),
+        str(out / "a/x_focal_attention.png"),
+        str(out / "a/x-2_focal_attention.png"),
+    ]
+    assert results[1]["grounding"] == {
+        "blue veil": str(out / "x-2_word_blue_veil.png"),
+        "blue-veil": str(out / "x-2_word_blue_veil-2.png"),
+    }
     for result in results:
         with Image.open(result["heatmap"]) as heatmap, Image.open(result["image"]) as original:
             assert heatmap.size == original.size  # each JSON entry points at its own image's map
@@ -330,13 +438,16 @@ def test_folder_is_walked_and_skipped_files_are_reported(checkpoint, sample_data
     out = folder / "predictions"  # inside the input folder: never walked
     code = prediction.main([str(a) for a in ("--model", checkpoint, folder, "--json", "--out", out, "--no-rationale")])
     captured = capsys.readouterr()
-    code_again = prediction.main([str(a) for a in ("--model", checkpoint, folder, "--json", "--out", out,
-                                                   "--no-rationale")])
+    code_again = prediction.main(
+        [str(a) for a in ("--model", checkpoint, folder, "--json", "--out", out, "--no-rationale")]
+    )
     again = capsys.readouterr()
     results = json.loads(captured.out)
     assert code == code_again == EXIT_OK
-    assert [r["heatmap"] for r in results] == [str(out / images[0].with_suffix("").name) + "_focal_attention.png",
-                                               str(out / "sub/deeper" / images[1].stem) + "_focal_attention.png"]
+    assert [r["heatmap"] for r in results] == [
+        str(out / images[0].with_suffix("").name) + "_focal_attention.png",
+        str(out / "sub/deeper" / images[1].stem) + "_focal_attention.png",
+    ]
     assert f"skipped: {folder / 'notes.txt'} (not a supported image type (.txt))" in captured.err
     assert f"skipped: {folder / 'sub' / 'anim.gif'} (not a supported image type (.gif))" in captured.err
     assert "2 file(s) skipped" in captured.err
@@ -352,11 +463,13 @@ def test_bad_csv_rows_are_per_row(checkpoint, sample_data, tmp_path, capsys):
     table.write_bytes(
         b"image,age,sex,site\n"
         + f"{image},abc,male,back\n{image},inf,female,\n{image},300,,\n".encode()
-        + f"{image},55,male,".encode() + b"\xff\xfeback\n"
+        + f"{image},55,male,".encode()
+        + b"\xff\xfeback\n"
         + f"{image},40,female,{'x' * 500}\n".encode()
     )
-    code = prediction.main([str(a) for a in ("--model", checkpoint, table, "--json", "--out", tmp_path / "o",
-                                          "--no-rationale")])
+    code = prediction.main(
+        [str(a) for a in ("--model", checkpoint, table, "--json", "--out", tmp_path / "o", "--no-rationale")]
+    )
     captured = capsys.readouterr()
     results = json.loads(captured.out)
     assert code == EXIT_PARTIAL
@@ -388,5 +501,7 @@ def test_every_input_failing_is_fatal(checkpoint, tmp_path, capsys):
     bad.write_bytes(b"\x89PNG broken")
     code, out = _run(capsys, "--model", checkpoint, bad, tmp_path / "absent.jpg", "--out", tmp_path / "o")
     assert code == EXIT_FATAL
-    assert out.splitlines() == [f"{bad}: ERROR {bad}: not a readable image (not a JPEG, PNG, BMP, TIFF or WEBP file)",
-                                f"{tmp_path / 'absent.jpg'}: ERROR {tmp_path / 'absent.jpg'}: no such file"]
+    assert out.splitlines() == [
+        f"{bad}: ERROR {bad}: not a readable image (not a JPEG, PNG, BMP, TIFF or WEBP file)",
+        f"{tmp_path / 'absent.jpg'}: ERROR {tmp_path / 'absent.jpg'}: no such file",
+    ]

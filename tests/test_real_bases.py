@@ -45,7 +45,9 @@ def test_tiny_qwen_keeps_every_real_key_and_shrinks_only_sizes(tiny_bases):
     tiny_dir = Path(tiny_bases["decoder-qwen2_5_vl"])
     tiny = json.loads((tiny_dir / "config.json").read_text())
     assert set(tiny) == set(real)
-    assert {key: tiny[key] for key in real if key not in SIZE_KEYS} == {k: v for k, v in real.items() if k not in SIZE_KEYS}
+    assert {key: tiny[key] for key in real if key not in SIZE_KEYS} == {
+        k: v for k, v in real.items() if k not in SIZE_KEYS
+    }
     assert "pad_token_id" not in tiny and tiny["rope_scaling"]["type"] == "mrope"  # the real flat layout
     assert set(tiny["vision_config"]) == set(real["vision_config"])
     head_dim = tiny["hidden_size"] // tiny["num_attention_heads"]
@@ -94,7 +96,10 @@ def test_tiny_clip_keeps_the_real_keys_and_its_own_bpe(tiny_bases):
         assert tiny[section]["hidden_act"] == "quick_gelu"
     assert tiny["text_config"]["max_position_embeddings"] == 77
     assert {k: tiny["text_config"][k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")} == {
-        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # the real (legacy) ids
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    }  # the real (legacy) ids
     assert CLIPConfig.from_pretrained(str(tiny_dir)).vision_config.patch_size == 14
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
     texts = ["An atypical pigment network and irregular streaks.", "Arborizing vessels; milia-like cysts (BCC?)"]
@@ -189,10 +194,14 @@ def test_language_only_stack_equals_the_full_model_text_path(tiny_bases):
 
     config = SkinClipVLConfig(
         vision_config=dict(model_name_or_path=tiny_bases["clip"]),
-        decoder_config=dict(model_name_or_path=tiny_bases["decoder-qwen2_5_vl"], quantization="none", compute_dtype="float32"),
+        decoder_config=dict(
+            model_name_or_path=tiny_bases["decoder-qwen2_5_vl"], quantization="none", compute_dtype="float32"
+        ),
     )
     language_only = load_decoder(config.decoder_config, "cpu").eval()
-    full = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_bases["decoder-qwen2_5_vl"], dtype=torch.float32).eval()
+    full = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_bases["decoder-qwen2_5_vl"], dtype=torch.float32
+    ).eval()
     ids = torch.tensor([[151644, 872, 198, 32, 92117, 389, 279, 1182, 13, 151645]])
     with torch.no_grad():
         torch.testing.assert_close(language_only(input_ids=ids).logits, full(input_ids=ids).logits)
@@ -268,8 +277,9 @@ def test_4bit_decoder_keeps_embeddings_head_and_residual_stream_in_the_compute_d
     assert all(p.dtype in (torch.bfloat16, torch.uint8) for n, p in lm.named_parameters() if "lora_" not in n)
     seen = []
     layer = model.text_stack.layers[-1]
-    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(
-        (output[0] if isinstance(output, tuple) else output).dtype))
+    handle = layer.register_forward_hook(
+        lambda module, inputs, output: seen.append((output[0] if isinstance(output, tuple) else output).dtype)
+    )
     processor = SkinClipVLProcessor.from_pretrained(None, config=config)
     from PIL import Image
 
@@ -291,7 +301,9 @@ def paper_model():
 
     settings = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "isic2019.yaml").read_text())
     config = SkinClipVLConfig(
-        vision_config=dict(backend="hf", model_name_or_path=str(CLIP_FILES), feature_layer=settings["vision_feature_layer"]),
+        vision_config=dict(
+            backend="hf", model_name_or_path=str(CLIP_FILES), feature_layer=settings["vision_feature_layer"]
+        ),
         decoder_config=dict(
             model_name_or_path=str(QWEN_FILES),
             quantization=settings["quantization"],
@@ -326,11 +338,17 @@ def test_paper_trained_tensors_and_their_bytes(paper_model):
     assert counts["lora"] == 28 * 64 * (3584 + 3584 + 3584 + 512) == 20_185_088
     hidden, vision, focal, align, text, classes = 3584, 1024, 1024, 512, 768, 8
     heads = (
-        vision * hidden + hidden  # projector
-        + hidden + 3 * hidden * focal  # focal pooling: query, W_q, W_k, W_v (no bias)
+        vision * hidden
+        + hidden  # projector
+        + hidden
+        + 3 * hidden * focal  # focal pooling: query, W_q, W_k, W_v (no bias)
         + hidden  # CLS
-        + hidden * classes + classes  # classifier
-        + focal * align + align + text * align + align  # alignment projections
+        + hidden * classes
+        + classes  # classifier
+        + focal * align
+        + align
+        + text * align
+        + align  # alignment projections
         + 1  # logit scale
     )
     assert counts["heads"] == heads

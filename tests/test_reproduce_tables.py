@@ -14,10 +14,18 @@ from skinclip import tables as rt
 PAPER_TEXT = rt.REPO_ROOT.parent / "shared" / "paper" / "skinclip-vl-paper.txt"
 # Paper Table I line prefixes (as extracted from the PDF) for the keys of paper_numbers.yaml.
 PAPER_LINE_PREFIX = {
-    "EfficientNet-B4": "EfficientNet-B4 [19]", "ResNet-34": "ResNet-34 [20]", "ConvNeXt-Base": "ConvNeXt-Base [21]",
-    "CaFormer-B36": "CaFormer-B36 [22]", "HEALNet": "HEALNet [23]", "MedCLIP": "MedCLIP [14]",
-    "Qwen2.5-VL-7B": "Qwen2.5-VL-7B [24]", "LLaVA-Med-7B": "LLaVA-Med-7B [25]", "SkinVL-MM": "SkinVL-MM [26]",
-    "InternVL2.5-8B": "InternVL2.5-8B [27]", "SkinGPT-4": "SKinGPT-4 [28]", "SkinCLIP-VL": "SkinCLIP-VL (Ours)",
+    "EfficientNet-B4": "EfficientNet-B4 [19]",
+    "ResNet-34": "ResNet-34 [20]",
+    "ConvNeXt-Base": "ConvNeXt-Base [21]",
+    "CaFormer-B36": "CaFormer-B36 [22]",
+    "HEALNet": "HEALNet [23]",
+    "MedCLIP": "MedCLIP [14]",
+    "Qwen2.5-VL-7B": "Qwen2.5-VL-7B [24]",
+    "LLaVA-Med-7B": "LLaVA-Med-7B [25]",
+    "SkinVL-MM": "SkinVL-MM [26]",
+    "InternVL2.5-8B": "InternVL2.5-8B [27]",
+    "SkinGPT-4": "SKinGPT-4 [28]",
+    "SkinCLIP-VL": "SkinCLIP-VL (Ours)",
 }
 
 
@@ -28,8 +36,7 @@ def tiny_results(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster than two contending ones
     try:
-        codes = {table: rt.main([table, "--out", str(out), "--tiny", "--launcher", "inprocess"])
-                 for table in rt.TABLES}
+        codes = {table: rt.main([table, "--out", str(out), "--tiny", "--launcher", "inprocess"]) for table in rt.TABLES}
     finally:
         torch.set_num_threads(threads)
     return out, codes
@@ -48,8 +55,14 @@ def _markdown_rows(markdown: str) -> tuple[list[str], dict[str, list[str]]]:
 def _expected_rows(table: str) -> list[str]:
     if table == "table1":
         return [label for heading, rows in rt.TABLE1_ROWS for label in [f"**{heading}**"] + [r[0] for r in rows]]
-    return [row[0] for row in {"ablation": rt.ABLATION_ROWS, "lambda3": rt.LAMBDA3_ROWS,
-                               "data_efficiency": rt.DATA_EFFICIENCY_ROWS}[table]]
+    return [
+        row[0]
+        for row in {
+            "ablation": rt.ABLATION_ROWS,
+            "lambda3": rt.LAMBDA3_ROWS,
+            "data_efficiency": rt.DATA_EFFICIENCY_ROWS,
+        }[table]
+    ]
 
 
 @pytest.mark.parametrize("table", rt.TABLES)
@@ -83,8 +96,9 @@ def test_table_numbers_come_from_the_evaluation_files(tiny_results, table):
             continue
         source = Path(cell["source"])
         assert source.parent.parent == out / "runs"
-        assert source.name == ("ood_metrics.json" if "ISIC 2024" in cell["column"] or table == "data_efficiency"
-                               else "test_metrics.json")
+        assert source.name == (
+            "ood_metrics.json" if "ISIC 2024" in cell["column"] or table == "data_efficiency" else "test_metrics.json"
+        )
         assert cell["value"] == json.loads(source.read_text())[cell["metric"]]
         shown = rows[cell["row"]][columns.index(cell["column"])]
         assert shown.startswith(rt.format_value(cell["metric"], cell["value"]) + " ")
@@ -195,10 +209,13 @@ def test_paper_numbers_file_matches_the_paper_text():
     lines = PAPER_TEXT.read_text().splitlines()
     for model, prefix in PAPER_LINE_PREFIX.items():
         line = next(line for line in lines if line.startswith(prefix))
-        printed = re.findall(r"\d+\.\d+%?", line[len(prefix):])[-9:]
+        printed = re.findall(r"\d+\.\d+%?", line[len(prefix) :])[-9:]
         reported = paper["table1"][model]
-        expected = [f"{100 * v:.1f}%" if i == 0 else f"{v:.3f}"
-                    for dataset in ("isic2019", "derm7pt", "isic2024") for i, v in enumerate(reported[dataset])]
+        expected = [
+            f"{100 * v:.1f}%" if i == 0 else f"{v:.3f}"
+            for dataset in ("isic2019", "derm7pt", "isic2024")
+            for i, v in enumerate(reported[dataset])
+        ]
         assert printed == expected, model
     text = PAPER_TEXT.read_text()
     assert "Baseline (CE Loss) 71.5% 0.820 0.155" in text and "SkinCLIP-VL 85.0% 82.4% -2.6%" in text

@@ -16,10 +16,21 @@ from tests.conftest import REPO_ROOT
 
 def _command(root, output_dir, *extra):
     return [
-        sys.executable, "train.py", "configs/demo.yaml",
-        f"--output_dir={output_dir}", f"--dataset_path={root / 'data'}", f"--tiny_bases_dir={root / 'bases'}",
-        "--num_train_epochs=5", "--save_strategy=steps", "--save_steps=3", "--save_total_limit=3",
-        "--eval_strategy=no", "--augment=true", "--disable_tqdm=true", "--test_split=null", *extra,
+        sys.executable,
+        "train.py",
+        "configs/demo.yaml",
+        f"--output_dir={output_dir}",
+        f"--dataset_path={root / 'data'}",
+        f"--tiny_bases_dir={root / 'bases'}",
+        "--num_train_epochs=5",
+        "--save_strategy=steps",
+        "--save_steps=3",
+        "--save_total_limit=3",
+        "--eval_strategy=no",
+        "--augment=true",
+        "--disable_tqdm=true",
+        "--test_split=null",
+        *extra,
     ]
 
 
@@ -31,13 +42,15 @@ def _final_step(output_dir):
 @pytest.mark.slow  # runs train.py three times
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     uninterrupted = tmp_path / "uninterrupted"
-    result = subprocess.run(_command(tmp_path, uninterrupted), cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        _command(tmp_path, uninterrupted), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_command(tmp_path, killed), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _command(tmp_path, killed), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoint-3" / "checkpoint_complete.json").is_file():
         assert process.poll() is None, "the run ended before it could be killed"
@@ -51,8 +64,13 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     torn = killed / "checkpoint-999"
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"partial")
-    resumed = subprocess.run(_command(tmp_path, killed, "--resume_from_checkpoint=true"), cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _command(tmp_path, killed, "--resume_from_checkpoint=true"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint-999" not in resumed.stderr.split("Loading model from")[-1][:300]
 
@@ -72,7 +90,9 @@ def test_resuming_an_incomplete_checkpoint_is_refused(tmp_path, make_config):
     assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
     trainer = CFATrainer.__new__(CFATrainer)
     trainer.args = CFATrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match=r"checkpoint-4 is not a complete checkpoint.*newest complete one is .*checkpoint-2"):
+    with pytest.raises(
+        ValueError, match=r"checkpoint-4 is not a complete checkpoint.*newest complete one is .*checkpoint-2"
+    ):
         trainer.train(str(tmp_path / "checkpoint-4"))
 
 

@@ -15,8 +15,11 @@ MAX_BYTES = 10 * 1024 * 1024
 
 
 def _data_files():
-    return sorted(p.relative_to(TEST_DATA).as_posix() for p in TEST_DATA.rglob("*")
-                  if p.is_file() and p.name not in OWN_FILES and "__pycache__" not in p.parts)
+    return sorted(
+        p.relative_to(TEST_DATA).as_posix()
+        for p in TEST_DATA.rglob("*")
+        if p.is_file() and p.name not in OWN_FILES and "__pycache__" not in p.parts
+    )
 
 
 def test_every_file_is_listed_with_its_sha256_and_the_folder_is_small():
@@ -52,14 +55,18 @@ def test_rebuilt_from_the_complete_files_byte_for_byte(shared_data, tmp_path):
 def test_the_cut_keeps_the_cases_the_tests_rely_on():
     from datasets_scripts import derm7pt, ham10000, isic2019
 
-    isic = isic2019.load_table(TEST_DATA / "isic2019" / isic2019.GROUND_TRUTH_FILE,
-                               TEST_DATA / "isic2019" / isic2019.METADATA_FILE)
+    isic = isic2019.load_table(
+        TEST_DATA / "isic2019" / isic2019.GROUND_TRUTH_FILE, TEST_DATA / "isic2019" / isic2019.METADATA_FILE
+    )
     lesion_sizes = isic.groupby("label")["lesion_id"].apply(lambda ids: ids.value_counts().max())
     assert sorted(isic["label"].unique()) == list(range(8)) and (lesion_sizes >= 2).all()  # several images per lesion
     for column in ("age_approx", "anatom_site_general", "sex", "lesion_id"):
         assert isic[column].isna().any(), column
     assert isic["image_id"].str.endswith("_downsampled").any()
-    assert (isic["image_id"].iloc[:60] == pd.read_csv(TEST_DATA / "isic2019" / isic2019.GROUND_TRUTH_FILE)["image"].iloc[:60]).all()
+    assert (
+        isic["image_id"].iloc[:60]
+        == pd.read_csv(TEST_DATA / "isic2019" / isic2019.GROUND_TRUTH_FILE)["image"].iloc[:60]
+    ).all()
     sample_images = pd.read_csv(TEST_DATA / "images" / "labels.csv").query("dataset == 'ISIC2019'")["image_id"]
     assert set(sample_images) <= set(isic["image_id"])
 

@@ -18,9 +18,15 @@ pytestmark = pytest.mark.slow  # every test here runs train.py in a subprocess
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-run")
     command = [
-        sys.executable, "train.py", "configs/demo.yaml",
-        f"--output_dir={root / 'out'}", f"--dataset_path={root / 'data'}", f"--tiny_bases_dir={root / 'bases'}",
-        "--num_train_epochs=3", "--save_strategy=no", "--disable_tqdm=true",
+        sys.executable,
+        "train.py",
+        "configs/demo.yaml",
+        f"--output_dir={root / 'out'}",
+        f"--dataset_path={root / 'data'}",
+        f"--tiny_bases_dir={root / 'bases'}",
+        "--num_train_epochs=3",
+        "--save_strategy=no",
+        "--disable_tqdm=true",
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -30,10 +36,19 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_checkpoint_metrics_and_card(demo_run):
     root, result = demo_run
     out = root / "out"
-    for name in ("config.json", "model.safetensors", "lora/adapter_config.json", "modeling_skinclip.py",
-                 "configuration_skinclip.py", "tokenizer/tokenizer_config.json",
-                 "image_processor/preprocessor_config.json", "README.md", "test_metrics.json",
-                 "validation_metrics.json", "test_predictions.csv"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "lora/adapter_config.json",
+        "modeling_skinclip.py",
+        "configuration_skinclip.py",
+        "tokenizer/tokenizer_config.json",
+        "image_processor/preprocessor_config.json",
+        "README.md",
+        "test_metrics.json",
+        "validation_metrics.json",
+        "test_predictions.csv",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert {"balanced_accuracy", "auroc_macro", "ece", "loss"} <= set(metrics)
@@ -42,7 +57,7 @@ def test_demo_writes_checkpoint_metrics_and_card(demo_run):
     for term in ("loss_focal", "loss_align", "loss_cal", "loss_gen"):
         assert term in result.stdout + result.stderr
     # The run ends with where the checkpoint is, the test metrics, and the command to run next.
-    summary = result.stdout[result.stdout.index("Checkpoint: "):]
+    summary = result.stdout[result.stdout.index("Checkpoint: ") :]
     assert f"Checkpoint: {out}" in summary
     assert f"balanced_accuracy {metrics['balanced_accuracy']:.4f}" in summary and "test_metrics.json" in summary
     assert f"Next: python predict.py --model {out} <image>" in summary
@@ -60,26 +75,43 @@ def test_a_new_run_into_a_finished_run_is_refused_and_changes_nothing(demo_run):
     """The same command again used to overwrite the model, metrics and card and rotate checkpoints away."""
     root, _ = demo_run
     before = _folder_bytes(root / "out")
-    command = [sys.executable, "train.py", "configs/demo.yaml", f"--output_dir={root / 'out'}",
-               f"--dataset_path={root / 'data'}", f"--tiny_bases_dir={root / 'bases'}", "--num_train_epochs=1"]
+    command = [
+        sys.executable,
+        "train.py",
+        "configs/demo.yaml",
+        f"--output_dir={root / 'out'}",
+        f"--dataset_path={root / 'data'}",
+        f"--tiny_bases_dir={root / 'bases'}",
+        "--num_train_epochs=1",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert _error_lines(result.stderr) == [
         f"error: output_dir {root / 'out'} already holds a finished run; choose another output_dir, or pass "
-        "--overwrite_output_dir=true to replace the run's outputs (other files are kept)"]
+        "--overwrite_output_dir=true to replace the run's outputs (other files are kept)"
+    ]
     assert "Traceback" not in result.stderr
     assert _folder_bytes(root / "out") == before
 
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
-    command = [sys.executable, "train.py", "configs/demo.yaml", f"--output_dir={tmp_path / 'out'}",
-               f"--dataset_path={tmp_path / 'data'}", f"--tiny_bases_dir={tmp_path / 'bases'}", "--lambda_cal=-5"]
+    command = [
+        sys.executable,
+        "train.py",
+        "configs/demo.yaml",
+        f"--output_dir={tmp_path / 'out'}",
+        f"--dataset_path={tmp_path / 'data'}",
+        f"--tiny_bases_dir={tmp_path / 'bases'}",
+        "--lambda_cal=-5",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert _error_lines(result.stderr) == ["error: lambda_cal must be >= 0, got -5"]
     assert not any(tmp_path.iterdir())  # refused before data, bases or outputs were made
     debug = subprocess.run(command + ["--debug"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError: lambda_cal must be >= 0" in debug.stderr
+    assert (
+        debug.returncode != 0 and "Traceback" in debug.stderr and "UserError: lambda_cal must be >= 0" in debug.stderr
+    )
 
 
 def test_overwrite_output_dir_replaces_the_previous_run_and_keeps_other_files(demo_run, tmp_path):
@@ -93,9 +125,20 @@ def test_overwrite_output_dir_replaces_the_previous_run_and_keeps_other_files(de
     (out / "model.safetensors").write_bytes(b"previous weights")
     (out / "validation_metrics.json").write_text('{"balanced_accuracy": 0.123456}')
     (out / "notes.txt").write_text("my notes")
-    training.main(["configs/demo.yaml", f"--output_dir={out}", f"--dataset_path={root / 'data'}",
-                f"--tiny_bases_dir={root / 'bases'}", "--num_train_epochs=1", "--save_strategy=epoch",
-                "--eval_strategy=no", "--test_split=null", "--disable_tqdm=true", "--overwrite_output_dir"])
+    training.main(
+        [
+            "configs/demo.yaml",
+            f"--output_dir={out}",
+            f"--dataset_path={root / 'data'}",
+            f"--tiny_bases_dir={root / 'bases'}",
+            "--num_train_epochs=1",
+            "--save_strategy=epoch",
+            "--eval_strategy=no",
+            "--test_split=null",
+            "--disable_tqdm=true",
+            "--overwrite_output_dir",
+        ]
+    )
     checkpoints = sorted(path.name for path in out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and checkpoints != ["checkpoint-99"], checkpoints
     assert (out / "notes.txt").read_text() == "my notes"
@@ -129,9 +172,19 @@ def test_cached_clip_features_train_and_match_the_image_path(tmp_path):
     from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 
     out = tmp_path / "out"
-    command = [sys.executable, "train.py", "configs/demo.yaml", f"--output_dir={out}",
-               f"--dataset_path={tmp_path / 'data'}", f"--tiny_bases_dir={tmp_path / 'bases'}", "--num_train_epochs=2",
-               "--save_strategy=no", "--augment=false", "--cache_vision_features=true", "--disable_tqdm=true"]
+    command = [
+        sys.executable,
+        "train.py",
+        "configs/demo.yaml",
+        f"--output_dir={out}",
+        f"--dataset_path={tmp_path / 'data'}",
+        f"--tiny_bases_dir={tmp_path / 'bases'}",
+        "--num_train_epochs=2",
+        "--save_strategy=no",
+        "--augment=false",
+        "--cache_vision_features=true",
+        "--disable_tqdm=true",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     model = SkinClipVLModel.from_pretrained(out, device="cpu")
@@ -143,6 +196,11 @@ def test_cached_clip_features_train_and_match_the_image_path(tmp_path):
         from_images = model.predict(**processor(test["image"], test["metadata_text"])).probs.numpy()
     np.testing.assert_allclose(from_images, saved, atol=2e-3)  # fp16 cache vs fp32 tower
 
-    refused = subprocess.run(command[:-3] + ["--augment=true", "--cache_vision_features=true"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(
+        command[:-3] + ["--augment=true", "--cache_vision_features=true"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert refused.returncode != 0 and "cache_vision_features needs augment: false" in refused.stderr

@@ -8,7 +8,8 @@ from open_clip.loss import ClipLoss
 from transformers import TrainerCallback
 
 from modeling_skinclip import SkinClipVLModel, SkinClipVLOutput, SkinClipVLProcessor
-from tests.conftest import COLOURS, colour_dataset as _colour_dataset
+from tests.conftest import COLOURS
+from tests.conftest import colour_dataset as _colour_dataset
 from trainer_cfa import (
     ALIGNMENT_ONLY_MODULES,
     AlignmentLoss,
@@ -71,9 +72,11 @@ def test_alignment_equals_open_clip_clip_loss_and_the_formula():
     ours = AlignmentLoss()(image, text, scale)
     torch.testing.assert_close(ours, ClipLoss()(image, text, scale))
     logits = (scale * image @ text.T).double().numpy()
+
     def cross_entropy_rows(m):
         m = m - m.max(1, keepdims=True)
         return np.mean(-np.diag(m) + np.log(np.exp(m).sum(1)))
+
     expected = 0.5 * (cross_entropy_rows(logits) + cross_entropy_rows(logits.T))
     assert ours.item() == pytest.approx(expected, rel=1e-5)
 
@@ -116,7 +119,9 @@ def test_multi_positive_alignment_with_duplicates_matches_the_formula(logits_lab
     assert not torch.allclose(ours, ClipLoss()(image, text, scale))
     # Focal modulation composes with it: at gamma 0 every weight is 1.
     logits, labels = logits_labels
-    modulated = AlignmentLoss(focal_modulation=True, gamma=0.0)(image, text, scale, logits[:8], labels[:8], report_keys=keys)
+    modulated = AlignmentLoss(focal_modulation=True, gamma=0.0)(
+        image, text, scale, logits[:8], labels[:8], report_keys=keys
+    )
     torch.testing.assert_close(modulated, ours)
 
 
@@ -177,7 +182,9 @@ def test_class_balanced_alpha_is_inverse_frequency_with_mean_one():
 def test_cfa_loss_composes_named_terms(logits_labels):
     logits, labels = logits_labels
     image, text, scale = _embeddings(batch=16)
-    outputs = SkinClipVLOutput(logits=logits, v_global=image, t_global=text, logit_scale=scale, lm_loss=torch.tensor(2.0))
+    outputs = SkinClipVLOutput(
+        logits=logits, v_global=image, t_global=text, logit_scale=scale, lm_loss=torch.tensor(2.0)
+    )
     loss, terms = CFALoss(gamma=2.0, lambda_align=0.3, lambda_cal=0.7, lambda_gen=0.5)(outputs, labels)
     assert set(terms) == {"focal", "align", "cal", "gen"}
     expected = terms["focal"] + 0.3 * terms["align"] + 0.7 * terms["cal"] + 0.5 * 2.0
@@ -262,13 +269,20 @@ def test_evaluation_and_prediction_use_the_eval_data_collator(tmp_path, make_con
     rows = _colour_dataset(2, seed=0)
     training, evaluation = SkinClipVLCollator(processor, augment=True), SkinClipVLCollator(processor)
     args = CFATrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, dataloader_num_workers=0)
-    trainer = CFATrainer(model=SkinClipVLModel(config, device="cpu"), args=args, train_dataset=rows,
-                         data_collator=training, eval_data_collator=evaluation, class_counts=[2, 2, 2])
+    trainer = CFATrainer(
+        model=SkinClipVLModel(config, device="cpu"),
+        args=args,
+        train_dataset=rows,
+        data_collator=training,
+        eval_data_collator=evaluation,
+        class_counts=[2, 2, 2],
+    )
     assert trainer.get_eval_dataloader(rows).collate_fn is evaluation
     assert trainer.get_test_dataloader(rows).collate_fn is evaluation
     assert trainer.get_train_dataloader().collate_fn is training and trainer.data_collator is training
-    plain = CFATrainer(model=trainer.model, args=args, train_dataset=rows, data_collator=training,
-                       class_counts=[2, 2, 2])
+    plain = CFATrainer(
+        model=trainer.model, args=args, train_dataset=rows, data_collator=training, class_counts=[2, 2, 2]
+    )
     assert plain.get_eval_dataloader(rows).collate_fn is training  # no eval collator: the training one
 
 
@@ -292,14 +306,32 @@ def _one_optimizer_step(tmp_path, config, dataset, batch_size, accumulation, **c
     model = SkinClipVLModel(config, device="cpu")
     processor = SkinClipVLProcessor.from_pretrained(None, config=config)
     args = CFATrainingArguments(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, max_grad_norm=0.0, learning_rate=1e-3, logging_steps=1,
-        save_strategy="no", eval_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, use_cpu=True,
-        augment=False, disable_tqdm=True, **cfa_settings,
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=0.0,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=0,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        augment=False,
+        disable_tqdm=True,
+        **cfa_settings,
     )
     capture = _CaptureGradients()
-    trainer = CFATrainer(model=model, args=args, train_dataset=dataset, data_collator=SkinClipVLCollator(processor),
-                         callbacks=[capture], class_counts=[3, 3, 2])
+    trainer = CFATrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=SkinClipVLCollator(processor),
+        callbacks=[capture],
+        class_counts=[3, 3, 2],
+    )
     trainer.train()
     return capture.gradients, trainer.state.log_history[0]
 

@@ -21,35 +21,38 @@ def _parse(*overrides):
     return training.parse_arguments(["configs/demo.yaml", *overrides])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--learning_rate=fast", "learning_rate must be a number, got 'fast'"),
-    ('--lambda_cal="nan"', "lambda_cal must be a number, got 'nan'"),
-    ("--lambda_cal=.nan", "lambda_cal must be a finite number"),
-    ("--learning_rate=.inf", "learning_rate must be a finite number"),
-    ("--lambda_cal=-5", "lambda_cal must be >= 0, got -5"),
-    ("--lambda_align=-1", "lambda_align must be >= 0, got -1"),
-    ("--lambda_gen=-0.5", "lambda_gen must be >= 0"),
-    ("--focal_gamma=-1", "focal_gamma must be >= 0"),
-    ("--learning_rate=0", "learning_rate must be > 0"),
-    ("--num_train_epochs=0", r"num_train_epochs must be > 0 \(or set max_steps > 0\)"),
-    ("--max_steps=0", "max_steps must be > 0, or -1"),
-    ("--max_steps=2.5", "max_steps must be an integer"),
-    ("--per_device_train_batch_size=0", "per_device_train_batch_size must be >= 1"),
-    ("--per_device_eval_batch_size=0", "per_device_eval_batch_size must be >= 1"),
-    ("--gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
-    ("--max_consecutive_nonfinite=0", "max_consecutive_nonfinite must be >= 1"),
-    ("--lora_dropout=1.0", "lora_dropout must be < 1"),
-    ("--lora_r=abc", "lora_r must be an integer"),
-    ("--augment=maybe", "augment must be true or false"),
-    ("--train_fraction=0", "train_fraction must be > 0"),
-    ("--train_fraction=1.5", "train_fraction must be <= 1"),
-    ("--demo_num_per_class=2", "demo_num_per_class must be >= 5"),
-    ("--quantization=nf3", "quantization='nf3' is not supported"),
-    ("--focal_alpha=1,x", "focal_alpha must be"),
-    ("--focal_alpha=1,-2", "focal_alpha must be"),
-    ("--no_such_field=1", r"Some keys are not used.*no_such_field"),
-    ("--eval_strategy=sometimes", "sometimes is not a valid IntervalStrategy"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--learning_rate=fast", "learning_rate must be a number, got 'fast'"),
+        ('--lambda_cal="nan"', "lambda_cal must be a number, got 'nan'"),
+        ("--lambda_cal=.nan", "lambda_cal must be a finite number"),
+        ("--learning_rate=.inf", "learning_rate must be a finite number"),
+        ("--lambda_cal=-5", "lambda_cal must be >= 0, got -5"),
+        ("--lambda_align=-1", "lambda_align must be >= 0, got -1"),
+        ("--lambda_gen=-0.5", "lambda_gen must be >= 0"),
+        ("--focal_gamma=-1", "focal_gamma must be >= 0"),
+        ("--learning_rate=0", "learning_rate must be > 0"),
+        ("--num_train_epochs=0", r"num_train_epochs must be > 0 \(or set max_steps > 0\)"),
+        ("--max_steps=0", "max_steps must be > 0, or -1"),
+        ("--max_steps=2.5", "max_steps must be an integer"),
+        ("--per_device_train_batch_size=0", "per_device_train_batch_size must be >= 1"),
+        ("--per_device_eval_batch_size=0", "per_device_eval_batch_size must be >= 1"),
+        ("--gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
+        ("--max_consecutive_nonfinite=0", "max_consecutive_nonfinite must be >= 1"),
+        ("--lora_dropout=1.0", "lora_dropout must be < 1"),
+        ("--lora_r=abc", "lora_r must be an integer"),
+        ("--augment=maybe", "augment must be true or false"),
+        ("--train_fraction=0", "train_fraction must be > 0"),
+        ("--train_fraction=1.5", "train_fraction must be <= 1"),
+        ("--demo_num_per_class=2", "demo_num_per_class must be >= 5"),
+        ("--quantization=nf3", "quantization='nf3' is not supported"),
+        ("--focal_alpha=1,x", "focal_alpha must be"),
+        ("--focal_alpha=1,-2", "focal_alpha must be"),
+        ("--no_such_field=1", r"Some keys are not used.*no_such_field"),
+        ("--eval_strategy=sometimes", "sometimes is not a valid IntervalStrategy"),
+    ],
+)
 def test_bad_config_values_are_user_errors_naming_the_field(override, message):
     with pytest.raises(UserError, match=message):
         _parse(override)
@@ -81,8 +84,9 @@ def test_field_types_accept_ints_for_floats_and_none_for_optional_fields():
     from skinclip import training
 
     types = (training.ModelArguments, training.DataArguments)
-    validation.check_field_types({"lora_dropout": 0, "vision_pretrained": None, "lora_target_modules": ["q"]},
-                                 types, "cfg")
+    validation.check_field_types(
+        {"lora_dropout": 0, "vision_pretrained": None, "lora_target_modules": ["q"]}, types, "cfg"
+    )
     with pytest.raises(UserError, match="cfg: lora_dropout must be a number, got True"):
         validation.check_field_types({"lora_dropout": True}, types, "cfg")
     with pytest.raises(UserError, match="cfg: decoder_model must be a single value"):
@@ -111,8 +115,11 @@ def test_matching_splits_return_the_training_classes():
 
 def test_classes_in_another_order_are_an_error_naming_the_split():
     dataset = _dataset(train=_split([0, 1, 2]), validation=_split([0, 1], names=["NV", "MEL", "BCC"]))
-    with pytest.raises(UserError, match=r"split 'validation' lists the classes .* in another order than the "
-                                        r"training split 'train'"):
+    with pytest.raises(
+        UserError,
+        match=r"split 'validation' lists the classes .* in another order than the "
+        r"training split 'train'",
+    ):
         validation.check_split_labels(dataset, "train", ("validation",), "data")
 
 
@@ -194,8 +201,16 @@ def test_overwrite_returns_only_the_runs_own_entries(tmp_path):
     (tmp_path / "checkpoint-old").mkdir()  # not checkpoint-<number>: not Trainer's
     entries = validation.check_output_dir(tmp_path, True, None)
     assert sorted(entry.name for entry in entries) == sorted(
-        ["checkpoint-4", "lora", "model.safetensors", "config.json", "README.md", "test_metrics.json",
-         "test_predictions.csv"])
+        [
+            "checkpoint-4",
+            "lora",
+            "model.safetensors",
+            "config.json",
+            "README.md",
+            "test_metrics.json",
+            "test_predictions.csv",
+        ]
+    )
 
 
 def test_overwrite_refuses_a_foreign_file_the_run_would_overwrite(tmp_path):
@@ -223,10 +238,24 @@ def _reject_constant(name):
 def test_strict_json_writes_null_for_undefined_values():
     import numpy as np
 
-    text = sm.to_strict_json({"auroc": float("nan"), "n": np.int64(3), "x": np.float32(0.5), "inf": math.inf,
-                              "per_class": {"MEL": [np.nan, 1.0]}, "array": np.array([1.0, np.nan])})
+    text = sm.to_strict_json(
+        {
+            "auroc": float("nan"),
+            "n": np.int64(3),
+            "x": np.float32(0.5),
+            "inf": math.inf,
+            "per_class": {"MEL": [np.nan, 1.0]},
+            "array": np.array([1.0, np.nan]),
+        }
+    )
     assert json.loads(text, parse_constant=_reject_constant) == {
-        "auroc": None, "n": 3, "x": 0.5, "inf": None, "per_class": {"MEL": [None, 1.0]}, "array": [1.0, None]}
+        "auroc": None,
+        "n": 3,
+        "x": 0.5,
+        "inf": None,
+        "per_class": {"MEL": [None, 1.0]},
+        "array": [1.0, None],
+    }
 
 
 def test_entry_point_exit_codes(capsys):

@@ -60,8 +60,10 @@ def probabilities_from(predictions, kind: str) -> np.ndarray:
         return clf_metrics.apply_temperature(scores, 1.0)
     row_sums = scores.sum(axis=1)
     if len(scores) and (scores.min() < 0 or scores.max() > 1 or np.abs(row_sums - 1).max() > ROW_SUM_TOLERANCE):
-        raise ValueError("predictions are not per-class probabilities (values in [0, 1], rows summing to 1); "
-                         "for logits load the metric with the 'logits' configuration")
+        raise ValueError(
+            "predictions are not per-class probabilities (values in [0, 1], rows summing to 1); "
+            "for logits load the metric with the 'logits' configuration"
+        )
     return scores
 
 
@@ -75,8 +77,9 @@ class SkinLesionClassification(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             # float64 keeps float32 and float64 inputs exact on their way through the Arrow table.
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("float64")),
-                                        "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Value("int64")}
+            ),
         )
 
     @property

@@ -144,21 +144,34 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(shared: Path, out: Path) -> None:
     """Every data file's bytes, sha256, rows and source; plus the source sha256 of the shipped Qwen base files."""
-    source_manifest = {entry["file"].removeprefix("shared/data/"): entry
-                       for entry in json.loads((shared / "MANIFEST.json").read_text())}
+    source_manifest = {
+        entry["file"].removeprefix("shared/data/"): entry
+        for entry in json.loads((shared / "MANIFEST.json").read_text())
+    }
     files = []
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name not in OWN_FILES):
         relative = path.relative_to(out).as_posix()
-        entry = {"file": relative, "bytes": path.stat().st_size, "sha256": _sha256(path),
-                 "source": f"shared/data/{relative}", "source_sha256": source_manifest[relative]["sha256"]}
+        entry = {
+            "file": relative,
+            "bytes": path.stat().st_size,
+            "sha256": _sha256(path),
+            "source": f"shared/data/{relative}",
+            "source_sha256": source_manifest[relative]["sha256"],
+        }
         if path.suffix == ".csv":
             entry["rows"] = len(pd.read_csv(path, dtype=str))
             entry["source_rows"] = len(pd.read_csv(shared / relative, dtype=str))
         files.append(entry)
-    bases = {name.rsplit("/", 1)[1]: entry["sha256"] for name, entry in source_manifest.items()
-             if name.startswith(QWEN_BASE + "/")}
-    manifest = {"total_bytes": sum(entry["bytes"] for entry in files), "files": files,
-                "qwen2.5-vl-7b-instruct_base_files_sha256": dict(sorted(bases.items()))}
+    bases = {
+        name.rsplit("/", 1)[1]: entry["sha256"]
+        for name, entry in source_manifest.items()
+        if name.startswith(QWEN_BASE + "/")
+    }
+    manifest = {
+        "total_bytes": sum(entry["bytes"] for entry in files),
+        "files": files,
+        "qwen2.5-vl-7b-instruct_base_files_sha256": dict(sorted(bases.items())),
+    }
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
