@@ -233,8 +233,10 @@ class HFClipTower(VisionTower):
             with torch.device("meta"):
                 self.model = AutoModel.from_config(base_config, dtype=dtype)
         else:
-            self.model = AutoModel.from_pretrained(name, revision=vision_config.revision, dtype=dtype, **hub_kwargs)
-            self.model.to(device)
+            # Loaded straight onto its device (device_map), never built on the CPU and moved.
+            self.model = AutoModel.from_pretrained(
+                name, revision=vision_config.revision, dtype=dtype, device_map={"": device}, **hub_kwargs
+            )
         if not hasattr(self.model, "vision_model") or not hasattr(self.model, "get_text_features"):
             raise ValueError(
                 f"vision_config.model_name_or_path={name!r} is a {type(self.model).__name__}, "
