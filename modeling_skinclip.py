@@ -599,6 +599,10 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     # Benchmark reference switch: True runs the LM head over the whole sequence (the naive recipe), False
     # (the default) only on the rationale positions. Both give the same loss (tests/test_benchmarks.py).
     lm_head_on_all_positions: bool = False
+    # Speed switches, set from CFATrainingArguments (decoder_trailing_padding, fused_lm_loss) by CFATrainer; each
+    # gives the same loss and gradients as the path it replaces (tests/test_benchmarks.py).
+    trailing_padding: bool = False
+    fused_lm_loss: bool = False
 
     def __init__(
         self, config: SkinClipVLConfig, device: torch.device | str | None = None, hub_kwargs: dict | None = None
@@ -821,9 +825,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         if rationale_ids is None:
             # Classification only: the sequence ends at CLS, nothing after it is computed.
             embeds, mask = embeds[:, : cls_index + 1], mask[:, : cls_index + 1]
-        hidden = self.text_stack(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=False
-        ).last_hidden_state
+        hidden = self._decoder_hidden(embeds, mask)
         logits = self.classifier(hidden[:, cls_index].to(self.projector_dtype))
 
         lm_loss = lm_tokens = None
@@ -838,8 +840,12 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
                 # Hidden state at CLS predicts rationale token 0, at rationale token t predicts token t+1. The
                 # LM head runs only on these positions: its vocabulary-wide logits are the largest tensor.
                 predicting = hidden[:, cls_index : cls_index + rationale_ids.shape[1]][rationale_mask]
-                token_logits = self.language_model.get_output_embeddings()(predicting)
-                lm_loss = F.cross_entropy(token_logits.float(), rationale_ids[rationale_mask])
+                head = self.language_model.get_output_embeddings()
+                if self.fused_lm_loss and head.bias is None and not head.weight.requires_grad \
+                        and head.weight.is_floating_point():
+                    lm_loss = _linear_cross_entropy(predicting, head.weight, rationale_ids[rationale_mask])
+                else:
+                    lm_loss = F.cross_entropy(head(predicting).float(), rationale_ids[rationale_mask])
 
         t_global = self.encode_report(report_ids, report_attention_mask) if report_ids is not None else None
         logit_scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
@@ -853,6 +859,25 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             focal_attention=focal_attention,
             hidden_states=hidden if output_hidden_states else None,
         )
+
+    def _decoder_hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The text stack's last hidden states for `[image][prompt][CLS][rationale]`, padding wherever it sits."""
+        if not self.trailing_padding or bool(mask.all()):
+            return self.text_stack(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+            ).last_hidden_state
+        # The prompt's left padding sits inside the sequence, so the decoder needs a 4-D padding mask, which
+        # keeps SDPA off its causal path and repeats K/V per query head (GQA). Moving each row's real tokens to
+        # the front, in order, leaves padding only at the end: no real token then attends to a pad under plain
+        # causal attention, positions are 0..n-1 as before, and the hidden states go back to their places.
+        # Pad positions get other (unused) values.
+        order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
+        packed = embeds.gather(1, order[..., None].expand_as(embeds))
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        hidden = self.text_stack(
+            inputs_embeds=packed, attention_mask=None, position_ids=positions, use_cache=False
+        ).last_hidden_state
+        return hidden.gather(1, torch.argsort(order, dim=1)[..., None].expand_as(hidden))
 
     def _lm_loss_all_positions(self, hidden, cls_index, rationale_ids, rationale_mask) -> torch.Tensor:
         # The usual causal-LM recipe (LM head over every position, labels -100 outside the rationale), kept
@@ -1122,6 +1147,39 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
 # --------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` (a frozen LM head) with the gradient computed in the forward.
+
+    The vocabulary-wide logits (rationale tokens × 152k) are the step's largest tensors: F.cross_entropy keeps
+    the logits and their log-softmax for backward, then fills and writes a gradient of the same size. Here one
+    buffer turns into ``softmax - onehot`` in place and is multiplied back by the head at once; only the
+    `(tokens, hidden)` gradient is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        logits = (hidden @ weight.T).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).mean()
+        grad = None
+        if ctx.needs_input_grad[0]:
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(len(targets), device=targets.device), targets] -= 1
+            grad = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        ctx.count = len(targets)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_loss / ctx.count).to(grad.dtype), None, None
+
+
+def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _LinearCrossEntropy.apply(hidden, weight, targets)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -539,6 +539,16 @@ class CFATrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image/report columns for the collator."})
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Batch key of labels."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "No unused trained parameters."})
+    decoder_trailing_padding: bool = field(
+        default=True,
+        metadata={"help": "Run the decoder with each row's real tokens first and padding after them: plain causal "
+                          "attention, no padding mask (same loss and gradients; SkinClipVLModel.trailing_padding)."},
+    )
+    fused_lm_loss: bool = field(
+        default=True,
+        metadata={"help": "Rationale LM loss with its gradient computed in the forward, keeping no vocabulary-wide "
+                          "logits for backward (same loss and gradients; SkinClipVLModel.fused_lm_loss)."},
+    )
 
 
 def _rationale_tokens(batch: dict[str, Any]) -> torch.Tensor:
@@ -603,6 +613,9 @@ class CFATrainer(Trainer):
                 "%d × %d samples as negatives; accumulation does not enlarge the contrastive batch.",
                 args.gradient_accumulation_steps, args.per_device_train_batch_size, args.world_size,
             )
+        for switch, value in (("trailing_padding", args.decoder_trailing_padding), ("fused_lm_loss", args.fused_lm_loss)):
+            if hasattr(self.model, switch):  # SkinClipVLModel's speed switches (exact: same loss and gradients)
+                setattr(self.model, switch, value)
         num_labels = self.model.config.num_labels
         self.cfa_loss = CFALoss(
             gamma=args.focal_gamma,

@@ -94,7 +94,7 @@ SHAPES = {
                           fullatt_block_indexes=[3, 7, 11]),
         mrope_section=(8, 12, 12),
         prompt_tokens=(48, 64), rationale_tokens=(96, 128), plain_image_size=224,
-        dtype="bfloat16", quantization="none", batch=2, steps=2, warmup=1, inference_iters=2,
+        dtype="bfloat16", quantization="none", batch=2, steps=3, warmup=1, inference_iters=2,
         rationale_new_tokens=64, diagnosis_new_tokens=8,
     ),
     # Seconds on a CPU: keeps the script from rotting (tests/test_benchmarks.py).
@@ -220,7 +220,7 @@ def _pad(sequences, left: bool):
 class BenchCollator:
     """Rows → a `SkinClipVLModel` batch, as `SkinClipVLCollator` makes it (prompt left-, rationale right-padded).
 
-    With `use_cached_features`, rows carry `vision_features` (fp16 frozen CLIP tokens) instead of pixels.
+    With `use_cached_features`, rows carry `vision_features` (frozen CLIP tokens) instead of pixels.
     """
 
     def __init__(self, use_cached_features: bool = False):
@@ -240,13 +240,17 @@ class BenchCollator:
 
 
 def add_cached_features(model, rows, batch_size: int) -> None:
-    """Store fp16 frozen CLIP tokens on each row (what feature_cache.py does for a real dataset)."""
+    """Store the frozen CLIP tokens on each row (what feature_cache.py does for a real dataset).
+
+    Kept in the tower's output dtype (the compute dtype), so the cache is exact and brings no other dtype into
+    the run (feature_cache.py stores fp16 to halve a real dataset's disk; the loss moves by that rounding only).
+    """
     device = model.cls_token.device
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             pixels = torch.stack([r["pixel_values"] for r in chunk]).to(device)
-            features = model.vision.patch_tokens(pixels).to(torch.float16).cpu()
+            features = model.vision.patch_tokens(pixels).cpu()
             for row, feature in zip(chunk, features):
                 row["vision_features"] = feature
 
@@ -259,6 +263,64 @@ def skinclip_tokens(rows, num_image_tokens: int) -> float:
 # --------------------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------------------
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict:
+    """The CPU's model name and feature flags, from /proc/cpuinfo (x86 ``flags``, Arm ``Features``)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = platform.processor() or platform.machine(), []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model") and value.strip():
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = value.split()
+    return {"model": model, "flags": flags}
+
+
+# A bf16 matmul runs natively only with these (oneDNN uses AMX tiles or AVX-512 BF16 dot products; Arm has
+# BFMMLA). Without them torch emulates bf16 matmuls element by element: on a 2-core AVX2 CPU one 2048² bf16
+# matmul takes ~58 s against 0.13 s in float32, and the benchmark would never finish.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+def choose_dtype(device: torch.device, requested: str | None, shape_dtype: str, cpu: dict | None = None,
+                 probe=None) -> tuple[str, str]:
+    """(compute dtype, why): ``--dtype`` wins; a CPU gets bf16 only where its matmuls run natively in bf16.
+
+    ``cpu`` is `cpu_description()`'s answer (tests fake it); when it names no flags (not Linux), ``probe``
+    (default: `bf16_matmul_is_fast`) times a small bf16 matmul against float32 instead.
+    """
+    if requested is not None:
+        return requested, "--dtype"
+    if device.type != "cpu" or shape_dtype != "bfloat16":
+        return shape_dtype, f"the {device.type} default of this size"
+    cpu = cpu_description() if cpu is None else cpu
+    native = [flag for flag in NATIVE_BF16_FLAGS if flag in cpu["flags"]]
+    if native:
+        return "bfloat16", f"CPU has native bf16 matmul ({', '.join(native)})"
+    if cpu["flags"]:
+        return "float32", "CPU lacks native bf16 matmul (no amx_bf16/avx512_bf16/bf16 flag); bf16 would be emulated"
+    fast = (probe or bf16_matmul_is_fast)()
+    return ("bfloat16", "no CPU flags readable; a bf16 matmul timed as fast as float32") if fast else \
+        ("float32", "no CPU flags readable; a bf16 matmul timed slower than float32")
+
+
+def bf16_matmul_is_fast(size: int = 256) -> bool:
+    """Whether a bf16 matmul runs at least as fast as float32 here (an emulated one is ~100x slower)."""
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, size, dtype=dtype)
+        torch.matmul(a, a)
+        start = time.perf_counter()
+        torch.matmul(a, a)
+        seconds[dtype] = time.perf_counter() - start
+    return seconds[torch.bfloat16] <= seconds[torch.float32]
 
 
 def synchronize(device: torch.device) -> None:
@@ -318,26 +380,33 @@ def _step_timer(device: torch.device):
 
         def __init__(self):
             self.seconds: list[float] = []
+            self.cpu_seconds: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
             synchronize(device)
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             synchronize(device)
             self.seconds.append(time.perf_counter() - self._start)
+            # Process CPU time beside wall time: on a CPU run, other jobs show as wall time well above
+            # cpu / threads (waiting for a core) or as spinning threads (cpu above wall × useful threads).
+            self.cpu_seconds.append(time.process_time() - self._cpu_start)
 
     return StepTimer()
 
 
-def _training_arguments(output_dir: str, shape: Shape, batch: int, steps: int, device: torch.device, **overrides):
+def _training_arguments(output_dir: str, dtype: str, batch: int, steps: int, device: torch.device, **overrides):
     from trainer_cfa import CFATrainingArguments
 
+    # Autocast follows the run's compute dtype (not the size's default): a float32 run must not train under
+    # bf16 autocast, which is emulated, and ~400x slower, on CPUs without native bf16.
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
         lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no", report_to=[],
         dataloader_num_workers=0, disable_tqdm=True, focal_alpha="uniform", augment=False,
-        bf16=shape.dtype == "bfloat16", use_cpu=device.type == "cpu", seed=0,
+        bf16=dtype == "bfloat16", fp16=dtype == "float16" and device.type == "cuda",
+        use_cpu=device.type == "cpu", seed=0,
     )
     settings.update(overrides)
     return CFATrainingArguments(**settings)
@@ -349,7 +418,8 @@ def time_training(trainer_class, model, rows, collator, shape: Shape, args: argp
 
     timer = _step_timer(device)
     with tempfile.TemporaryDirectory() as output_dir:
-        training_args = _training_arguments(output_dir, shape, args.batch, args.warmup + args.steps, device, **overrides)
+        training_args = _training_arguments(output_dir, args.dtype, args.batch, args.warmup + args.steps, device,
+                                            **overrides)
         trainer = trainer_class(model=model, args=training_args, train_dataset=rows, data_collator=collator,
                                 callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # the benchmark prints its own lines
@@ -359,7 +429,8 @@ def time_training(trainer_class, model, rows, collator, shape: Shape, args: argp
         del trainer
     gc.collect()
     timed = timer.seconds[args.warmup :]
-    return {"step_s": sum(timed) / len(timed), "step_s_all": [round(s, 4) for s in timer.seconds], "peak_gib": peak}
+    return {"step_s": sum(timed) / len(timed), "step_s_all": [round(s, 4) for s in timer.seconds],
+            "step_cpu_s_all": [round(s, 4) for s in timer.cpu_seconds], "peak_gib": peak}
 
 
 def _report(name: str, result: dict, rows_tokens: float, n_params: int, peak_flops: float, batch: int) -> dict:
@@ -379,13 +450,20 @@ def _report(name: str, result: dict, rows_tokens: float, n_params: int, peak_flo
 # SkinCLIP-VL
 # --------------------------------------------------------------------------------------------------------
 
+# The decoder's padding mask and F.cross_entropy over the LM head's logits, as a plain composition runs them.
+_PLAIN_DECODER = {"decoder_trailing_padding": False, "fused_lm_loss": False}
+# Padding moved behind the real tokens (causal attention, no mask) and the LM-head loss with its gradient
+# computed in the forward (CFATrainingArguments' defaults).
+_FAST_DECODER = {"decoder_trailing_padding": True, "fused_lm_loss": True}
+
 TRAINING_VARIANTS = {
     # name: (cached CLIP features, LM head on all positions, gradient checkpointing, extra TrainingArguments)
-    "naive": (False, True, True, {}),
-    "rationale_head": (False, False, True, {}),
-    "cached_features": (True, False, True, {}),
-    "speed": (True, False, False, {}),
-    "lean": (True, False, True, {"optim": "paged_adamw_8bit"}),
+    "naive": (False, True, True, _PLAIN_DECODER),
+    "rationale_head": (False, False, True, _PLAIN_DECODER),
+    "cached_features": (True, False, True, _PLAIN_DECODER),
+    "no_checkpointing": (True, False, False, _PLAIN_DECODER),
+    "speed": (True, False, False, _FAST_DECODER),
+    "lean": (True, False, True, {**_FAST_DECODER, "optim": "paged_adamw_8bit"}),
 }
 
 
@@ -401,6 +479,7 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
     num_image_tokens = model.vision.num_patches + 1
     rows = make_rows(shape, args.batch * (args.warmup + args.steps), seed=0)
     add_cached_features(model, rows, args.batch)
+    results["cached_features_dtype"] = str(rows[0]["vision_features"].dtype).removeprefix("torch.")
     tokens = skinclip_tokens(rows, num_image_tokens)
     results["skinclip_image_tokens"] = num_image_tokens
 
@@ -410,7 +489,8 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
             raise ValueError(f"unknown variant {name!r}; choose from {sorted(TRAINING_VARIANTS)}")
         cached, all_positions, checkpointing, overrides = TRAINING_VARIANTS[name]
         if overrides.get("optim", "").endswith("8bit") and device.type != "cuda":
-            overrides = {}  # bitsandbytes' paged optimisers need CUDA; the CPU run keeps torch AdamW
+            # bitsandbytes' paged optimisers need CUDA; the CPU run keeps torch AdamW
+            overrides = {k: v for k, v in overrides.items() if k != "optim"}
         model.lm_head_on_all_positions = all_positions
         model.train()
         result = time_training(CFATrainer, model, rows, BenchCollator(cached), shape, args, device,
@@ -421,6 +501,7 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
         training.append(_report(f"skinclip/{name}", result, tokens, n_params, peak_flops, args.batch))
         print(_line(training[-1]), flush=True)
     model.lm_head_on_all_positions = False
+    model.trailing_padding, model.fused_lm_loss = True, True  # inference runs the model as `speed` trains it
     results["training"].extend(training)
 
     # Inference: classification only (the decoder stops at CLS), and classification + rationale (KV cache).
@@ -594,6 +675,11 @@ def summarize(results: dict) -> dict:
     for name, entry in training.items():
         if naive and name.startswith("skinclip/") and entry is not naive:
             ratios[f"{name} speed-up over skinclip/naive"] = naive["step_s"] / entry["step_s"]
+    if "skinclip/speed" in training and "skinclip/no_checkpointing" in training:
+        # The decoder levers alone (trailing padding, fused LM-head loss): the two rungs differ only there.
+        ratios["skinclip/speed speed-up over skinclip/no_checkpointing"] = (
+            training["skinclip/no_checkpointing"]["step_s"] / training["skinclip/speed"]["step_s"]
+        )
     answer = inference.get("plain_qwen2_5_vl/diagnosis_as_text")
     if answer:
         for name in ("skinclip/classify", "skinclip/classify_cached"):
@@ -604,7 +690,21 @@ def summarize(results: dict) -> dict:
     return ratios
 
 
-def environment(device: torch.device) -> dict:
+# The design notes' goals (issue 7/16): each ratio above that has one is printed and stored beside it.
+GOALS = {
+    "skinclip/speed floor/step": 0.6,
+    "skinclip/speed samples/s over plain": 4.0,
+    "skinclip/lean floor/step": 0.3,
+    "skinclip/classify images/s over plain diagnosis-as-text": 5.0,
+}
+
+
+def goals(ratios: dict) -> dict:
+    return {name: {"value": ratios[name], "goal_at_least": goal, "met": ratios[name] >= goal}
+            for name, goal in GOALS.items() if name in ratios}
+
+
+def environment(device: torch.device, cpu: dict) -> dict:
     import bitsandbytes
     import peft
     import transformers
@@ -612,7 +712,9 @@ def environment(device: torch.device) -> dict:
     info = {
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "device": str(device),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.processor(),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "cpu_model": cpu["model"], "cpu_flags": " ".join(cpu["flags"]),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average": list(os.getloadavg()),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -627,17 +729,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed training steps (default: the size's)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps (default: the size's)")
     parser.add_argument("--inference-iters", type=int, help="timed inference batches")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="compute dtype")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="compute dtype of everything: model, autocast, cached features, the plain recipe, the "
+                             "peak (default: the size's; on a CPU bf16 only where its matmuls run natively in bf16)")
     parser.add_argument("--quantization", choices=("nf4", "none"), help="decoder quantisation (paper: nf4)")
-    parser.add_argument("--variants", nargs="+", default=["naive", "rationale_head", "cached_features", "speed", "lean"],
+    parser.add_argument("--variants", nargs="+", default=list(TRAINING_VARIANTS),
                         help=f"SkinCLIP-VL training variants: {sorted(TRAINING_VARIANTS)}")
     parser.add_argument("--skip-plain", action="store_true", help="do not time the plain Qwen2.5-VL recipe")
     parser.add_argument("--matmul-size", type=int, help="side of the square matmuls that measure the peak rate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads for the whole run, peak included (default: torch's); 1 keeps a run "
+                             "on a machine shared with other jobs from waiting on a descheduled thread at every op")
     parser.add_argument("--json", help="write all results to this file")
     args = parser.parse_args(argv)
     shape = SHAPES[args.size]
-    for field in ("batch", "steps", "warmup", "inference_iters", "dtype", "quantization"):
+    for field in ("batch", "steps", "warmup", "inference_iters", "quantization"):
         if getattr(args, field) is None:
             setattr(args, field, getattr(shape, field))
     if args.steps < 1:
@@ -656,11 +763,17 @@ def run(argv=None) -> dict:
     shape = SHAPES[args.size]
     from modeling_skinclip import _DTYPES
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = cpu_description()
+    args.dtype, dtype_reason = choose_dtype(device, args.dtype, shape.dtype, cpu)
+    print(f"compute dtype: {args.dtype} ({dtype_reason})", flush=True)
     peak_flops = peak_matmul_flops(device, _DTYPES[args.dtype], args.matmul_size)
     results = {
         "size": args.size, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+        "dtype": args.dtype, "dtype_reason": dtype_reason,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "environment": environment(device), "peak_matmul_flops": peak_flops, "training": [], "inference": [],
+        "environment": environment(device, cpu), "peak_matmul_flops": peak_flops, "training": [], "inference": [],
     }
     print(f"peak {args.dtype} matmul: {peak_flops / 1e12:.3f} TFLOP/s on {device}", flush=True)
     with tempfile.TemporaryDirectory() as root:
@@ -668,9 +781,13 @@ def run(argv=None) -> dict:
         bench_skinclip(shape, bases, args, device, peak_flops, results)
         if not args.skip_plain:
             bench_plain(shape, bases, args, device, peak_flops, results)
+    results["environment"]["load_average_end"] = list(os.getloadavg())  # other jobs would skew every timing
     results["ratios"] = summarize(results)
+    results["goals"] = goals(results["ratios"])
     for name, value in results["ratios"].items():
-        print(f"{name:<70} {value:.3f}")
+        goal = results["goals"].get(name)
+        print(f"{name:<70} {value:.3f}" + (f"   goal >= {goal['goal_at_least']:g}: "
+                                           f"{'met' if goal['met'] else 'NOT met'}" if goal else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

@@ -29,7 +29,8 @@ def test_tiny_benchmark_times_every_path_and_writes_the_ratios(tiny_run):
     assert json.loads(out.read_text())["size"] == "tiny"
     assert results["peak_matmul_flops"] > 0
     training = {entry["name"]: entry for entry in results["training"]}
-    expected = {f"skinclip/{name}" for name in ("naive", "rationale_head", "cached_features", "speed", "lean")}
+    expected = {f"skinclip/{name}" for name in ("naive", "rationale_head", "cached_features", "no_checkpointing",
+                                                "speed", "lean")}
     assert expected | {"plain_qwen2_5_vl_qlora"} == set(training)
     for entry in training.values():
         assert len(entry["step_s_all"]) == 3  # 1 warm-up + 2 timed steps
@@ -38,12 +39,21 @@ def test_tiny_benchmark_times_every_path_and_writes_the_ratios(tiny_run):
         assert entry["samples_per_s"] == pytest.approx(2 / entry["step_s"], rel=1e-2)
     assert training["skinclip/naive"]["lm_head_all_positions"] and training["skinclip/naive"]["gradient_checkpointing"]
     assert training["skinclip/speed"]["cached_features"] and not training["skinclip/speed"]["gradient_checkpointing"]
+    # `speed` adds the decoder levers to `no_checkpointing`; the earlier rungs run the plain decoder path.
+    assert training["skinclip/speed"]["decoder_trailing_padding"] and training["skinclip/speed"]["fused_lm_loss"]
+    for name in ("naive", "rationale_head", "cached_features", "no_checkpointing"):
+        assert not training[f"skinclip/{name}"]["decoder_trailing_padding"]
+        assert not training[f"skinclip/{name}"]["fused_lm_loss"]
     inference = {entry["name"]: entry for entry in results["inference"]}
     assert {"skinclip/classify", "skinclip/classify_cached", "skinclip/classify+rationale",
             "plain_qwen2_5_vl/diagnosis_as_text"} == set(inference)
     assert inference["skinclip/classify+rationale"]["generated_tokens_per_s"] > 0
     assert "skinclip/speed samples/s over plain" in results["ratios"]
     assert "skinclip/classify images/s over plain diagnosis-as-text" in results["ratios"]
+    assert "skinclip/speed speed-up over skinclip/no_checkpointing" in results["ratios"]
+    goal = results["goals"]["skinclip/speed floor/step"]
+    assert goal["goal_at_least"] == 0.6 and goal["value"] == results["ratios"]["skinclip/speed floor/step"]
+    assert goal["met"] is (goal["value"] >= 0.6)
     # The tiny SkinCLIP-VL sequence: 17 CLIP tokens + prompt (4-8) + CLS + rationale (6-12).
     assert 17 + 4 + 1 + 6 <= training["skinclip/speed"]["tokens_per_sample"] <= 17 + 8 + 1 + 12
 
@@ -124,6 +134,72 @@ def test_rationale_only_lm_head_gives_the_plain_loss_and_gradients(model_and_bat
         torch.testing.assert_close(optimised_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def _assert_same_loss_and_grads(model, batch, switch):
+    assert getattr(model, switch) is False
+    plain_loss, plain_grads = _loss_and_grads(model, batch)
+    setattr(model, switch, True)
+    try:
+        fast_loss, fast_grads = _loss_and_grads(model, batch)
+    finally:
+        setattr(model, switch, False)
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert set(fast_grads) == set(plain_grads)
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trailing_padding_gives_the_same_loss_and_gradients(model_and_batch):
+    model, batch = model_and_batch
+    # Padding inside (left-padded prompt) and at the end (right-padded rationale): both move.
+    assert batch["prompt_attention_mask"].min() == 0 and batch["rationale_attention_mask"].min() == 0
+    _assert_same_loss_and_grads(model, batch, "trailing_padding")
+    # Classification only (the sequence ends at CLS) keeps the class logits too.
+    inputs = {k: batch[k] for k in ("prompt_ids", "prompt_attention_mask", "pixel_values")}
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        model.trailing_padding = True
+        try:
+            fast = model(**inputs).logits
+        finally:
+            model.trailing_padding = False
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_trailing_padding_runs_the_decoder_without_a_padding_mask(model_and_batch):
+    model, batch = model_and_batch
+    seen = []
+    hook = model.text_stack.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    try:
+        model.trailing_padding = True
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        model.trailing_padding = False
+        hook.remove()
+    assert seen == [None]
+
+
+def test_fused_lm_loss_gives_the_same_loss_and_gradients(model_and_batch):
+    model, batch = model_and_batch
+    assert batch["rationale_attention_mask"].min() == 0
+    _assert_same_loss_and_grads(model, batch, "fused_lm_loss")
+
+
+def test_cfa_trainer_sets_the_speed_switches_from_its_arguments(model_and_batch, tmp_path):
+    from trainer_cfa import CFATrainer
+
+    model, _ = model_and_batch
+    try:
+        for value in (True, False):
+            args = bench._training_arguments(str(tmp_path), "float32", 2, 1, torch.device("cpu"),
+                                             decoder_trailing_padding=value, fused_lm_loss=value)
+            CFATrainer(model=model, args=args, train_dataset=[], data_collator=lambda rows: rows)
+            assert model.trailing_padding is value and model.fused_lm_loss is value
+    finally:
+        model.trailing_padding = model.fused_lm_loss = False
+
+
 def test_cached_clip_features_give_the_tower_loss(model_and_batch):
     model, batch = model_and_batch
     tower_loss, tower_grads = _loss_and_grads(model, batch)
@@ -161,3 +237,46 @@ def test_random_weight_bases_quantise_to_nf4_in_place(tmp_path):
     outputs = model(**batch)
     loss, _ = CFALoss()(outputs, labels)
     assert torch.isfinite(loss)
+
+
+AVX2_ONLY = {"model": "Intel(R) Xeon(R) CPU E5-2690 v4", "flags": "fpu sse2 avx f16c fma avx2".split()}
+AMX = {"model": "Intel(R) Xeon(R) Platinum 8480+", "flags": "avx2 avx512f avx512_bf16 amx_bf16 amx_tile".split()}
+
+
+def test_cpu_dtype_is_bf16_only_with_native_bf16_matmul():
+    cpu = torch.device("cpu")
+    never = lambda: pytest.fail("the flags decide; no timing probe")  # noqa: E731
+    assert bench.choose_dtype(cpu, None, "bfloat16", AVX2_ONLY, never)[0] == "float32"
+    assert bench.choose_dtype(cpu, None, "bfloat16", AMX, never)[0] == "bfloat16"
+    zen4 = {"model": "AMD EPYC 9654", "flags": ["avx2", "avx512f", "avx512_bf16"]}
+    assert bench.choose_dtype(cpu, None, "bfloat16", zen4, never)[0] == "bfloat16"
+    # --dtype overrides the capability either way; the tiny size keeps its float32.
+    assert bench.choose_dtype(cpu, "bfloat16", "bfloat16", AVX2_ONLY, never) == ("bfloat16", "--dtype")
+    assert bench.choose_dtype(cpu, "float32", "bfloat16", AMX, never) == ("float32", "--dtype")
+    assert bench.choose_dtype(cpu, None, "float32", AVX2_ONLY, never)[0] == "float32"
+    # No flags readable (not Linux): a timed bf16-vs-fp32 matmul decides.
+    unknown = {"model": "arm", "flags": []}
+    assert bench.choose_dtype(cpu, None, "bfloat16", unknown, lambda: False)[0] == "float32"
+    assert bench.choose_dtype(cpu, None, "bfloat16", unknown, lambda: True)[0] == "bfloat16"
+    assert bench.choose_dtype(torch.device("cuda"), None, "bfloat16", AVX2_ONLY, never)[0] == "bfloat16"
+
+
+def test_cpu_description_reads_model_and_flags():
+    text = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4\nflags\t\t: fpu avx avx2\n\n" \
+           "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4\nflags\t\t: fpu avx avx2\n"
+    assert bench.cpu_description(text) == {"model": "Intel(R) Xeon(R) CPU E5-2690 v4", "flags": ["fpu", "avx", "avx2"]}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_autocast_follows_the_run_dtype_not_the_size(tmp_path, dtype):
+    # The reduced size defaults to bf16; a float32 run must train without bf16 autocast (emulated on AVX2).
+    args = bench._training_arguments(str(tmp_path), dtype, 2, 1, torch.device("cpu"))
+    assert args.bf16 is (dtype == "bfloat16") and not args.fp16
+
+
+def test_float32_run_records_dtype_cpu_and_caches_float32_features(tiny_run):
+    results, _ = tiny_run
+    assert results["dtype"] == "float32" and results["settings"]["dtype"] == "float32"
+    assert results["environment"]["cpu_model"] and "load_average" in results["environment"]
+    assert isinstance(results["environment"]["cpu_flags"], str)
+    assert results["cached_features_dtype"] == "float32"
