@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +146,11 @@ class FocalPooling(nn.Module):
         self.fusion = None
         if fusion_layers > 0:
             layer = nn.TransformerEncoderLayer(
-                focal_dim, nhead=max(1, focal_dim // 64), dim_feedforward=2 * focal_dim, batch_first=True, norm_first=True
+                focal_dim,
+                nhead=max(1, focal_dim // 64),
+                dim_feedforward=2 * focal_dim,
+                batch_first=True,
+                norm_first=True,
             )
             self.fusion = nn.TransformerEncoder(layer, num_layers=fusion_layers, enable_nested_tensor=False)
 
@@ -342,7 +347,9 @@ def check_lora_targets(base_config, decoder_config) -> None:
     model_class = _language_only_class(base_config)
     with torch.device("meta"):
         skeleton = (
-            model_class._from_config(base_config) if model_class is not None else AutoModelForCausalLM.from_config(base_config)
+            model_class._from_config(base_config)
+            if model_class is not None
+            else AutoModelForCausalLM.from_config(base_config)
         )
     found = {name.rsplit(".", 1)[-1] for name, _ in skeleton.get_decoder().named_modules()}
     missing = [target for target in decoder_config.lora_target_modules if target not in found]
@@ -353,7 +360,9 @@ def check_lora_targets(base_config, decoder_config) -> None:
         )
 
 
-def load_decoder(decoder_config, device: torch.device | str, hub_kwargs: dict | None = None, base_config=None) -> nn.Module:
+def load_decoder(
+    decoder_config, device: torch.device | str, hub_kwargs: dict | None = None, base_config=None
+) -> nn.Module:
     """Load the causal LM; for a vision-language checkpoint build and read only its language stack and LM head.
 
     Qwen2-VL / Qwen2.5-VL are not ``AutoModelForCausalLM`` types. Their vision tower (0.68 B parameters for
@@ -390,8 +399,11 @@ def load_decoder(decoder_config, device: torch.device | str, hub_kwargs: dict | 
     if device.type == "meta":
         # Shapes only (train.py --dry_run, tests at the paper's size): no file beyond the config is read.
         with torch.device("meta"):
-            language_model = model_class.from_config(base_config, dtype=dtype) if model_class is AutoModelForCausalLM \
+            language_model = (
+                model_class.from_config(base_config, dtype=dtype)
+                if model_class is AutoModelForCausalLM
                 else model_class._from_config(base_config, dtype=dtype)
+            )
     else:
         device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
         language_model = model_class.from_pretrained(
@@ -458,16 +470,29 @@ def _language_only_class(base_config):
             self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
             self.post_init()
 
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, labels=None, use_cache=None, **kwargs):
+        def forward(
+            self,
+            input_ids=None,
+            attention_mask=None,
+            position_ids=None,
+            past_key_values=None,
+            inputs_embeds=None,
+            labels=None,
+            use_cache=None,
+            **kwargs,
+        ):
             """A text-only causal LM: 1-D positions, no image inputs (SkinCLIP-VL feeds the stack directly)."""
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
             if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
                 raise ValueError("this decoder was loaded without its vision tower: it takes no pixel inputs")
             outputs = self.model.language_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
             )
             logits = self.lm_head(outputs.last_hidden_state)
             loss = None
@@ -487,8 +512,10 @@ def generation_token_ids(raw_config: dict, generation_config, source: str) -> tu
     (151643), so generation stops on either.
     """
     candidates = [
-        {"eos_token_id": getattr(generation_config, "eos_token_id", None),
-         "pad_token_id": getattr(generation_config, "pad_token_id", None)},
+        {
+            "eos_token_id": getattr(generation_config, "eos_token_id", None),
+            "pad_token_id": getattr(generation_config, "pad_token_id", None),
+        },
         raw_config,
         raw_config.get("text_config") or {},
     ]
@@ -730,7 +757,8 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
                 vision_features = self.vision.patch_tokens(pixel_values)
         if vision_features.shape[-1] != self.vision.hidden_size:
             raise ValueError(
-                f"vision_features have width {vision_features.shape[-1]}, the CLIP tower gives {self.vision.hidden_size}"
+                f"vision_features have width {vision_features.shape[-1]}, "
+                f"the CLIP tower gives {self.vision.hidden_size}"
             )
         projected = self.projector(vision_features.to(self.projector_dtype))
         return projected, projected[:, -self.vision.num_patches :]
@@ -739,7 +767,9 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     def projector_dtype(self) -> torch.dtype:
         return self.cls_token.dtype
 
-    def encode_report(self, report_ids: torch.Tensor, report_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_report(
+        self, report_ids: torch.Tensor, report_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Report tokens → normalised t_global `(batch, alignment_dim)`."""
         if self.config.text_encoder == "clip":
             with torch.no_grad():
@@ -841,8 +871,12 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
                 # LM head runs only on these positions: its vocabulary-wide logits are the largest tensor.
                 predicting = hidden[:, cls_index : cls_index + rationale_ids.shape[1]][rationale_mask]
                 head = self.language_model.get_output_embeddings()
-                if self.fused_lm_loss and head.bias is None and not head.weight.requires_grad \
-                        and head.weight.is_floating_point():
+                if (
+                    self.fused_lm_loss
+                    and head.bias is None
+                    and not head.weight.requires_grad
+                    and head.weight.is_floating_point()
+                ):
                     lm_loss = _linear_cross_entropy(predicting, head.weight, rationale_ids[rationale_mask])
                 else:
                     lm_loss = F.cross_entropy(head(predicting).float(), rationale_ids[rationale_mask])
@@ -1058,7 +1092,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         torch_dtype: str | torch.dtype | None = None,
         attn_implementation: str | None = None,
         **kwargs,
-    ) -> "SkinClipVLModel":
+    ) -> SkinClipVLModel:
         """Rebuild the whole model: bases from their own ids or paths, then the trained tensors of the checkpoint.
 
         Works for a local folder or a Hub repo. Hub arguments are honoured, for the checkpoint and for both bases:
@@ -1077,8 +1111,9 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         for handled_upstream in ("trust_remote_code", "_from_auto", "adapter_kwargs", "_commit_hash", "code_revision"):
             kwargs.pop(handled_upstream, None)
         _refuse_unsupported_loading_arguments(kwargs)
-        hub_kwargs = _hub_kwargs(cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-                                 force_download=force_download)
+        hub_kwargs = _hub_kwargs(
+            cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download
+        )
         folder = checkpoint_folder(pretrained_model_name_or_path, revision=revision, **hub_kwargs)
         _require_files(folder, ["config.json", TRAINED_WEIGHTS_NAME, f"{LORA_SUBFOLDER}/{LORA_CONFIG_NAME}"])
         saved_config = resolve_base_paths(SkinClipVLConfig.from_json_file(str(folder / "config.json")), folder)
@@ -1268,7 +1303,9 @@ def _refuse_unsupported_loading_arguments(kwargs: dict) -> None:
     refused = {name: reasons[name] for name in kwargs if name in reasons and kwargs[name] is not None}
     unknown = sorted(set(kwargs) - set(reasons))
     if refused:
-        raise ValueError("SkinClipVLModel.from_pretrained cannot honour " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
+        raise ValueError(
+            "SkinClipVLModel.from_pretrained cannot honour " + "; ".join(f"{k}: {v}" for k, v in refused.items())
+        )
     if unknown:
         raise TypeError(f"SkinClipVLModel.from_pretrained got unexpected arguments {unknown}")
 
@@ -1279,14 +1316,16 @@ def _check_same_bases(config: SkinClipVLConfig, saved: SkinClipVLConfig, source)
         differences.append(f"labels {config.class_names} vs checkpoint {saved.class_names}")
     if config.decoder_config.model_name_or_path != saved.decoder_config.model_name_or_path:
         differences.append(
-            f"decoder {config.decoder_config.model_name_or_path!r} vs checkpoint {saved.decoder_config.model_name_or_path!r}"
+            f"decoder {config.decoder_config.model_name_or_path!r} "
+            f"vs checkpoint {saved.decoder_config.model_name_or_path!r}"
         )
     if (config.vision_config.backend, config.vision_config.model_name_or_path) != (
         saved.vision_config.backend,
         saved.vision_config.model_name_or_path,
     ):
         differences.append(
-            f"vision tower {config.vision_config.model_name_or_path!r} vs checkpoint {saved.vision_config.model_name_or_path!r}"
+            f"vision tower {config.vision_config.model_name_or_path!r} "
+            f"vs checkpoint {saved.vision_config.model_name_or_path!r}"
         )
     if differences:
         raise ValueError(f"config does not match checkpoint {source}: " + "; ".join(differences))

@@ -21,8 +21,9 @@ import math
 import os
 import zlib
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,7 +131,9 @@ class AlignmentLoss(nn.Module):
         super().__init__()
         self.rank, self.world_size = rank, world_size
         self.focal_modulation, self.gamma = focal_modulation, gamma
-        self.clip_loss = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+        self.clip_loss = ClipLoss(
+            local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size
+        )
 
     def forward(
         self,
@@ -147,7 +150,12 @@ class AlignmentLoss(nn.Module):
         all_image, all_text, all_keys = image_embeds, text_embeds, report_keys
         if self.world_size > 1:
             all_image, all_text = gather_features(
-                image_embeds, text_embeds, local_loss=True, gather_with_grad=True, rank=self.rank, world_size=self.world_size
+                image_embeds,
+                text_embeds,
+                local_loss=True,
+                gather_with_grad=True,
+                rank=self.rank,
+                world_size=self.world_size,
             )
             if report_keys is not None:
                 all_keys = _all_gather_no_grad(report_keys, self.world_size)
@@ -162,11 +170,14 @@ class AlignmentLoss(nn.Module):
         image_logits, text_logits = logit_scale * rows_image @ all_text.T, logit_scale * rows_text @ all_image.T
         if report_keys is None:
             per_sample = 0.5 * (
-                F.cross_entropy(image_logits, rows, reduction="none") + F.cross_entropy(text_logits, rows, reduction="none")
+                F.cross_entropy(image_logits, rows, reduction="none")
+                + F.cross_entropy(text_logits, rows, reduction="none")
             )
         else:
             positives = rows_keys[:, None] == all_keys[None, :]  # the row's own sample is always one
-            per_sample = 0.5 * (_pooled_positive_nll(image_logits, positives) + _pooled_positive_nll(text_logits, positives))
+            per_sample = 0.5 * (
+                _pooled_positive_nll(image_logits, positives) + _pooled_positive_nll(text_logits, positives)
+            )
         if not self.focal_modulation:
             return per_sample.mean()
         p_true = torch.softmax(class_logits.detach().float(), -1).gather(1, labels[:, None]).squeeze(1)
@@ -278,8 +289,15 @@ class SkinClipVLCollator:
     refused. Cached features need ``augment=False``.
     """
 
-    def __init__(self, processor, with_report: bool = True, with_rationale: bool = True, augment: bool = False,
-                 seed: int = 0, cached_features_key: str | None = None):
+    def __init__(
+        self,
+        processor,
+        with_report: bool = True,
+        with_rationale: bool = True,
+        augment: bool = False,
+        seed: int = 0,
+        cached_features_key: str | None = None,
+    ):
         if cached_features_key is not None and augment:
             raise ValueError("cached CLIP features are for augment=False: an augmented image needs fresh features")
         self.processor = processor
@@ -338,9 +356,11 @@ class SkinClipVLCollator:
                 f"cached vision features were computed by {sorted(map(str, keys))}, this model uses "
                 f"{self.cached_features_key!r}: recompute them with skinclip.feature_cache.add_vision_features"
             )
-        return {FEATURES_COLUMN: torch.stack(
-            [torch.as_tensor(np.asarray(row[FEATURES_COLUMN], dtype=np.float16)) for row in features]
-        )}
+        return {
+            FEATURES_COLUMN: torch.stack(
+                [torch.as_tensor(np.asarray(row[FEATURES_COLUMN], dtype=np.float16)) for row in features]
+            )
+        }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -386,8 +406,10 @@ class NonFiniteGuard(TrainerCallback, ExportableState):
         self._loss_finite: torch.Tensor | None = None  # on device: no host sync per micro-batch
 
     def state(self) -> dict:
-        return {"args": {"max_consecutive": self.max_consecutive},
-                "attributes": {"skipped": self.skipped, "consecutive": self.consecutive}}
+        return {
+            "args": {"max_consecutive": self.max_consecutive},
+            "attributes": {"skipped": self.skipped, "consecutive": self.consecutive},
+        }
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach()).all()
@@ -402,12 +424,20 @@ class NonFiniteGuard(TrainerCallback, ExportableState):
 
     def _step_is_finite(self, args, model) -> bool:
         device = args.device
-        flags = [torch.isfinite(p.grad).all().to(device) for p in model.parameters() if p.requires_grad and p.grad is not None]
+        flags = [
+            torch.isfinite(p.grad).all().to(device)
+            for p in model.parameters()
+            if p.requires_grad and p.grad is not None
+        ]
         if self._loss_finite is not None:
             flags.append(self._loss_finite.to(device))
         self._loss_finite = None
         finite = torch.stack(flags).all() if flags else torch.tensor(True, device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             finite = finite.to(torch.int32)
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         return bool(finite)
@@ -454,7 +484,11 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     steps = []
     for name in os.listdir(output_dir):
         prefix, _, step = name.partition("-")
-        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and is_complete_checkpoint(os.path.join(output_dir, name)):
+        if (
+            prefix == PREFIX_CHECKPOINT_DIR
+            and step.isdigit()
+            and is_complete_checkpoint(os.path.join(output_dir, name))
+        ):
             steps.append((int(step), name))
     return os.path.join(output_dir, max(steps)[1]) if steps else None
 
@@ -492,7 +526,11 @@ class TermAverages:
                 sums[row, 1] = torch.where(finite, weight, 0.0).sum()
                 sums[row, 2] = len(value)
         self.clear()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             torch.distributed.all_reduce(sums)
         return {
             name: (total / weight if weight > 0 else float("nan"))
@@ -528,8 +566,10 @@ class CFATrainingArguments(TrainingArguments):
     )
     multi_positive_alignment: bool = field(
         default=True,
-        metadata={"help": "Samples with identical report tokens (across the global batch) are alignment positives "
-                          "of each other (soft targets), not negatives."},
+        metadata={
+            "help": "Samples with identical report tokens (across the global batch) are alignment positives "
+            "of each other (soft targets), not negatives."
+        },
     )
     augment: bool = field(default=True, metadata={"help": "Random flips / right-angle rotations of training images."})
     max_consecutive_nonfinite: int = field(
@@ -541,13 +581,17 @@ class CFATrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "No unused trained parameters."})
     decoder_trailing_padding: bool = field(
         default=True,
-        metadata={"help": "Run the decoder with each row's real tokens first and padding after them: plain causal "
-                          "attention, no padding mask (same loss and gradients; SkinClipVLModel.trailing_padding)."},
+        metadata={
+            "help": "Run the decoder with each row's real tokens first and padding after them: plain causal "
+            "attention, no padding mask (same loss and gradients; SkinClipVLModel.trailing_padding)."
+        },
     )
     fused_lm_loss: bool = field(
         default=True,
-        metadata={"help": "Rationale LM loss with its gradient computed in the forward, keeping no vocabulary-wide "
-                          "logits for backward (same loss and gradients; SkinClipVLModel.fused_lm_loss)."},
+        metadata={
+            "help": "Rationale LM loss with its gradient computed in the forward, keeping no vocabulary-wide "
+            "logits for backward (same loss and gradients; SkinClipVLModel.fused_lm_loss)."
+        },
     )
 
 
@@ -599,21 +643,32 @@ class CFATrainer(Trainer):
         # forward(**kwargs) only rejects unknown names; it takes no loss kwargs (the LM count is ours, below).
         self.model_accepts_loss_kwargs = False
         if not args.lambda_align:
-            frozen = [name for name, param in self.model.named_parameters()
-                      if param.requires_grad and name.split(".")[0] in ALIGNMENT_ONLY_MODULES]
+            frozen = [
+                name
+                for name, param in self.model.named_parameters()
+                if param.requires_grad and name.split(".")[0] in ALIGNMENT_ONLY_MODULES
+            ]
             for name, param in self.model.named_parameters():
                 if name in frozen:
                     param.requires_grad_(False)
             if frozen:
-                logger.info("lambda_align = 0: froze %d tensors only the alignment term trains (%s)",
-                            len(frozen), ", ".join(ALIGNMENT_ONLY_MODULES))
+                logger.info(
+                    "lambda_align = 0: froze %d tensors only the alignment term trains (%s)",
+                    len(frozen),
+                    ", ".join(ALIGNMENT_ONLY_MODULES),
+                )
         if args.gradient_accumulation_steps > 1 and args.lambda_align:
             logger.warning(
                 "gradient_accumulation_steps=%d with lambda_align > 0: each micro-batch's InfoNCE has only its own "
                 "%d × %d samples as negatives; accumulation does not enlarge the contrastive batch.",
-                args.gradient_accumulation_steps, args.per_device_train_batch_size, args.world_size,
+                args.gradient_accumulation_steps,
+                args.per_device_train_batch_size,
+                args.world_size,
             )
-        for switch, value in (("trailing_padding", args.decoder_trailing_padding), ("fused_lm_loss", args.fused_lm_loss)):
+        for switch, value in (
+            ("trailing_padding", args.decoder_trailing_padding),
+            ("fused_lm_loss", args.fused_lm_loss),
+        ):
             if hasattr(self.model, switch):  # SkinClipVLModel's speed switches (exact: same loss and gradients)
                 setattr(self.model, switch, value)
         num_labels = self.model.config.num_labels
@@ -627,8 +682,16 @@ class CFATrainer(Trainer):
             rank=args.process_index,
             world_size=args.world_size,
         )
-        self._term_names = [name for name, weight in (("focal", 1.0), ("align", args.lambda_align),
-                                                      ("cal", args.lambda_cal), ("gen", args.lambda_gen)) if weight]
+        self._term_names = [
+            name
+            for name, weight in (
+                ("focal", 1.0),
+                ("align", args.lambda_align),
+                ("cal", args.lambda_cal),
+                ("gen", args.lambda_gen),
+            )
+            if weight
+        ]
         self._term_averages = {"train": TermAverages(), "eval": TermAverages()}
         self.add_callback(NonFiniteGuard(args.max_consecutive_nonfinite))
         if hasattr(self.data_collator, "epoch"):
@@ -744,7 +807,9 @@ class CFATrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Evaluation logs carry "<prefix>_runtime" (prefix "eval" unless evaluate() was given another one);
         # training logs carry "loss" and, at the end, "train_runtime".
-        prefix = next((key[: -len("runtime")] for key in logs if key.endswith("_runtime") and key != "train_runtime"), None)
+        prefix = next(
+            (key[: -len("runtime")] for key in logs if key.endswith("_runtime") and key != "train_runtime"), None
+        )
         mode = "train" if prefix is None else "eval"
         # Every process reaches log() (Trainer gathers the loss just before), so the terms are merged here.
         for name, value in self._term_averages[mode].compute(self._term_names, self.args.device).items():

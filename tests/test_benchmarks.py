@@ -29,12 +29,16 @@ def test_tiny_benchmark_times_every_path_and_writes_the_ratios(tiny_run):
     assert json.loads(out.read_text())["size"] == "tiny"
     assert results["peak_matmul_flops"] > 0
     training = {entry["name"]: entry for entry in results["training"]}
-    expected = {f"skinclip/{name}" for name in ("naive", "rationale_head", "cached_features", "no_checkpointing",
-                                                "speed", "lean")}
+    expected = {
+        f"skinclip/{name}"
+        for name in ("naive", "rationale_head", "cached_features", "no_checkpointing", "speed", "lean")
+    }
     assert expected | {"plain_qwen2_5_vl_qlora"} == set(training)
     for entry in training.values():
         assert len(entry["step_s_all"]) == 3  # 1 warm-up + 2 timed steps
-        assert entry["step_s"] == pytest.approx(sum(entry["step_s_all"][1:]) / 2, rel=1e-3, abs=1e-4)  # rounded to 4 digits
+        assert entry["step_s"] == pytest.approx(
+            sum(entry["step_s_all"][1:]) / 2, rel=1e-3, abs=1e-4
+        )  # rounded to 4 digits
         assert 0 < entry["floor_over_step"] and math.isfinite(entry["floor_over_step"])
         assert entry["samples_per_s"] == pytest.approx(2 / entry["step_s"], rel=1e-2)
     assert training["skinclip/naive"]["lm_head_all_positions"] and training["skinclip/naive"]["gradient_checkpointing"]
@@ -45,8 +49,12 @@ def test_tiny_benchmark_times_every_path_and_writes_the_ratios(tiny_run):
         assert not training[f"skinclip/{name}"]["decoder_trailing_padding"]
         assert not training[f"skinclip/{name}"]["fused_lm_loss"]
     inference = {entry["name"]: entry for entry in results["inference"]}
-    assert {"skinclip/classify", "skinclip/classify_cached", "skinclip/classify+rationale",
-            "plain_qwen2_5_vl/diagnosis_as_text"} == set(inference)
+    assert {
+        "skinclip/classify",
+        "skinclip/classify_cached",
+        "skinclip/classify+rationale",
+        "plain_qwen2_5_vl/diagnosis_as_text",
+    } == set(inference)
     assert inference["skinclip/classify+rationale"]["generated_tokens_per_s"] > 0
     assert "skinclip/speed samples/s over plain" in results["ratios"]
     assert "skinclip/classify images/s over plain diagnosis-as-text" in results["ratios"]
@@ -73,9 +81,13 @@ def _plain_config(shape):
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
-        text_config=dict(shape.decoder_text, tie_word_embeddings=False,
-                         rope_scaling={"type": "mrope", "mrope_section": list(shape.mrope_section)}),
-        vision_config=dict(shape.plain_vision), tie_word_embeddings=False,
+        text_config=dict(
+            shape.decoder_text,
+            tie_word_embeddings=False,
+            rope_scaling={"type": "mrope", "mrope_section": list(shape.mrope_section)},
+        ),
+        vision_config=dict(shape.plain_vision),
+        tie_word_embeddings=False,
     )
 
 
@@ -169,7 +181,8 @@ def test_trailing_padding_runs_the_decoder_without_a_padding_mask(model_and_batc
     model, batch = model_and_batch
     seen = []
     hook = model.text_stack.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
     try:
         model.trailing_padding = True
         with torch.no_grad():
@@ -192,8 +205,9 @@ def test_cfa_trainer_sets_the_speed_switches_from_its_arguments(model_and_batch,
     model, _ = model_and_batch
     try:
         for value in (True, False):
-            args = bench._training_arguments(str(tmp_path), "float32", 2, 1, torch.device("cpu"),
-                                             decoder_trailing_padding=value, fused_lm_loss=value)
+            args = bench._training_arguments(
+                str(tmp_path), "float32", 2, 1, torch.device("cpu"), decoder_trailing_padding=value, fused_lm_loss=value
+            )
             CFATrainer(model=model, args=args, train_dataset=[], data_collator=lambda rows: rows)
             assert model.trailing_padding is value and model.fused_lm_loss is value
     finally:
@@ -227,8 +241,11 @@ def test_random_weight_bases_quantise_to_nf4_in_place(tmp_path):
     assert all(m.weight.dtype == torch.uint8 and m.quant_state is not None for m in layers)
     # 4-bit packing: N counts two weights per stored byte, so it equals the unquantised count.
     expected = sum(m.in_features * m.out_features for m in layers)
-    expected += sum(p.numel() for n, p in model.text_stack.named_parameters()
-                    if "embed_tokens" not in n and ".lora_" not in n and p.dtype != torch.uint8)
+    expected += sum(
+        p.numel()
+        for n, p in model.text_stack.named_parameters()
+        if "embed_tokens" not in n and ".lora_" not in n and p.dtype != torch.uint8
+    )
     expected += model.language_model.get_output_embeddings().weight.numel()
     assert bench.decoder_matmul_params(model.language_model) == expected
     rows = bench.make_rows(shape, 2)
@@ -262,8 +279,10 @@ def test_cpu_dtype_is_bf16_only_with_native_bf16_matmul():
 
 
 def test_cpu_description_reads_model_and_flags():
-    text = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4\nflags\t\t: fpu avx avx2\n\n" \
-           "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4\nflags\t\t: fpu avx avx2\n"
+    text = (
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4\nflags\t\t: fpu avx avx2\n\n"
+        "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4\nflags\t\t: fpu avx avx2\n"
+    )
     assert bench.cpu_description(text) == {"model": "Intel(R) Xeon(R) CPU E5-2690 v4", "flags": ["fpu", "avx", "avx2"]}
 
 
