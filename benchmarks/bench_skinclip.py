@@ -69,58 +69,140 @@ _VOCAB_QWEN25_VL = dict(vocab_size=152064)
 SHAPES = {
     # The paper's recipe: CLIP ViT-L/14 at 224 px (257 tokens), Qwen2.5-VL-7B language stack in NF4.
     "paper": Shape(
-        clip_vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                         image_size=224, patch_size=14),
+        clip_vision=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+        ),
         clip_text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         clip_projection=768,
-        decoder_text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                          num_key_value_heads=4, **_VOCAB_QWEN25_VL),
-        plain_vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                          fullatt_block_indexes=[7, 15, 23, 31]),
+        decoder_text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            **_VOCAB_QWEN25_VL,
+        ),
+        plain_vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
         mrope_section=(16, 24, 24),
-        prompt_tokens=(48, 64), rationale_tokens=(96, 128), plain_image_size=224,
-        dtype="bfloat16", quantization="nf4", batch=8, steps=10, warmup=3, inference_iters=5,
-        rationale_new_tokens=64, diagnosis_new_tokens=8,
+        prompt_tokens=(48, 64),
+        rationale_tokens=(96, 128),
+        plain_image_size=224,
+        dtype="bfloat16",
+        quantization="nf4",
+        batch=8,
+        steps=10,
+        warmup=3,
+        inference_iters=5,
+        rationale_new_tokens=64,
+        diagnosis_new_tokens=8,
     ),
     # No GPU: CLIP ViT-B/16 (197 tokens) and a Qwen2.5-0.5B-shaped decoder, no 4-bit.
     "reduced": Shape(
-        clip_vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                         image_size=224, patch_size=16),
+        clip_vision=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+        ),
         clip_text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
         clip_projection=512,
-        decoder_text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                          num_key_value_heads=2, vocab_size=151936),
-        plain_vision=dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12, out_hidden_size=896,
-                          fullatt_block_indexes=[3, 7, 11]),
+        decoder_text=dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+        ),
+        plain_vision=dict(
+            depth=12,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_heads=12,
+            out_hidden_size=896,
+            fullatt_block_indexes=[3, 7, 11],
+        ),
         mrope_section=(8, 12, 12),
-        prompt_tokens=(48, 64), rationale_tokens=(96, 128), plain_image_size=224,
-        dtype="bfloat16", quantization="none", batch=2, steps=3, warmup=1, inference_iters=2,
-        rationale_new_tokens=64, diagnosis_new_tokens=8,
+        prompt_tokens=(48, 64),
+        rationale_tokens=(96, 128),
+        plain_image_size=224,
+        dtype="bfloat16",
+        quantization="none",
+        batch=2,
+        steps=3,
+        warmup=1,
+        inference_iters=2,
+        rationale_new_tokens=64,
+        diagnosis_new_tokens=8,
     ),
     # Seconds on a CPU: keeps the script from rotting (tests/test_benchmarks.py).
     "tiny": Shape(
-        clip_vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                         image_size=32, patch_size=8),
+        clip_vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         clip_text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
         clip_projection=24,
-        decoder_text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=1024),
-        plain_vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                          fullatt_block_indexes=[1]),
+        decoder_text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1024,
+        ),
+        plain_vision=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1]
+        ),
         mrope_section=(2, 3, 3),
-        prompt_tokens=(4, 8), rationale_tokens=(6, 12), plain_image_size=56,
-        dtype="float32", quantization="none", batch=2, steps=2, warmup=1, inference_iters=1,
-        rationale_new_tokens=4, diagnosis_new_tokens=2,
+        prompt_tokens=(4, 8),
+        rationale_tokens=(6, 12),
+        plain_image_size=56,
+        dtype="float32",
+        quantization="none",
+        batch=2,
+        steps=2,
+        warmup=1,
+        inference_iters=1,
+        rationale_new_tokens=4,
+        diagnosis_new_tokens=2,
     ),
 }
 
 from skinclip.labels import ISIC2019_CLASSES as CLASS_NAMES  # noqa: E402  (importable once REPO_ROOT is on sys.path)
+
 PAD_ID, EOS_ID = 0, 1
 # Qwen2.5-VL's special ids; the tiny vocabulary gets its own, below its size.
-PLAIN_SPECIAL = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-                 "vision_end_token_id": 151653}
-TINY_PLAIN_SPECIAL = {"image_token_id": 1020, "video_token_id": 1021, "vision_start_token_id": 1022,
-                      "vision_end_token_id": 1023}
+PLAIN_SPECIAL = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
+TINY_PLAIN_SPECIAL = {
+    "image_token_id": 1020,
+    "video_token_id": 1021,
+    "vision_start_token_id": 1022,
+    "vision_end_token_id": 1023,
+}
 
 # --------------------------------------------------------------------------------------------------------
 # Random-weight bases from configs
@@ -146,20 +228,38 @@ def build_bases(shape: Shape, root: Path) -> dict[str, str]:
     from transformers import CLIPConfig, Qwen2_5_VLConfig
 
     clip = CLIPConfig(
-        text_config=dict(vocab_size=49408, max_position_embeddings=77, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
-                         bos_token_id=EOS_ID, **shape.clip_text),
+        text_config=dict(
+            vocab_size=49408,
+            max_position_embeddings=77,
+            pad_token_id=PAD_ID,
+            eos_token_id=EOS_ID,
+            bos_token_id=EOS_ID,
+            **shape.clip_text,
+        ),
         vision_config=shape.clip_vision,
         projection_dim=shape.clip_projection,
     )
     special = _plain_special(shape)
-    text = dict(shape.decoder_text, max_position_embeddings=32768, tie_word_embeddings=False,
-                pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=EOS_ID, rope_theta=1_000_000.0,
-                rope_scaling={"type": "mrope", "mrope_section": list(shape.mrope_section)})
+    text = dict(
+        shape.decoder_text,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=EOS_ID,
+        rope_theta=1_000_000.0,
+        rope_scaling={"type": "mrope", "mrope_section": list(shape.mrope_section)},
+    )
     decoder = Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           **shape.plain_vision),
-        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=EOS_ID, tie_word_embeddings=False, **special,
+        vision_config=dict(
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, **shape.plain_vision
+        ),
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+        **special,
     )
     return {
         "clip": str(_save_config_only(clip, root / "clip")),
@@ -172,8 +272,14 @@ def skinclip_config(shape: Shape, bases: dict, dtype: str, quantization: str):
 
     return SkinClipVLConfig(
         vision_config=dict(backend="hf", model_name_or_path=bases["clip"]),
-        decoder_config=dict(model_name_or_path=bases["decoder"], quantization=quantization, compute_dtype=dtype,
-                            lora_r=64, lora_alpha=16, lora_dropout=0.05),
+        decoder_config=dict(
+            model_name_or_path=bases["decoder"],
+            quantization=quantization,
+            compute_dtype=dtype,
+            lora_r=64,
+            lora_alpha=16,
+            lora_dropout=0.05,
+        ),
         focal_dim=min(1024, shape.decoder_text["hidden_size"]),
         alignment_dim=min(512, shape.clip_projection),
         id2label=dict(enumerate(CLASS_NAMES)),
@@ -200,14 +306,17 @@ def make_rows(shape: Shape, num_rows: int, seed: int = 0) -> list[dict]:
     for index in range(num_rows):
         rationale = ids(shape.rationale_tokens)
         rationale[-1] = EOS_ID
-        rows.append({
-            "prompt_ids": ids(shape.prompt_tokens),
-            "rationale_ids": rationale,
-            "report_ids": torch.randint(3, 49000, (int(torch.randint(20, 77, (1,), generator=generator)),),
-                                        generator=generator),
-            "pixel_values": torch.randn(3, side, side, generator=generator),
-            "labels": index % len(CLASS_NAMES),
-        })
+        rows.append(
+            {
+                "prompt_ids": ids(shape.prompt_tokens),
+                "rationale_ids": rationale,
+                "report_ids": torch.randint(
+                    3, 49000, (int(torch.randint(20, 77, (1,), generator=generator)),), generator=generator
+                ),
+                "pixel_values": torch.randn(3, side, side, generator=generator),
+                "labels": index % len(CLASS_NAMES),
+            }
+        )
     return rows
 
 
@@ -289,8 +398,9 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
 
-def choose_dtype(device: torch.device, requested: str | None, shape_dtype: str, cpu: dict | None = None,
-                 probe=None) -> tuple[str, str]:
+def choose_dtype(
+    device: torch.device, requested: str | None, shape_dtype: str, cpu: dict | None = None, probe=None
+) -> tuple[str, str]:
     """(compute dtype, why): ``--dtype`` wins; a CPU gets bf16 only where its matmuls run natively in bf16.
 
     ``cpu`` is `cpu_description()`'s answer (tests fake it); when it names no flags (not Linux), ``probe``
@@ -307,8 +417,11 @@ def choose_dtype(device: torch.device, requested: str | None, shape_dtype: str, 
     if cpu["flags"]:
         return "float32", "CPU lacks native bf16 matmul (no amx_bf16/avx512_bf16/bf16 flag); bf16 would be emulated"
     fast = (probe or bf16_matmul_is_fast)()
-    return ("bfloat16", "no CPU flags readable; a bf16 matmul timed as fast as float32") if fast else \
-        ("float32", "no CPU flags readable; a bf16 matmul timed slower than float32")
+    return (
+        ("bfloat16", "no CPU flags readable; a bf16 matmul timed as fast as float32")
+        if fast
+        else ("float32", "no CPU flags readable; a bf16 matmul timed slower than float32")
+    )
 
 
 def bf16_matmul_is_fast(size: int = 256) -> bool:
@@ -402,11 +515,22 @@ def _training_arguments(output_dir: str, dtype: str, batch: int, steps: int, dev
     # Autocast follows the run's compute dtype (not the size's default): a float32 run must not train under
     # bf16 autocast, which is emulated, and ~400x slower, on CPUs without native bf16.
     settings = dict(
-        output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
-        lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no", report_to=[],
-        dataloader_num_workers=0, disable_tqdm=True, focal_alpha="uniform", augment=False,
-        bf16=dtype == "bfloat16", fp16=dtype == "float16" and device.type == "cuda",
-        use_cpu=device.type == "cpu", seed=0,
+        output_dir=output_dir,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        focal_alpha="uniform",
+        augment=False,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16" and device.type == "cuda",
+        use_cpu=device.type == "cpu",
+        seed=0,
     )
     settings.update(overrides)
     return CFATrainingArguments(**settings)
@@ -418,10 +542,12 @@ def time_training(trainer_class, model, rows, collator, shape: Shape, args: argp
 
     timer = _step_timer(device)
     with tempfile.TemporaryDirectory() as output_dir:
-        training_args = _training_arguments(output_dir, args.dtype, args.batch, args.warmup + args.steps, device,
-                                            **overrides)
-        trainer = trainer_class(model=model, args=training_args, train_dataset=rows, data_collator=collator,
-                                callbacks=[timer])
+        training_args = _training_arguments(
+            output_dir, args.dtype, args.batch, args.warmup + args.steps, device, **overrides
+        )
+        trainer = trainer_class(
+            model=model, args=training_args, train_dataset=rows, data_collator=collator, callbacks=[timer]
+        )
         trainer.remove_callback(PrinterCallback)  # the benchmark prints its own lines
         reset_peak_memory(device)
         trainer.train()
@@ -429,8 +555,12 @@ def time_training(trainer_class, model, rows, collator, shape: Shape, args: argp
         del trainer
     gc.collect()
     timed = timer.seconds[args.warmup :]
-    return {"step_s": sum(timed) / len(timed), "step_s_all": [round(s, 4) for s in timer.seconds],
-            "step_cpu_s_all": [round(s, 4) for s in timer.cpu_seconds], "peak_gib": peak}
+    return {
+        "step_s": sum(timed) / len(timed),
+        "step_s_all": [round(s, 4) for s in timer.seconds],
+        "step_cpu_s_all": [round(s, 4) for s in timer.cpu_seconds],
+        "peak_gib": peak,
+    }
 
 
 def _report(name: str, result: dict, rows_tokens: float, n_params: int, peak_flops: float, batch: int) -> dict:
@@ -493,11 +623,24 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
             overrides = {k: v for k, v in overrides.items() if k != "optim"}
         model.lm_head_on_all_positions = all_positions
         model.train()
-        result = time_training(CFATrainer, model, rows, BenchCollator(cached), shape, args, device,
-                               activation_checkpointing=checkpointing, **overrides)
+        result = time_training(
+            CFATrainer,
+            model,
+            rows,
+            BenchCollator(cached),
+            shape,
+            args,
+            device,
+            activation_checkpointing=checkpointing,
+            **overrides,
+        )
         model.activation_checkpointing_disable()
-        result.update(cached_features=cached, lm_head_all_positions=all_positions, gradient_checkpointing=checkpointing,
-                      **overrides)
+        result.update(
+            cached_features=cached,
+            lm_head_all_positions=all_positions,
+            gradient_checkpointing=checkpointing,
+            **overrides,
+        )
         training.append(_report(f"skinclip/{name}", result, tokens, n_params, peak_flops, args.batch))
         print(_line(training[-1]), flush=True)
     model.lm_head_on_all_positions = False
@@ -520,15 +663,18 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
     def explain():
         model.predict(**inputs, pixel_values=pixel_batch, max_new_tokens=shape.rationale_new_tokens, eos_token_id=-1)
 
-    for name, fn, new_tokens in (("skinclip/classify", classify, 0), ("skinclip/classify_cached", classify_cached, 0),
-                                 ("skinclip/classify+rationale", explain, shape.rationale_new_tokens)):
+    for name, fn, new_tokens in (
+        ("skinclip/classify", classify, 0),
+        ("skinclip/classify_cached", classify_cached, 0),
+        ("skinclip/classify+rationale", explain, shape.rationale_new_tokens),
+    ):
         seconds = _time_inference(fn, device, args.inference_iters)
         entry = {"name": name, "images_per_s": args.batch / seconds, "batch_s": seconds}
         if new_tokens:
             entry["generated_tokens_per_s"] = args.batch * new_tokens / seconds
         results["inference"].append(entry)
         print(_line(entry), flush=True)
-    del model
+    model = None  # frees the weights before the next model is built (the timed closures above are done)
     gc.collect()
     reset_peak_memory(device)
 
@@ -559,16 +705,27 @@ def _plain_model(bases: dict, args, device):
     dtype = _DTYPES[args.dtype]
     quantization = None
     if args.quantization == "nf4":
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["visual", "lm_head"])
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=["visual", "lm_head"],
+        )
     device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
-    model = AutoModelForImageTextToText.from_pretrained(bases["decoder"], dtype=dtype, quantization_config=quantization,
-                                                        device_map=device_map, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(
+        bases["decoder"],
+        dtype=dtype,
+        quantization_config=quantization,
+        device_map=device_map,
+        attn_implementation="sdpa",
+    )
     if quantization is not None:
         _quantize_unloaded_4bit_weights(model, quantization, device)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, bias="none",
-                      target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    lora = LoraConfig(
+        r=64, lora_alpha=16, lora_dropout=0.05, bias="none", target_modules=r".*language_model.*\.(q_proj|v_proj)"
+    )
     return get_peft_model(model, lora)
 
 
@@ -615,10 +772,21 @@ def bench_plain(shape: Shape, bases: dict, args, device, peak_flops: float, resu
     n_params = decoder_matmul_params(model.base_model.model)
     collator = PlainCollator(shape)
     rows = make_rows(shape, args.batch * (args.warmup + args.steps), seed=0)
-    tokens = sum(3 + collator.num_image_tokens - 1 + len(r["prompt_ids"]) + len(r["rationale_ids"]) for r in rows) / len(rows)
+    tokens = sum(
+        3 + collator.num_image_tokens - 1 + len(r["prompt_ids"]) + len(r["rationale_ids"]) for r in rows
+    ) / len(rows)
     model.train()
-    result = time_training(Trainer, model, rows, collator, shape, args, device, activation_checkpointing=True,
-                           activation_checkpointing_kwargs={"use_reentrant": False})
+    result = time_training(
+        Trainer,
+        model,
+        rows,
+        collator,
+        shape,
+        args,
+        device,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+    )
     result.update(gradient_checkpointing=True, image_tokens=collator.num_image_tokens)
     results["training"].append(_report("plain_qwen2_5_vl_qlora", result, tokens, n_params, peak_flops, args.batch))
     print(_line(results["training"][-1]), flush=True)
@@ -631,15 +799,24 @@ def bench_plain(shape: Shape, bases: dict, args, device, peak_flops: float, resu
     batch["pixel_values"] = batch["pixel_values"].to(next(model.base_model.model.model.visual.parameters()).dtype)
 
     def answer():
-        model.generate(**batch, max_new_tokens=shape.diagnosis_new_tokens, min_new_tokens=shape.diagnosis_new_tokens,
-                       do_sample=False, pad_token_id=PAD_ID)
+        model.generate(
+            **batch,
+            max_new_tokens=shape.diagnosis_new_tokens,
+            min_new_tokens=shape.diagnosis_new_tokens,
+            do_sample=False,
+            pad_token_id=PAD_ID,
+        )
 
     seconds = _time_inference(answer, device, args.inference_iters)
-    entry = {"name": "plain_qwen2_5_vl/diagnosis_as_text", "images_per_s": args.batch / seconds, "batch_s": seconds,
-             "new_tokens": shape.diagnosis_new_tokens}
+    entry = {
+        "name": "plain_qwen2_5_vl/diagnosis_as_text",
+        "images_per_s": args.batch / seconds,
+        "batch_s": seconds,
+        "new_tokens": shape.diagnosis_new_tokens,
+    }
     results["inference"].append(entry)
     print(_line(entry), flush=True)
-    del model
+    model = None  # frees the weights (the timed closures above are done)
     gc.collect()
     reset_peak_memory(device)
 
@@ -651,9 +828,11 @@ def bench_plain(shape: Shape, bases: dict, args, device, peak_flops: float, resu
 
 def _line(entry: dict) -> str:
     if "step_ms" in entry:
-        return (f"{entry['name']:<34} {entry['samples_per_s']:8.3f} samples/s  step {entry['step_ms']:9.1f} ms  "
-                f"floor {entry['floor_ms']:8.1f} ms  floor/step {entry['floor_over_step']:.3f}  "
-                f"peak {entry['peak_gib']:.2f} GiB")
+        return (
+            f"{entry['name']:<34} {entry['samples_per_s']:8.3f} samples/s  step {entry['step_ms']:9.1f} ms  "
+            f"floor {entry['floor_ms']:8.1f} ms  floor/step {entry['floor_over_step']:.3f}  "
+            f"peak {entry['peak_gib']:.2f} GiB"
+        )
     text = f"{entry['name']:<34} {entry['images_per_s']:8.3f} images/s"
     if "generated_tokens_per_s" in entry:
         text += f"  {entry['generated_tokens_per_s']:.1f} generated tokens/s"
@@ -700,8 +879,11 @@ GOALS = {
 
 
 def goals(ratios: dict) -> dict:
-    return {name: {"value": ratios[name], "goal_at_least": goal, "met": ratios[name] >= goal}
-            for name, goal in GOALS.items() if name in ratios}
+    return {
+        name: {"value": ratios[name], "goal_at_least": goal, "met": ratios[name] >= goal}
+        for name, goal in GOALS.items()
+        if name in ratios
+    }
 
 
 def environment(device: torch.device, cpu: dict) -> dict:
@@ -710,11 +892,19 @@ def environment(device: torch.device, cpu: dict) -> dict:
     import transformers
 
     info = {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "device": str(device),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "cpu_model": cpu["model"], "cpu_flags": " ".join(cpu["flags"]),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "cpu_model": cpu["model"],
+        "cpu_flags": " ".join(cpu["flags"]),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_average": list(os.getloadavg()),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -729,18 +919,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed training steps (default: the size's)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps (default: the size's)")
     parser.add_argument("--inference-iters", type=int, help="timed inference batches")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                        help="compute dtype of everything: model, autocast, cached features, the plain recipe, the "
-                             "peak (default: the size's; on a CPU bf16 only where its matmuls run natively in bf16)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="compute dtype of everything: model, autocast, cached features, the plain recipe, the "
+        "peak (default: the size's; on a CPU bf16 only where its matmuls run natively in bf16)",
+    )
     parser.add_argument("--quantization", choices=("nf4", "none"), help="decoder quantisation (paper: nf4)")
-    parser.add_argument("--variants", nargs="+", default=list(TRAINING_VARIANTS),
-                        help=f"SkinCLIP-VL training variants: {sorted(TRAINING_VARIANTS)}")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(TRAINING_VARIANTS),
+        help=f"SkinCLIP-VL training variants: {sorted(TRAINING_VARIANTS)}",
+    )
     parser.add_argument("--skip-plain", action="store_true", help="do not time the plain Qwen2.5-VL recipe")
     parser.add_argument("--matmul-size", type=int, help="side of the square matmuls that measure the peak rate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int,
-                        help="torch CPU threads for the whole run, peak included (default: torch's); 1 keeps a run "
-                             "on a machine shared with other jobs from waiting on a descheduled thread at every op")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads for the whole run, peak included (default: torch's); 1 keeps a run "
+        "on a machine shared with other jobs from waiting on a descheduled thread at every op",
+    )
     parser.add_argument("--json", help="write all results to this file")
     args = parser.parse_args(argv)
     shape = SHAPES[args.size]
@@ -770,10 +970,16 @@ def run(argv=None) -> dict:
     print(f"compute dtype: {args.dtype} ({dtype_reason})", flush=True)
     peak_flops = peak_matmul_flops(device, _DTYPES[args.dtype], args.matmul_size)
     results = {
-        "size": args.size, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-        "dtype": args.dtype, "dtype_reason": dtype_reason,
+        "size": args.size,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python"] + sys.argv),
+        "dtype": args.dtype,
+        "dtype_reason": dtype_reason,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "environment": environment(device, cpu), "peak_matmul_flops": peak_flops, "training": [], "inference": [],
+        "environment": environment(device, cpu),
+        "peak_matmul_flops": peak_flops,
+        "training": [],
+        "inference": [],
     }
     print(f"peak {args.dtype} matmul: {peak_flops / 1e12:.3f} TFLOP/s on {device}", flush=True)
     with tempfile.TemporaryDirectory() as root:
@@ -786,8 +992,10 @@ def run(argv=None) -> dict:
     results["goals"] = goals(results["ratios"])
     for name, value in results["ratios"].items():
         goal = results["goals"].get(name)
-        print(f"{name:<70} {value:.3f}" + (f"   goal >= {goal['goal_at_least']:g}: "
-                                           f"{'met' if goal['met'] else 'NOT met'}" if goal else ""))
+        print(
+            f"{name:<70} {value:.3f}"
+            + (f"   goal >= {goal['goal_at_least']:g}: {'met' if goal['met'] else 'NOT met'}" if goal else "")
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
