@@ -969,7 +969,9 @@ def run(argv=None) -> dict:
     args.dtype, dtype_reason = choose_dtype(device, args.dtype, shape.dtype, cpu)
     print(f"compute dtype: {args.dtype} ({dtype_reason})", flush=True)
     # On a CPU one 2048² matmul takes ~0.1 s: best of 10 rides out a moment of another job's load.
-    peak_flops = peak_matmul_flops(device, _DTYPES[args.dtype], args.matmul_size, repeats=10 if device.type == "cpu" else 5)
+    peak_flops = peak_matmul_flops(
+        device, _DTYPES[args.dtype], args.matmul_size, repeats=10 if device.type == "cpu" else 5
+    )
     results = {
         "size": args.size,
         "date": time.strftime("%Y-%m-%d"),
