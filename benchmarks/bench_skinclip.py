@@ -992,8 +992,9 @@ def run(argv=None) -> dict:
             bench_plain(shape, bases, args, device, peak_flops, results)
     results["environment"]["load_average_end"] = list(os.getloadavg())  # other jobs would skew every timing
     # Measured again at the end (the ratios keep the first): a gap between the two flags a run disturbed by load.
-    results["peak_matmul_flops_end"] = peak_matmul_flops(device, _DTYPES[args.dtype], args.matmul_size,
-                                                         repeats=10 if device.type == "cpu" else 5)
+    results["peak_matmul_flops_end"] = peak_matmul_flops(
+        device, _DTYPES[args.dtype], args.matmul_size, repeats=10 if device.type == "cpu" else 5
+    )
     results["ratios"] = summarize(results)
     print(f"peak {args.dtype} matmul at the end: {results['peak_matmul_flops_end'] / 1e12:.3f} TFLOP/s", flush=True)
     results["goals"] = goals(results["ratios"])
