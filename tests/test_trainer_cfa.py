@@ -213,7 +213,7 @@ def test_cfa_trainer_learns_a_learnable_task(tmp_path, make_config):
     train, held_out = _colour_dataset(40, seed=0), _colour_dataset(20, seed=1)
     args = CFATrainingArguments(
         output_dir=str(tmp_path),
-        num_train_epochs=15,
+        num_train_epochs=6,  # held-out B-ACC 0.983 measured at 6 epochs (15 took 269 s with the real vocabulary)
         per_device_train_batch_size=12,
         per_device_eval_batch_size=30,
         learning_rate=3e-3,
