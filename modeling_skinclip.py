@@ -1196,12 +1196,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets):
         logits = (hidden @ weight.T).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).mean()
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+        # Softmax in place (no temporary of the logits' size, as torch.logsumexp would allocate).
+        peak = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        total = probs.sum(dim=-1, keepdim=True)
+        loss = (peak.squeeze(1) + total.squeeze(1).log() - target_logits).mean()
         grad = None
         if ctx.needs_input_grad[0]:
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(targets), device=targets.device), targets] -= 1
+            probs.div_(total)[torch.arange(len(targets), device=targets.device), targets] -= 1
             grad = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
         ctx.count = len(targets)

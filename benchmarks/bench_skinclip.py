@@ -375,7 +375,8 @@ def skinclip_tokens(rows, num_image_tokens: int) -> float:
 
 
 def cpu_description(cpuinfo: str | None = None) -> dict:
-    """The CPU's model name and feature flags, from /proc/cpuinfo (x86 ``flags``, Arm ``Features``)."""
+    """The CPU's model name and feature flags, from /proc/cpuinfo (x86 ``flags``, Arm ``Features``), and the
+    oneDNN instruction-set cap if one is set (``ONEDNN_MAX_CPU_ISA``)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -389,7 +390,7 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
             model = value.strip()
         elif key in ("flags", "features") and not flags:
             flags = value.split()
-    return {"model": model, "flags": flags}
+    return {"model": model, "flags": flags, "onednn_isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA")}
 
 
 # A bf16 matmul runs natively only with these (oneDNN uses AMX tiles or AVX-512 BF16 dot products; Arm has
@@ -412,6 +413,10 @@ def choose_dtype(
         return shape_dtype, f"the {device.type} default of this size"
     cpu = cpu_description() if cpu is None else cpu
     native = [flag for flag in NATIVE_BF16_FLAGS if flag in cpu["flags"]]
+    cap = (cpu.get("onednn_isa_cap") or "").upper()
+    if native and cap and not any(isa in cap for isa in ("BF16", "AMX", "ALL", "DEFAULT")):
+        # Capped below its bf16 instructions (e.g. to run an AVX2-only CPU's kernels), oneDNN emulates bf16.
+        return "float32", f"ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN off the CPU's bf16 instructions"
     if native:
         return "bfloat16", f"CPU has native bf16 matmul ({', '.join(native)})"
     if cpu["flags"]:
@@ -904,6 +909,12 @@ def environment(device: torch.device, cpu: dict) -> dict:
         "cpu_model": cpu["model"],
         "cpu_flags": " ".join(cpu["flags"]),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # Instruction-set caps (set to run an AVX2-only CPU's kernels on a newer one): torch, MKL, oneDNN.
+        "isa_environment": {
+            k: os.environ[k]
+            for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+            if k in os.environ
+        },
         "load_average": list(os.getloadavg()),
     }
     if device.type == "cuda":

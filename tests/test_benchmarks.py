@@ -276,6 +276,11 @@ def test_cpu_dtype_is_bf16_only_with_native_bf16_matmul():
     assert bench.choose_dtype(cpu, None, "bfloat16", unknown, lambda: False)[0] == "float32"
     assert bench.choose_dtype(cpu, None, "bfloat16", unknown, lambda: True)[0] == "bfloat16"
     assert bench.choose_dtype(torch.device("cuda"), None, "bfloat16", AVX2_ONLY, never)[0] == "bfloat16"
+    # An AMX CPU told to run AVX2 kernels (ONEDNN_MAX_CPU_ISA=AVX2) emulates bf16 like an AVX2 one.
+    assert bench.choose_dtype(cpu, None, "bfloat16", {**AMX, "onednn_isa_cap": "AVX2"}, never)[0] == "float32"
+    assert bench.choose_dtype(cpu, None, "bfloat16", {**AMX, "onednn_isa_cap": "AVX512_CORE_AMX"}, never)[0] == (
+        "bfloat16"
+    )
 
 
 def test_cpu_description_reads_model_and_flags():
@@ -283,7 +288,8 @@ def test_cpu_description_reads_model_and_flags():
         "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4\nflags\t\t: fpu avx avx2\n\n"
         "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4\nflags\t\t: fpu avx avx2\n"
     )
-    assert bench.cpu_description(text) == {"model": "Intel(R) Xeon(R) CPU E5-2690 v4", "flags": ["fpu", "avx", "avx2"]}
+    described = bench.cpu_description(text)
+    assert described["model"] == "Intel(R) Xeon(R) CPU E5-2690 v4" and described["flags"] == ["fpu", "avx", "avx2"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
