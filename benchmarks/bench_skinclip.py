@@ -5,7 +5,7 @@ directory holds a config and an empty weight file, so ``from_pretrained`` initia
 random on the target device, and 4-bit layers are quantised in place (``modeling_skinclip.load_decoder``).
 
     python benchmarks/bench_skinclip.py --size paper                       # GPU: ViT-L/14 + 4-bit Qwen2.5-VL-7B
-    python benchmarks/bench_skinclip.py --size reduced --batch 2 --steps 2 # CPU: ViT-B/16 + Qwen2.5-0.5B shapes
+    python benchmarks/bench_skinclip.py --size reduced                     # CPU: ViT-B/16 + Qwen2.5-0.5B shapes
     python benchmarks/bench_skinclip.py --size tiny                        # seconds; run by tests/test_benchmarks.py
 
 Training steps are real ``CFATrainer`` steps (forward, CFA loss, backward, optimiser), timed by a callback,
@@ -14,6 +14,9 @@ LM head over every position) is timed in the same run with a plain ``Trainer``. 
 next to the ratio it is judged by: the FLOP floor ``4·N·T / peak`` (N = the decoder's matmul parameters,
 input embedding excluded, LM head included; T = real tokens of the batch; peak = the best dense matmul rate
 of the compute dtype measured in the same run), and samples/s or images/s against the plain recipe.
+
+On a CPU the compute dtype is bf16 only where the CPU multiplies bf16 natively (`choose_dtype`), else float32;
+``--dtype`` overrides it for everything (model, autocast, cached features, the plain recipe, the peak).
 """
 
 from __future__ import annotations
