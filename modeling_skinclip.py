@@ -274,7 +274,7 @@ class OpenClipTower(VisionTower):
         self.model = open_clip.create_model(
             name,
             pretrained=None if device.type == "meta" else tag,
-            force_quick_gelu=_needs_quick_gelu(name, tag),
+            force_quick_gelu=needs_quick_gelu(name, tag),
             device=device,
         ).to(dtype)
         visual = self.model.visual
@@ -1241,7 +1241,7 @@ def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _needs_quick_gelu(name: str, tag: str | None) -> bool:
+def needs_quick_gelu(name: str, tag: str | None) -> bool:
     """OpenAI's CLIP weights were trained with QuickGELU, but e.g. open_clip's plain ``ViT-L-14`` config builds
     GELU (open_clip only warns, and the features are then wrong). A ``local-dir:``/``hf-hub:`` config decides itself.
     """

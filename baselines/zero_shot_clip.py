@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from baselines.common import resolve_device, write_run_info, write_split_scores
+from modeling_skinclip import needs_quick_gelu  # one rule for the model's tower and this baseline
 from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config
 
 logger = logging.getLogger("skinclip.baselines.zero_shot")
@@ -57,20 +58,6 @@ def class_texts(class_names: list[str], class_prompts: dict, templates: list[str
         descriptions = [descriptions] if isinstance(descriptions, str) else descriptions
         texts.append([template.format(description) for description in descriptions for template in templates])
     return texts
-
-
-def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
-    """Whether the weights of `pretrained` were trained with QuickGELU while `model_name`'s config builds GELU.
-
-    OpenAI's CLIP weights (tag ``openai``, and a few others open_clip marks ``quick_gelu``) were trained with
-    QuickGELU, but the plain ``ViT-L-14`` config builds ``nn.GELU``; open_clip only warns about the mismatch and
-    the features are then wrong. With an ``hf-hub:``/``local-dir:`` name the saved config decides.
-    """
-    import open_clip
-
-    if not pretrained or model_name.startswith(("hf-hub:", "local-dir:")):
-        return False
-    return pretrained == "openai" or bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu"))
 
 
 def create_open_clip(model_name: str, pretrained: str | None, device="cpu", load_weights: bool = True):
