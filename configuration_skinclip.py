@@ -347,4 +347,41 @@ def relative_base_paths(config: SkinClipVLConfig, folder: Path) -> SkinClipVLCon
     return config
 
 
+def decoder_generation_ids(decoder_config, hub_kwargs: dict | None = None) -> tuple[list[int], int]:
+    """(every eos id, pad id) of the decoder: its ``generation_config.json`` first, then its raw ``config.json``.
+
+    The raw file, not the config object: config classes fill in default token ids the checkpoint never set. The
+    real Qwen2.5-VL config has no top-level eos/pad (transformers 5 keeps them in ``text_config`` and the
+    generation config); Instruct models end a turn with ``<|im_end|>`` (151645) and text with ``<|endoftext|>``
+    (151643), so generation stops on either. The model and the processor both take their stop ids from here.
+    """
+    from transformers import GenerationConfig, PretrainedConfig
+
+    name, revision, hub_kwargs = decoder_config.model_name_or_path, decoder_config.revision, hub_kwargs or {}
+    raw_config, _ = PretrainedConfig.get_config_dict(name, revision=revision, **hub_kwargs)
+    try:
+        generation_config = GenerationConfig.from_pretrained(name, revision=revision, **hub_kwargs)
+    except OSError:  # no generation_config.json: the ids come from config.json
+        generation_config = None
+    candidates = [
+        {
+            "eos_token_id": getattr(generation_config, "eos_token_id", None),
+            "pad_token_id": getattr(generation_config, "pad_token_id", None),
+        },
+        raw_config,
+        raw_config.get("text_config") or {},
+    ]
+    eos = next((c["eos_token_id"] for c in candidates if c.get("eos_token_id") is not None), None)
+    if eos is None:
+        raise ValueError(
+            f"decoder {name!r} gives no eos token id: neither its generation_config.json nor its config.json "
+            "(or text_config) has eos_token_id; add one there"
+        )
+    eos_ids = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    pad = next((c["pad_token_id"] for c in candidates if c.get("pad_token_id") is not None), None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    return eos_ids, int(pad) if pad is not None else eos_ids[0]
+
+
 __all__ = ["SkinClipVLConfig", "SkinClipVisionConfig", "SkinClipDecoderConfig"]

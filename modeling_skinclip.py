@@ -37,6 +37,7 @@ try:
         LOCAL_DIR_PREFIX,
         SkinClipVLConfig,
         checkpoint_folder,
+        decoder_generation_ids,
         relative_base_paths,
         resolve_base_paths,
     )
@@ -47,6 +48,7 @@ except ImportError:  # a checkout, rather than Hub remote code
         LOCAL_DIR_PREFIX,
         SkinClipVLConfig,
         checkpoint_folder,
+        decoder_generation_ids,
         relative_base_paths,
         resolve_base_paths,
     )
@@ -326,18 +328,12 @@ def _bnb_config(decoder_config):
 
 
 def read_decoder_config(decoder_config, hub_kwargs: dict | None = None):
-    """(config, raw ``config.json`` dict, generation config or None) of the decoder, read before any weight."""
-    from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+    """The decoder's config, read before any weight."""
+    from transformers import AutoConfig
 
-    name, revision = decoder_config.model_name_or_path, decoder_config.revision
-    base_config = AutoConfig.from_pretrained(name, revision=revision, **(hub_kwargs or {}))
-    # The raw file, not the config object: config classes fill in default token ids the checkpoint never set.
-    raw_config, _ = PretrainedConfig.get_config_dict(name, revision=revision, **(hub_kwargs or {}))
-    try:
-        generation_config = GenerationConfig.from_pretrained(name, revision=revision, **(hub_kwargs or {}))
-    except OSError:  # no generation_config.json: the ids come from config.json
-        generation_config = None
-    return base_config, raw_config, generation_config
+    return AutoConfig.from_pretrained(
+        decoder_config.model_name_or_path, revision=decoder_config.revision, **(hub_kwargs or {})
+    )
 
 
 def check_lora_targets(base_config, decoder_config) -> None:
@@ -504,32 +500,6 @@ def _language_only_class(base_config):
     return LanguageOnlyForCausalLM
 
 
-def generation_token_ids(raw_config: dict, generation_config, source: str) -> tuple[list[int], int]:
-    """(every eos id, pad id) of the decoder: its ``generation_config.json`` first, then its ``config.json``.
-
-    The real Qwen2.5-VL config has no top-level eos/pad (transformers 5 keeps them in ``text_config`` and the
-    generation config); Instruct models end a turn with ``<|im_end|>`` (151645) and text with ``<|endoftext|>``
-    (151643), so generation stops on either.
-    """
-    candidates = [
-        {
-            "eos_token_id": getattr(generation_config, "eos_token_id", None),
-            "pad_token_id": getattr(generation_config, "pad_token_id", None),
-        },
-        raw_config,
-        raw_config.get("text_config") or {},
-    ]
-    eos = next((c["eos_token_id"] for c in candidates if c.get("eos_token_id") is not None), None)
-    if eos is None:
-        raise ValueError(
-            f"decoder {source!r} gives no eos token id: neither its generation_config.json nor its config.json "
-            "(or text_config) has eos_token_id; add one there"
-        )
-    eos_ids = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
-    pad = next((c["pad_token_id"] for c in candidates if c.get("pad_token_id") is not None), None)
-    return eos_ids, int(_first(pad)) if pad is not None else eos_ids[0]
-
-
 def _quantize_unloaded_4bit_weights(language_model: nn.Module, quantization, device: torch.device) -> None:
     """Quantise 4-bit layers whose weights the checkpoint did not hold (a no-op for complete checkpoints).
 
@@ -639,10 +609,8 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         dtype = _DTYPES[config.decoder_config.compute_dtype]
         # hub_kwargs (cache_dir, token, local_files_only, ...) reach both bases' downloads.
         # Every check that needs only the decoder's small files runs before any weight loads.
-        base_config, raw_config, generation_config = read_decoder_config(config.decoder_config, hub_kwargs)
-        self.eos_token_ids, self.pad_token_id = generation_token_ids(
-            raw_config, generation_config, config.decoder_config.model_name_or_path
-        )
+        self.eos_token_ids, self.pad_token_id = decoder_generation_ids(config.decoder_config, hub_kwargs)
+        base_config = read_decoder_config(config.decoder_config, hub_kwargs)
         check_lora_targets(base_config, config.decoder_config)
         self.vision = build_vision_tower(config.vision_config, dtype, device, hub_kwargs)
         self.language_model = load_decoder(config.decoder_config, device, hub_kwargs, base_config=base_config)
@@ -1223,10 +1191,6 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Contiguous positions that skip padding wherever it sits: `cumsum(mask) - 1`, clamped at 0."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _first(value):
-    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -19,11 +19,18 @@ try:
         LOCAL_DIR_PREFIX,
         SkinClipVLConfig,
         checkpoint_folder,
+        decoder_generation_ids,
         resolve_base_paths,
     )
     from .configuration_skinclip import hub_kwargs as _hub_kwargs_of
 except ImportError:  # a checkout, rather than Hub remote code
-    from configuration_skinclip import LOCAL_DIR_PREFIX, SkinClipVLConfig, checkpoint_folder, resolve_base_paths
+    from configuration_skinclip import (
+        LOCAL_DIR_PREFIX,
+        SkinClipVLConfig,
+        checkpoint_folder,
+        decoder_generation_ids,
+        resolve_base_paths,
+    )
     from configuration_skinclip import hub_kwargs as _hub_kwargs_of
 
 # Processor files sit in subfolders so that the checkpoint's config.json (a custom-code config) is never read as
@@ -114,7 +121,7 @@ class SkinClipVLProcessor:
             import open_clip
 
             report_tokenizer = open_clip.get_tokenizer(vision.model_name_or_path)
-        return cls(config, tokenizer, image_processor, report_tokenizer, _generation_eos_ids(decoder, hub_kwargs))
+        return cls(config, tokenizer, image_processor, report_tokenizer, _stop_token_ids(decoder, hub_kwargs))
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         save_directory = Path(save_directory)
@@ -196,17 +203,12 @@ class SkinClipVLProcessor:
         return texts
 
 
-def _generation_eos_ids(decoder_config, hub_kwargs: dict) -> list[int]:
-    from transformers import GenerationConfig
-
+def _stop_token_ids(decoder_config, hub_kwargs: dict) -> list[int]:
+    # The model refuses a decoder without eos ids; a processor built alone falls back to the tokenizer's eos.
     try:
-        generation = GenerationConfig.from_pretrained(
-            decoder_config.model_name_or_path, revision=decoder_config.revision, **hub_kwargs
-        )
-    except OSError:  # no generation_config.json: the tokenizer's eos is the stop token
+        return decoder_generation_ids(decoder_config, hub_kwargs)[0]
+    except ValueError:
         return []
-    eos = generation.eos_token_id
-    return [] if eos is None else [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
