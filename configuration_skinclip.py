@@ -153,6 +153,11 @@ class SkinClipVLConfig(PretrainedConfig):
             state (`"decoder"`). Both get a learnable projection into the alignment space.
         focal_fusion_layers (`int`, defaults to 0): Transformer-encoder layers fusing the focal vector with the
             patches (the paper's Fig. 2 mentions one; off by default because the text gives no size).
+        image_token_pooling (`int`, defaults to 1): average-pool the projected patch tokens k×k before the decoder
+            (CLIP's prefix tokens pass as they are; a grid not divisible by k keeps its border in smaller windows).
+            1 is the paper (every patch reaches the decoder); 2 gives a quarter of the patch tokens (256 → 64 for
+            ViT-L/14 at 224 px), as Qwen2.5-VL merges its own patches 2×2: a shorter sequence for training and
+            inference. Focal Pooling, the alignment term and the grounding map always see every patch.
         logit_scale_init (`float`, defaults to ln(1/0.07)): initial log temperature of the alignment logits.
         logit_scale_max (`float`, defaults to 100): clamp of `logit_scale.exp()`, as in CLIP.
         prompt_template (`str`): text before the [CLS] token; `{metadata}` is replaced by the metadata sentence.
@@ -172,6 +177,7 @@ class SkinClipVLConfig(PretrainedConfig):
         alignment_dim: int = 512,
         text_encoder: str = "clip",
         focal_fusion_layers: int = 0,
+        image_token_pooling: int = 1,
         logit_scale_init: float = math.log(1 / 0.07),
         logit_scale_max: float = 100.0,
         classifier_dropout: float = 0.0,
@@ -191,6 +197,7 @@ class SkinClipVLConfig(PretrainedConfig):
             ("max_prompt_tokens", max_prompt_tokens),
             ("max_rationale_tokens", max_rationale_tokens),
             ("max_report_tokens", max_report_tokens),
+            ("image_token_pooling", image_token_pooling),
         ):
             _check_positive(field, value)
         if not isinstance(focal_fusion_layers, int) or focal_fusion_layers < 0:
@@ -207,6 +214,7 @@ class SkinClipVLConfig(PretrainedConfig):
         self.alignment_dim = alignment_dim
         self.text_encoder = text_encoder
         self.focal_fusion_layers = focal_fusion_layers
+        self.image_token_pooling = image_token_pooling
         self.logit_scale_init = float(logit_scale_init)
         self.logit_scale_max = float(logit_scale_max)
         self.classifier_dropout = float(classifier_dropout)

@@ -195,6 +195,8 @@ class VisionTower(nn.Module):
     hidden_size: int
     grid: tuple[int, int]
     text_dim: int
+    # Tokens before the patches in `patch_tokens`: the class token, which both backends' ViTs have exactly once.
+    num_prefix_tokens: int = 1
 
     def __init__(self, vision_config):
         super().__init__()
@@ -713,7 +715,8 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     def encode_image(
         self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image → (projected tokens `(batch, num_tokens, hidden)`, projected patches `(batch, num_patches, hidden)`).
+        """Image → (decoder image tokens `(batch, num_image_tokens, hidden)`, projected patches
+        `(batch, num_patches, hidden)`).
 
         ``vision_features`` are precomputed frozen CLIP tokens `(batch, num_tokens, vision_hidden)` (a cache
         that skips the tower when augmentation is off); otherwise ``pixel_values`` `(batch, 3, H, W)`.
@@ -729,7 +732,30 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
                 f"the CLIP tower gives {self.vision.hidden_size}"
             )
         projected = self.projector(vision_features.to(self.projector_dtype))
-        return projected, projected[:, -self.vision.num_patches :]
+        patches = projected[:, -self.vision.num_patches :]
+        return self._pool_image_tokens(projected[:, : -self.vision.num_patches], patches), patches
+
+    def _pool_image_tokens(self, prefix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """`[prefix][k×k average-pooled patches]`: the image tokens the decoder reads (`config.image_token_pooling`).
+
+        Averaging after the projector keeps its input width (a checkpoint's projector works at any k) and leaves
+        the unpooled patches to Focal Pooling, so the grounding map keeps the tower's full grid.
+        """
+        k = self.config.image_token_pooling
+        if k == 1:
+            return torch.cat([prefix, patches], dim=1)
+        rows, columns = self.patch_grid
+        grid = patches.transpose(1, 2).unflatten(2, (rows, columns))  # (batch, hidden, rows, columns)
+        # ceil_mode: a border window that overhangs the grid averages only the patches inside it.
+        pooled = F.avg_pool2d(grid, kernel_size=k, stride=k, ceil_mode=True)
+        return torch.cat([prefix, pooled.flatten(2).transpose(1, 2)], dim=1)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many image tokens the decoder reads per image (CLIP prefix tokens + pooled patches)."""
+        rows, columns = self.patch_grid
+        k = self.config.image_token_pooling
+        return self.vision.num_prefix_tokens + math.ceil(rows / k) * math.ceil(columns / k)
 
     @property
     def projector_dtype(self) -> torch.dtype:

@@ -602,7 +602,12 @@ TRAINING_VARIANTS = {
     "no_checkpointing": (True, False, False, _PLAIN_DECODER),
     "speed": (True, False, False, _FAST_DECODER),
     "lean": (True, False, True, {**_FAST_DECODER, "optim": "paged_adamw_8bit"}),
+    # `speed` with the patch tokens average-pooled 2×2 before the decoder (a model setting, not a kernel lever:
+    # a quarter of the patch tokens reach the decoder, so T and the floor shrink with it).
+    "speed_pooled2": (True, False, False, {**_FAST_DECODER, "image_token_pooling": 2}),
 }
+# Model settings a variant may carry beside its TrainingArguments.
+_MODEL_SETTINGS = ("image_token_pooling",)
 
 
 def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, results: dict) -> None:
@@ -614,12 +619,10 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
     results["skinclip_parameters"] = model.parameter_counts()
     n_params = decoder_matmul_params(model.language_model)
     results["decoder_matmul_params"] = n_params
-    num_image_tokens = model.vision.num_patches + 1
     rows = make_rows(shape, args.batch * (args.warmup + args.steps), seed=0)
     add_cached_features(model, rows, args.batch)
     results["cached_features_dtype"] = str(rows[0]["vision_features"].dtype).removeprefix("torch.")
-    tokens = skinclip_tokens(rows, num_image_tokens)
-    results["skinclip_image_tokens"] = num_image_tokens
+    results["skinclip_image_tokens"] = model.num_image_tokens
 
     training = []
     for name in args.variants:
@@ -629,6 +632,10 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
         if overrides.get("optim", "").endswith("8bit") and device.type != "cuda":
             # bitsandbytes' paged optimisers need CUDA; the CPU run keeps torch AdamW
             overrides = {k: v for k, v in overrides.items() if k != "optim"}
+        settings = {k: overrides[k] for k in _MODEL_SETTINGS if k in overrides}
+        overrides = {k: v for k, v in overrides.items() if k not in settings}
+        model.config.image_token_pooling = settings.get("image_token_pooling", 1)
+        tokens = skinclip_tokens(rows, model.num_image_tokens)
         model.lm_head_on_all_positions = all_positions
         model.train()
         result = time_training(
@@ -647,11 +654,14 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
             cached_features=cached,
             lm_head_all_positions=all_positions,
             gradient_checkpointing=checkpointing,
+            image_tokens=model.num_image_tokens,
             **overrides,
+            **settings,
         )
         training.append(_report(f"skinclip/{name}", result, tokens, n_params, peak_flops, args.batch))
         print(_line(training[-1]), flush=True)
     model.lm_head_on_all_positions = False
+    model.config.image_token_pooling = 1
     model.trailing_padding, model.fused_lm_loss = True, True  # inference runs the model as `speed` trains it
     results["training"].extend(training)
 
@@ -671,13 +681,23 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
     def explain():
         model.predict(**inputs, pixel_values=pixel_batch, max_new_tokens=shape.rationale_new_tokens, eos_token_id=-1)
 
-    for name, fn, new_tokens in (
-        ("skinclip/classify", classify, 0),
-        ("skinclip/classify_cached", classify_cached, 0),
-        ("skinclip/classify+rationale", explain, shape.rationale_new_tokens),
+    # The same timings with the patch tokens pooled 2×2 before the decoder (`image_token_pooling: 2`): the
+    # work a model trained with that setting does (the weights do not change the arithmetic).
+    for name, fn, new_tokens, pooling in (
+        ("skinclip/classify", classify, 0, 1),
+        ("skinclip/classify_cached", classify_cached, 0, 1),
+        ("skinclip/classify+rationale", explain, shape.rationale_new_tokens, 1),
+        ("skinclip/classify_pooled2", classify, 0, 2),
+        ("skinclip/classify_cached_pooled2", classify_cached, 0, 2),
     ):
+        model.config.image_token_pooling = pooling
         seconds = _time_inference(fn, device, args.inference_iters)
-        entry = {"name": name, "images_per_s": args.batch / seconds, "batch_s": seconds}
+        entry = {
+            "name": name,
+            "images_per_s": args.batch / seconds,
+            "batch_s": seconds,
+            "image_tokens": model.num_image_tokens,
+        }
         if new_tokens:
             entry["generated_tokens_per_s"] = args.batch * new_tokens / seconds
         results["inference"].append(entry)
@@ -869,7 +889,12 @@ def summarize(results: dict) -> dict:
         )
     answer = inference.get("plain_qwen2_5_vl/diagnosis_as_text")
     if answer:
-        for name in ("skinclip/classify", "skinclip/classify_cached"):
+        for name in (
+            "skinclip/classify",
+            "skinclip/classify_cached",
+            "skinclip/classify_pooled2",
+            "skinclip/classify_cached_pooled2",
+        ):
             if name in inference:
                 ratios[f"{name} images/s over plain diagnosis-as-text"] = (
                     inference[name]["images_per_s"] / answer["images_per_s"]

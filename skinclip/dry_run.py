@@ -200,6 +200,7 @@ def batch_layout(model, processor, train_split, training_args) -> dict:
         "rows": size,
         "pixel_values": list(batch["pixel_values"].shape),
         "image_tokens": int(image_tokens),
+        "image_token_pooling": model.config.image_token_pooling,
         "prompt": _part(batch, "prompt", full["prompt"], config.max_prompt_tokens),
         "cls": 1,
         "rationale": _part(batch, "rationale", full["rationale"], config.max_rationale_tokens)
@@ -521,7 +522,7 @@ def layer_activation_bytes_per_token(
     return norms + attention + mlp + lora
 
 
-def activation_bytes(model, shape: dict, batch_size: int, image_tokens: int, sequence: int) -> dict:
+def activation_bytes(model, shape: dict, batch_size: int, sequence: int) -> dict:
     """Activations of one training step at ``batch_size`` × ``sequence`` tokens, with and without checkpointing.
 
     per_layer = batch · seq · layer_activation_bytes_per_token (above); L = decoder layers.
@@ -529,8 +530,9 @@ def activation_bytes(model, shape: dict, batch_size: int, image_tokens: int, seq
       with checkpointing (per decoder layer): L · batch · seq · c·h (each layer's saved input) + one per_layer
           (the layer being recomputed in backward)
     Both add: one more per_layer as the backward's working gradients, the final RMSNorm (batch · seq · (4 + 2c)·h),
-    and the image path outside the decoder, batch · image_tokens · (4·d_vision fp32 projector input + 4·h fp32
-    projector output kept by Focal Pooling + 8·focal_dim keys/values).
+    and the image path outside the decoder, batch · clip_tokens · (4·d_vision fp32 projector input + 4·h fp32
+    projector output kept by Focal Pooling + 8·focal_dim keys/values); clip_tokens counts every CLIP token, which
+    the projector and Focal Pooling see however many reach the decoder.
     """
     decoder = model.config.decoder_config
     c = DTYPE_BYTES[decoder.compute_dtype]
@@ -545,8 +547,9 @@ def activation_bytes(model, shape: dict, batch_size: int, image_tokens: int, seq
     )
     tokens = batch_size * sequence
     per_layer = tokens * per_token
+    clip_tokens = model.vision.num_prefix_tokens + model.vision.num_patches
     image_path = (
-        batch_size * image_tokens * (4 * model.vision.hidden_size + 4 * shape["hidden"] + 8 * model.config.focal_dim)
+        batch_size * clip_tokens * (4 * model.vision.hidden_size + 4 * shape["hidden"] + 8 * model.config.focal_dim)
     )
     shared = per_layer + tokens * (4 + 2 * c) * shape["hidden"] + image_path
     return {
@@ -587,7 +590,7 @@ def memory_plan(model, parameters: dict, batch: dict, training_args) -> dict:
     sequence = batch["decoder_tokens"]["maximum"]
     rationale_positions = batch_size * (batch["rationale"]["limit"] if batch["rationale"] else 0)
     optimizer, optimizer_rule = optimizer_bytes(optim, trained_tensors)
-    activations = activation_bytes(model, shape, batch_size, batch["image_tokens"], sequence)
+    activations = activation_bytes(model, shape, batch_size, sequence)
     terms = {
         "weights": parameters["bytes_by_storage"],
         "gradients": sum(numel * size for numel, size in trained_tensors),
@@ -653,12 +656,18 @@ def _format_part(label: str, part: dict | None) -> str:
     )
 
 
+def _pooling_note(batch: dict) -> str:
+    k = batch.get("image_token_pooling", 1)
+    return f" average-pooled {k}×{k}" if k > 1 else ""
+
+
 def _format_batch(report: dict) -> list[str]:
     batch, split = report["batch"], report["train_split_truncation"]
     lines = [
         f"batch layout ({batch['rows']} training rows through SkinClipVLCollator; pixel_values "
         f"{batch['pixel_values']}):",
-        f"  {'image':<10} {batch['image_tokens']} tokens per image (CLIP tokens incl. prefix, projected)",
+        f"  {'image':<10} {batch['image_tokens']} tokens per image into the decoder (CLIP prefix + "
+        f"patches{_pooling_note(batch)}, projected)",
         _format_part("prompt", batch["prompt"]),
         f"  {'CLS':<10} 1",
         _format_part("rationale", batch["rationale"]),

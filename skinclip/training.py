@@ -60,6 +60,9 @@ class ModelArguments:
     alignment_dim: int = field(default=512)
     text_encoder: str = field(default="clip", metadata={"help": "'clip' (frozen CLIP text tower) or 'decoder'."})
     focal_fusion_layers: int = field(default=0)
+    image_token_pooling: int = field(
+        default=1, metadata={"help": "k×k average pooling of the patch tokens before the decoder; 1 = off (paper)."}
+    )
     max_prompt_tokens: int = field(default=64)
     max_rationale_tokens: int = field(default=128)
     tiny_bases_dir: str | None = field(
@@ -125,6 +128,7 @@ def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClip
         alignment_dim=model_args.alignment_dim,
         text_encoder=model_args.text_encoder,
         focal_fusion_layers=model_args.focal_fusion_layers,
+        image_token_pooling=model_args.image_token_pooling,
         max_prompt_tokens=model_args.max_prompt_tokens,
         max_rationale_tokens=model_args.max_rationale_tokens,
         id2label=dict(enumerate(class_names)),

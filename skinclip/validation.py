@@ -120,6 +120,7 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "focal_dim": (1, True),
     "alignment_dim": (1, True),
     "focal_fusion_layers": (0, True),
+    "image_token_pooling": (1, True),
     "max_prompt_tokens": (1, True),
     "max_rationale_tokens": (1, True),
     "demo_num_per_class": (5, True),

@@ -31,7 +31,7 @@ def test_tiny_benchmark_times_every_path_and_writes_the_ratios(tiny_run):
     training = {entry["name"]: entry for entry in results["training"]}
     expected = {
         f"skinclip/{name}"
-        for name in ("naive", "rationale_head", "cached_features", "no_checkpointing", "speed", "lean")
+        for name in ("naive", "rationale_head", "cached_features", "no_checkpointing", "speed", "lean", "speed_pooled2")
     }
     assert expected | {"plain_qwen2_5_vl_qlora"} == set(training)
     for entry in training.values():
@@ -53,8 +53,19 @@ def test_tiny_benchmark_times_every_path_and_writes_the_ratios(tiny_run):
         "skinclip/classify",
         "skinclip/classify_cached",
         "skinclip/classify+rationale",
+        "skinclip/classify_pooled2",
+        "skinclip/classify_cached_pooled2",
         "plain_qwen2_5_vl/diagnosis_as_text",
     } == set(inference)
+    # 2×2 pooling of the tiny tower's 4×4 patches: 1 + 4 image tokens reach the decoder instead of 1 + 16.
+    assert inference["skinclip/classify"]["image_tokens"] == 17
+    assert inference["skinclip/classify_pooled2"]["image_tokens"] == 5
+    assert training["skinclip/speed_pooled2"]["image_token_pooling"] == 2
+    assert training["skinclip/speed_pooled2"]["image_tokens"] == 5
+    assert training["skinclip/speed"]["tokens_per_sample"] - training["skinclip/speed_pooled2"][
+        "tokens_per_sample"
+    ] == pytest.approx(12)
+    assert "skinclip/classify_pooled2 images/s over plain diagnosis-as-text" in results["ratios"]
     assert inference["skinclip/classify+rationale"]["generated_tokens_per_s"] > 0
     assert "skinclip/speed samples/s over plain" in results["ratios"]
     assert "skinclip/classify images/s over plain diagnosis-as-text" in results["ratios"]

@@ -252,6 +252,19 @@ def test_8bit_optimizer_no_checkpointing_and_truncation(isic_small, base_dirs, t
     assert not (tmp_path / "out").exists()
 
 
+def test_image_token_pooling_shortens_the_planned_sequence(isic_small, base_dirs, tmp_path, no_weight_loading):
+    from skinclip import training
+
+    argv = _argv(isic_small, base_dirs, tmp_path / "out", "--max_prompt_tokens=4", "--max_rationale_tokens=8")
+    unpooled = training.main(argv)
+    pooled = training.main([*argv, "--image_token_pooling=2"])
+    # ViT-L/14 at 224 px: CLS + 16×16 patches, or CLS + 8×8 pooled ones.
+    assert pooled["batch"]["image_tokens"] == 1 + 8 * 8 and pooled["batch"]["image_token_pooling"] == 2
+    assert pooled["batch"]["decoder_tokens"]["maximum"] == 65 + 4 + 1 + 8
+    activations = [report["memory"]["terms"]["activations"]["with_checkpointing"] for report in (pooled, unpooled)]
+    assert activations[0] < activations[1]
+
+
 def _save_variant(isic_small, folder, change):
     from datasets import load_from_disk
 

@@ -65,6 +65,8 @@ def test_config_nested_dicts_roundtrip(tmp_path, make_config):
         (dict(vision_config={"backend": "timm"}), "vision_config.backend='timm'"),
         (dict(decoder_config={"quantization": "nf3"}), "decoder_config.quantization='nf3'"),
         (dict(focal_dim=0), "focal_dim must be a positive integer"),
+        (dict(image_token_pooling=0), "image_token_pooling must be a positive integer"),
+        (dict(image_token_pooling=2.0), "image_token_pooling must be a positive integer"),
         (dict(prompt_template="no placeholder"), "{metadata}"),
     ],
 )
@@ -126,8 +128,9 @@ def test_lm_loss_ignores_prompt_and_image_positions(model_and_processor, batch):
     torch.testing.assert_close(outputs.lm_loss, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_gradients_reach_trained_parts_and_stop_at_frozen_bases(make_config):
-    config = make_config()
+@pytest.mark.parametrize("pooling", [1, 2])
+def test_gradients_reach_trained_parts_and_stop_at_frozen_bases(make_config, pooling):
+    config = make_config(image_token_pooling=pooling)
     model = SkinClipVLModel(config, device="cpu").train()
     _randomize_trained(model)
     processor = SkinClipVLProcessor.from_pretrained(None, config=config)
@@ -174,6 +177,66 @@ def test_greedy_generation_with_cache_matches_full_recompute(model_and_processor
     assert torch.equal(prediction.rationale_ids, expected)
     torch.testing.assert_close(prediction.logits, full.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(2))
+    assert prediction.attention_map.shape == (2, 4, 4)
+
+
+@pytest.fixture
+def pooled(model_and_processor):
+    """The module's model reading its patch tokens k×k-pooled (config.image_token_pooling), restored after."""
+    model, _ = model_and_processor
+
+    def set_pooling(k):
+        model.config.image_token_pooling = k
+        return model
+
+    yield set_pooling
+    model.config.image_token_pooling = 1
+
+
+# (decoder token index, patch rows, patch columns) of some windows of the tiny tower's 4×4 grid; with k=3 the
+# windows overhanging the border keep the patches inside (token 4 holds patch (3, 3) alone).
+@pytest.mark.parametrize(
+    "k, windows",
+    [
+        (2, [(1, (0, 2), (0, 2)), (2, (0, 2), (2, 4)), (4, (2, 4), (2, 4))]),
+        (3, [(1, (0, 3), (0, 3)), (2, (0, 3), (3, 4)), (4, (3, 4), (3, 4))]),
+    ],
+)
+def test_image_token_pooling_averages_patch_windows(pooled, batch, k, windows):
+    model = pooled(1)
+    full, patches = model.encode_image(batch["pixel_values"])
+    grid = patches.unflatten(1, model.patch_grid)  # (batch, rows, columns, hidden)
+    model = pooled(k)
+    tokens, pooled_patches = model.encode_image(batch["pixel_values"])
+    assert tokens.shape[1] == model.num_image_tokens == 1 + 4
+    torch.testing.assert_close(tokens[:, 0], full[:, 0], rtol=0, atol=0)  # CLIP's class token passes as it is
+    torch.testing.assert_close(pooled_patches, patches, rtol=0, atol=0)  # Focal Pooling sees every patch
+    for index, (top, bottom), (left, right) in windows:
+        expected = grid[:, top:bottom, left:right].flatten(1, 2).mean(1)
+        torch.testing.assert_close(tokens[:, index], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_image_token_pooling_shortens_the_decoder_sequence_only(pooled, batch):
+    unpooled = pooled(1)(**batch, output_hidden_states=True)
+    model = pooled(2)
+    outputs = model(**batch, output_hidden_states=True)
+    assert unpooled.hidden_states.shape[1] - outputs.hidden_states.shape[1] == 16 - 4
+    assert outputs.focal_attention.shape == unpooled.focal_attention.shape == (2, 16)
+    torch.testing.assert_close(outputs.v_global, unpooled.v_global, rtol=0, atol=0)
+    assert not torch.allclose(outputs.logits, unpooled.logits)  # the decoder read other image tokens
+    # Cached generation and classification agree with the full recompute at the shorter layout too.
+    prediction = model.predict(
+        batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"], max_new_tokens=4, eos_token_id=-1
+    )
+    full = model(
+        **{k: batch[k] for k in ("prompt_ids", "prompt_attention_mask", "pixel_values")},
+        rationale_ids=prediction.rationale_ids,
+        output_hidden_states=True,
+    )
+    start = full.hidden_states.shape[1] - 4 - 1
+    expected = model.language_model.get_output_embeddings()(full.hidden_states[:, start : start + 4]).argmax(-1)
+    assert torch.equal(prediction.rationale_ids, expected)
+    torch.testing.assert_close(prediction.logits, full.logits, rtol=0, atol=1e-5)
     assert prediction.attention_map.shape == (2, 4, 4)
 
 
