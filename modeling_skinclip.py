@@ -18,6 +18,7 @@ from their own repos or paths when the model is built.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -473,10 +474,11 @@ def _language_only_class(base_config):
             input_ids=None,
             attention_mask=None,
             position_ids=None,
-            past_key_values=None,
+            cache=None,
             inputs_embeds=None,
             labels=None,
             use_cache=None,
+            past_key_values=None,
             **kwargs,
         ):
             """A text-only causal LM: 1-D positions, no image inputs (SkinCLIP-VL feeds the stack directly)."""
@@ -484,19 +486,22 @@ def _language_only_class(base_config):
 
             if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
                 raise ValueError("this decoder was loaded without its vision tower: it takes no pixel inputs")
-            outputs = self.model.language_model(
+            stack = self.model.language_model
+            outputs = stack(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                **{cache_keyword(stack.forward): cache if cache is not None else past_key_values},
             )
             logits = self.lm_head(outputs.last_hidden_state)
             loss = None
             if labels is not None:
                 loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size)
-            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+            return CausalLMOutputWithPast(
+                loss=loss, logits=logits, **{cache_keyword(CausalLMOutputWithPast): returned_cache(outputs)}
+            )
 
     LanguageOnlyForCausalLM.__name__ = LanguageOnlyForCausalLM.__qualname__ = f"{vl_class.__name__}LanguageOnly"
     return LanguageOnlyForCausalLM
@@ -977,7 +982,8 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         positions = _positions(mask)
         outputs = self.text_stack(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
         logits = self.classifier(outputs.last_hidden_state[:, cls_index].to(self.projector_dtype))
-        cache, hidden = outputs.past_key_values, outputs.last_hidden_state[:, -1]
+        cache, hidden = returned_cache(outputs), outputs.last_hidden_state[:, -1]
+        cache_argument = cache_keyword(self.text_stack.forward)
         embed, lm_head = self.language_model.get_input_embeddings(), self.language_model.get_output_embeddings()
         batch = prompt_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
@@ -996,10 +1002,10 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
                 inputs_embeds=embed(tokens[:, None]).to(embeds.dtype),
                 attention_mask=mask,
                 position_ids=next_position,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_argument: cache},
             )
-            cache, hidden = outputs.past_key_values, outputs.last_hidden_state[:, -1]
+            cache, hidden = returned_cache(outputs), outputs.last_hidden_state[:, -1]
             next_position = next_position + 1
         rationale_ids = torch.stack(generated, dim=1) if generated else prompt_ids.new_zeros(batch, 0)
         return SkinClipVLPrediction(
@@ -1212,6 +1218,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _LinearCrossEntropy.apply(hidden, weight, targets)
+
+
+def cache_keyword(function) -> str:
+    """The KV-cache argument's name in ``function``'s signature (a module's forward, an output class).
+
+    transformers renamed ``past_key_values`` to ``cache`` (the old name warns from 5.2x and goes in 5.40; 5.17,
+    which the project still supports and the GPU image runs, knows only the old one).
+    """
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+def returned_cache(outputs: ModelOutput):
+    """The KV cache of a decoder's output, under either name (see `cache_keyword`)."""
+    return outputs["cache"] if "cache" in outputs else outputs.get("past_key_values")
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
