@@ -436,6 +436,30 @@ def add_common_arguments(
     )
 
 
+# Keyword arguments of every converter's ``convert`` that `add_common_arguments` defines.
+COMMON_OPTIONS = (
+    "overwrite",
+    "strict",
+    "verify_images",
+    "descriptions",
+    "val_fraction",
+    "test_fraction",
+    "seed",
+    "train_fraction",
+)
+
+
+def common_options(args) -> dict:
+    """The shared `convert` keyword arguments from parsed command-line ``args`` (those this converter defines)."""
+    return {name: getattr(args, name) for name in COMMON_OPTIONS if hasattr(args, name)}
+
+
+def print_conversion(dataset_dict, output_dir, note: str = "") -> None:
+    """What every converter's command line prints at the end: the splits, the skipped images, where it went."""
+    print(split_summary(dataset_dict))
+    print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {output_dir}" + (f"\n{note}" if note else ""))
+
+
 # ------------------------------------------------------------------------------------------ the pipeline
 
 

@@ -30,11 +30,12 @@ from .common import (
     DataError,
     add_common_arguments,
     check_unique_ids,
+    common_options,
     finish_conversion,
     prepare_output_dir,
+    print_conversion,
     read_csv,
     schema_features,
-    split_summary,
 )
 from .metadata_text import clean_text, describe_metadata
 
@@ -250,15 +251,9 @@ def main(argv=None) -> None:
         args.data_dir,
         args.output_dir,
         image_type=args.image_type,
-        overwrite=args.overwrite,
-        strict=args.strict,
-        verify_images=args.verify_images,
-        descriptions=args.descriptions,
-        seed=args.seed,
-        train_fraction=args.train_fraction,
+        **common_options(args),
     )
-    print(split_summary(dataset_dict))
-    print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {args.output_dir}")
+    print_conversion(dataset_dict, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -31,15 +31,16 @@ from .common import (
     add_common_arguments,
     check_labels,
     check_unique_ids,
+    common_options,
     finish_conversion,
     index_image_files,
     none_if_missing,
     prepare_output_dir,
+    print_conversion,
     print_metadata_issues,
     read_csv,
     resolve_image_paths,
     schema_features,
-    split_summary,
 )
 from .isic2019 import class_report
 from .metadata_text import clean_age, clean_text, describe_metadata
@@ -177,17 +178,9 @@ def main(argv=None) -> None:
         args.output_dir,
         metadata_csv=args.metadata_csv,
         image_dirs=args.image_dirs,
-        overwrite=args.overwrite,
-        strict=args.strict,
-        verify_images=args.verify_images,
-        descriptions=args.descriptions,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        train_fraction=args.train_fraction,
+        **common_options(args),
     )
-    print(split_summary(dataset_dict))
-    print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {args.output_dir}\n{SUBSET_NOTE}")
+    print_conversion(dataset_dict, args.output_dir, SUBSET_NOTE)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,16 @@ from .common import (
     add_common_arguments,
     check_labels,
     check_unique_ids,
+    common_options,
     finish_conversion,
     index_image_files,
     none_if_missing,
     prepare_output_dir,
+    print_conversion,
     print_metadata_issues,
     read_csv,
     resolve_image_paths,
     schema_features,
-    split_summary,
 )
 from .metadata_text import clean_age, clean_text, describe_metadata
 from .splits import unique_groups
@@ -232,17 +233,9 @@ def main(argv=None) -> None:
         ground_truth_csv=args.ground_truth_csv,
         metadata_csv=args.metadata_csv,
         image_dir=args.image_dir,
-        overwrite=args.overwrite,
-        strict=args.strict,
-        verify_images=args.verify_images,
-        descriptions=args.descriptions,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        train_fraction=args.train_fraction,
+        **common_options(args),
     )
-    print(split_summary(dataset_dict))
-    print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {args.output_dir}")
+    print_conversion(dataset_dict, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -48,14 +48,15 @@ from .common import (
     atomic_save,
     check_labels,
     check_unique_ids,
+    common_options,
     image_problem,
     metadata_issue_table,
     none_if_missing,
     prepare_output_dir,
+    print_conversion,
     print_metadata_issues,
     read_csv,
     schema_features,
-    split_summary,
 )
 from .metadata_text import clean_age, clean_number, clean_text, describe_metadata
 from .splits import SPLIT_NAMES, unique_groups
@@ -267,17 +268,9 @@ def main(argv=None) -> None:
         args.hdf5,
         args.output_dir,
         ood_only=args.ood_only,
-        overwrite=args.overwrite,
-        strict=args.strict,
-        verify_images=args.verify_images,
-        descriptions=args.descriptions,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        train_fraction=args.train_fraction,
+        **common_options(args),
     )
-    print(split_summary(dataset_dict))
-    print(f"skipped images: {len(dataset_dict.skip_report)}; saved to {args.output_dir}")
+    print_conversion(dataset_dict, args.output_dir)
 
 
 if __name__ == "__main__":
