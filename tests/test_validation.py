@@ -42,6 +42,8 @@ def _parse(*overrides):
         ("--max_consecutive_nonfinite=0", "max_consecutive_nonfinite must be >= 1"),
         ("--lora_dropout=1.0", "lora_dropout must be < 1"),
         ("--lora_r=abc", "lora_r must be an integer"),
+        ("--image_token_pooling=0", "image_token_pooling must be >= 1"),
+        ("--image_token_pooling=1.5", "image_token_pooling must be an integer"),
         ("--augment=maybe", "augment must be true or false"),
         ("--train_fraction=0", "train_fraction must be > 0"),
         ("--train_fraction=1.5", "train_fraction must be <= 1"),
