@@ -18,6 +18,7 @@ from their own repos or paths when the model is built.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -436,10 +437,15 @@ def _language_only_class(base_config):
     """A subclass of the VL model's ``ForConditionalGeneration`` class that builds no vision tower, or None."""
     if base_config.model_type not in _LANGUAGE_ONLY_TYPES:
         return None
-    from transformers import AutoModel
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    vl_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(base_config)]
+    return _language_only_subclass(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(base_config)])
+
+
+@functools.cache  # one class per VL class: every decoder built in a process is an instance of the same type
+def _language_only_subclass(vl_class):
+    from transformers import AutoModel
+
     pretrained_base = vl_class.__mro__[1]  # e.g. Qwen2_5_VLPreTrainedModel: weight init, no-split modules
 
     class LanguageStack(nn.Module):
