@@ -227,6 +227,15 @@ def test_image_token_pooling_shortens_the_decoder_sequence_only(pooled, batch):
     assert not torch.allclose(outputs.logits, unpooled.logits)  # the decoder read other image tokens
 
 
+def test_a_pooled_checkpoint_loads_with_its_pooling(tmp_path, pooled, batch):
+    model = pooled(2)
+    expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded = SkinClipVLModel.from_pretrained(tmp_path, device="cpu").eval()
+    assert loaded.config.image_token_pooling == 2 and loaded.num_image_tokens == 5
+    torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=1e-5)
+
+
 def test_word_grounding_maps(model_and_processor, batch):
     model, processor = model_and_processor
     word_ids, word_mask = processor.tokenize_reports(["veil", "streaks", "network"])
