@@ -609,10 +609,11 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     # Benchmark reference switch: True runs the LM head over the whole sequence (the naive recipe), False
     # (the default) only on the rationale positions. Both give the same loss (tests/test_benchmarks.py).
     lm_head_on_all_positions: bool = False
-    # Speed switches, set from CFATrainingArguments (decoder_trailing_padding, fused_lm_loss) by CFATrainer; each
-    # gives the same loss and gradients as the path it replaces (tests/test_benchmarks.py).
-    trailing_padding: bool = False
-    fused_lm_loss: bool = False
+    # Speed switches, on by default (so `predict` and evaluation take the fast path too) and set from
+    # CFATrainingArguments (decoder_trailing_padding, fused_lm_loss) by CFATrainer; each gives the same loss and
+    # gradients as the path it replaces (tests/test_benchmarks.py), which False restores.
+    trailing_padding: bool = True
+    fused_lm_loss: bool = True
 
     def __init__(
         self, config: SkinClipVLConfig, device: torch.device | str | None = None, hub_kwargs: dict | None = None

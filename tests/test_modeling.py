@@ -236,6 +236,24 @@ def test_a_pooled_checkpoint_loads_with_its_pooling(tmp_path, pooled, batch):
     torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=1e-5)
 
 
+def test_prediction_runs_the_decoder_without_a_padding_mask(model_and_processor, batch):
+    model, _ = model_and_processor
+    assert batch["prompt_attention_mask"].min() == 0  # a left-padded prompt: the mask would be needed
+    seen = []
+    hook = model.text_stack.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    try:
+        probs = model.predict(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"]).probs
+        model.trailing_padding = False
+        masked = model.predict(batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"]).probs
+    finally:
+        model.trailing_padding = True
+        hook.remove()
+    assert seen[0] is None and seen[1] is not None  # the default (trailing padding), then the masked path
+    torch.testing.assert_close(probs, masked, rtol=1e-5, atol=1e-6)
+
+
 def test_word_grounding_maps(model_and_processor, batch):
     model, processor = model_and_processor
     word_ids, word_mask = processor.tokenize_reports(["veil", "streaks", "network"])
