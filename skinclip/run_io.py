@@ -1,7 +1,8 @@
 """What every training run reads and writes: its config, its data and its prediction files.
 
-One set of rules for train.py and the baselines (`baselines.timm_finetune`, `baselines.zero_shot_clip`), and the
-config reader of reproduce_tables.py, so that a field means the same everywhere:
+One set of rules for train.py and the baselines (`skinclip.baselines.timm_finetune`,
+`skinclip.baselines.zero_shot_clip`), and the config reader of reproduce_tables.py, so that a field means the same
+everywhere:
 
 * a config is a YAML file read as YAML 1.2 (``save_strategy: no`` is the string "no", ``3e-3`` a float);
   ``extends: other.yaml`` (relative to the file) is read first and overridden;

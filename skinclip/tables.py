@@ -9,7 +9,7 @@ in the paper's layout with the paper's numbers and the difference beside each me
 
 Every run writes its own directory ``<out>/runs/<run>/`` (the files of ``train.py``: ``test_metrics.json``,
 ``test_predictions.csv``, ...; plus ``ood_metrics.json`` for runs trained on ISIC 2019, scored on ISIC 2024 by
-`baselines.ood`). The tables are read from those files only, never recomputed: ``<out>/<table>.md`` and
+`skinclip.baselines.ood`). The tables are read from those files only, never recomputed: ``<out>/<table>.md`` and
 ``<out>/<table>.json`` (each cell with its value, the paper's, the difference and the file it came from). A run
 whose files are missing is shown as "not run", one that failed as "failed", a paper row this project does not
 reproduce as "—". Finished runs are reused (``--force`` reruns them); runs whose resolved settings are identical
@@ -51,7 +51,8 @@ class Run:
     """One training/evaluation: which entry point, which config, which data set it is trained and tested on."""
 
     name: str
-    runner: str  # "skinclip" (train.py), "timm" (baselines.timm_finetune), "zero_shot" (baselines.zero_shot_clip)
+    # "skinclip" (train.py), "timm" (skinclip.baselines.timm_finetune), "zero_shot" (skinclip.baselines.zero_shot_clip)
+    runner: str
     config: str  # relative to the repository
     dataset: str  # "isic2019" or "derm7pt"
     ood: bool = False  # also scored on ISIC 2024 (runs trained on ISIC 2019)
@@ -285,8 +286,8 @@ def command_line(run: Run, plan: Plan) -> list[str]:
 
 ENTRY_POINTS = {
     "skinclip": ("skinclip.training", "train.py"),
-    "timm": ("baselines.timm_finetune", None),
-    "zero_shot": ("baselines.zero_shot_clip", None),
+    "timm": ("skinclip.baselines.timm_finetune", None),
+    "zero_shot": ("skinclip.baselines.zero_shot_clip", None),
 }
 
 
@@ -327,7 +328,7 @@ def execute(run: Run, plan: Plan, launcher: str) -> None:
             prefix = [sys.executable, str(REPO_ROOT / script)] if script else [sys.executable, "-m", module_name]
         subprocess.run(prefix + argv, check=True, cwd=REPO_ROOT)
     if run.ood and run.runner == "skinclip":
-        from baselines.ood import evaluate_skinclip_checkpoint
+        from skinclip.baselines.ood import evaluate_skinclip_checkpoint
 
         evaluate_skinclip_checkpoint(run_dir, plan.data.get("isic2024", "data/isic2024"), plan.ood_split, run_dir)
     (run_dir / "run_key.json").write_text(run_key(run, plan))
@@ -337,8 +338,8 @@ def prepare_tiny(plan: Plan) -> None:
     """Tiny random bases and three demo data sets (ISIC 2019 / Derm7pt stand-ins, a binary OOD stand-in)."""
     from datasets import concatenate_datasets, load_from_disk
 
-    from baselines.ood import binary_dataset_from
     from datasets_scripts.demo import build_demo_dataset
+    from skinclip.baselines.ood import binary_dataset_from
     from skinclip.labels import MALIGNANT_CLASSES
     from skinclip.tiny_bases import build_tiny_bases
 

@@ -1,4 +1,4 @@
-"""baselines/: timm fine-tuning, zero-shot open_clip and the OOD evaluation, on train.py's data and file formats."""
+"""skinclip/baselines/: timm fine-tuning, zero-shot open_clip and the OOD evaluation, on train.py's data and files."""
 
 import json
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from baselines import ood, timm_finetune, zero_shot_clip
-from baselines.zero_shot_clip import class_texts
+from skinclip.baselines import ood, timm_finetune, zero_shot_clip
+from skinclip.baselines.zero_shot_clip import class_texts
 
 
 @pytest.fixture(scope="module")

@@ -51,8 +51,8 @@ def test_bad_values_are_user_errors_naming_the_field(tmp_path):
 
 def test_baselines_read_a_field_as_train_py_does():
     """`--save_strategy=no` was the string "no" through train.py but False through the baselines' own reader."""
-    from baselines.timm_finetune import TimmArguments
     from skinclip import training
+    from skinclip.baselines.timm_finetune import TimmArguments
 
     argv = ["--train_split=no", "--eval_split=off", "--learning_rate=3e-3"]
     timm_args, timm_data = parse_config(

@@ -13,7 +13,7 @@ scorer evaluate_skinclip.py uses too):
 Files: ``ood_metrics.json`` and ``ood_predictions.csv`` (``image_id, label, benign, malignant``) in the run's
 output directory, beside its ``test_metrics.json``.
 
-    python -m baselines.ood --checkpoint outputs/isic2019 --dataset data/isic2024 --split test
+    python -m skinclip.baselines.ood --checkpoint outputs/isic2019 --dataset data/isic2024 --split test
 """
 
 from __future__ import annotations

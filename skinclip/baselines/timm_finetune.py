@@ -1,15 +1,16 @@
 """Fine-tune a timm image classifier (paper Table I: EfficientNet-B4, ResNet-34, ConvNeXt-Base) on a SkinCLIP-VL
 DatasetDict and write the same evaluation files as ``train.py``.
 
-    python -m baselines.timm_finetune configs/baselines/efficientnet_b4_isic2019.yaml
-    python -m baselines.timm_finetune configs/baselines/resnet34_derm7pt.yaml --learning_rate=3e-4 --output_dir=x
+    python -m skinclip.baselines.timm_finetune configs/baselines/efficientnet_b4_isic2019.yaml
+    python -m skinclip.baselines.timm_finetune configs/baselines/resnet34_derm7pt.yaml \\
+        --learning_rate=3e-4 --output_dir=x
 
 The images only: these baselines see neither the metadata text nor the report (the paper groups them under
 "Multimodal Models", but they are image-only CNNs; see REPRODUCING.md). Training is a plain loop: AdamW,
 linear warm-up then cosine decay, class-weighted cross-entropy, flips and right-angle rotations (a lesion has
 no canonical orientation), the epoch with the best validation B-ACC kept. At the end: ``validation_metrics.json``,
 ``test_metrics.json``, ``*_predictions.csv``, ``model.safetensors``, ``run_info.json`` and, with
-``ood_dataset_path``, ``ood_metrics.json`` (baselines.ood).
+``ood_dataset_path``, ``ood_metrics.json`` (skinclip.baselines.ood).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from baselines.common import resolve_device, write_run_info, write_split_scores
+from skinclip.baselines.common import resolve_device, write_run_info, write_split_scores
 from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config
 
 logger = logging.getLogger("skinclip.baselines.timm")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics[split] = write_split_scores(output_dir, split, dataset[split], probs, class_names)
         logger.info("%s: %s", split, metrics[split])
     if args.ood_dataset_path:
-        from baselines.ood import is_malignant, load_ood_split, write_ood_outputs
+        from skinclip.baselines.ood import is_malignant, load_ood_split, write_ood_outputs
 
         ood = load_ood_split(args.ood_dataset_path, args.ood_split)
         probs = predict_probs(

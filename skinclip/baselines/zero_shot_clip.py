@@ -1,13 +1,13 @@
 """Zero-shot CLIP / open_clip baseline: class prompts, no training; the same files as ``train.py``.
 
-    python -m baselines.zero_shot_clip configs/baselines/zero_shot_clip_isic2019.yaml
+    python -m skinclip.baselines.zero_shot_clip configs/baselines/zero_shot_clip_isic2019.yaml
 
 Each class gets one or more descriptions (``class_prompts``, keyed by class name; a class of the dataset
 without an entry uses its name, entries for other classes are ignored), each description is put into every
 template (``templates``, with ``{}``),
 the text embeddings are averaged per class (CLIP's prompt ensembling), and the class probabilities are
 ``softmax(logit_scale · cos(image, class))`` with the model's own logit scale. Validation and test splits are
-scored; with ``ood_dataset_path`` also the ISIC 2024 OOD set (baselines.ood).
+scored; with ``ood_dataset_path`` also the ISIC 2024 OOD set (skinclip.baselines.ood).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baselines.common import resolve_device, write_run_info, write_split_scores
 from modeling_skinclip import needs_quick_gelu  # one rule for the model's tower and this baseline
+from skinclip.baselines.common import resolve_device, write_run_info, write_split_scores
 from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config
 
 logger = logging.getLogger("skinclip.baselines.zero_shot")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics[split] = write_split_scores(output_dir, split, dataset[split], probs, class_names)
         logger.info("%s: %s", split, metrics[split])
     if args.ood_dataset_path:
-        from baselines.ood import is_malignant, load_ood_split, write_ood_outputs
+        from skinclip.baselines.ood import is_malignant, load_ood_split, write_ood_outputs
 
         ood = load_ood_split(args.ood_dataset_path, args.ood_split)
         metrics["ood"] = write_ood_outputs(
