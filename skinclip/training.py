@@ -159,6 +159,14 @@ def write_model_card(
         f"- vision: `{config.vision_config.model_name_or_path}` ({config.vision_config.backend})",
         f"- decoder: `{config.decoder_config.model_name_or_path}` ({config.decoder_config.quantization}, "
         f"LoRA r={config.decoder_config.lora_r}, alpha={config.decoder_config.lora_alpha})",
+        *(
+            [
+                f"- image tokens: patches average-pooled {k}×{k} before the decoder (`image_token_pooling: {k}`; "
+                "the paper sends every patch)"
+            ]
+            if (k := config.image_token_pooling) > 1
+            else []
+        ),
         "",
         "```python",
         "from transformers import AutoModel",

@@ -75,6 +75,16 @@ def test_config_rejects_bad_values(kwargs, message):
         SkinClipVLConfig(**kwargs)
 
 
+@pytest.mark.parametrize("pooling", [1, 2])
+def test_model_card_says_when_image_tokens_are_pooled(tmp_path, make_config, pooling):
+    from skinclip.run_io import DataArguments
+    from skinclip.training import write_model_card
+
+    config = make_config(image_token_pooling=pooling)
+    write_model_card(tmp_path, config, {}, DataArguments(dataset_path="data/x"), {"trainable": 1, "lora": 1})
+    assert ("average-pooled 2×2" in (tmp_path / "README.md").read_text()) is (pooling == 2)
+
+
 def test_unknown_class_name_is_named(make_config):
     config = make_config()
     assert config.label_ids(["NV", "MEL"]) == [1, 0]
