@@ -32,14 +32,21 @@ UPLOAD_NAME = "the uploaded image"  # how messages name the upload: never by its
 logger = logging.getLogger("skinclip.demo")
 
 
+FOLDER_PREFIX = "skinclip-demo-"  # then the owning process id and a random part: skinclip-demo-<pid>-<random>
+
+
 class PrivateFolder:
     """A temporary folder the app owns and Gradio writes into (``GRADIO_TEMP_DIR``), deleted by `remove`.
 
     Gradio reads ``GRADIO_TEMP_DIR`` when its components and server are created, so this must exist first.
+    A demo killed without a chance to clean up (SIGKILL, power loss) leaves its folder, possibly with an upload
+    in it: each folder's name holds its process id, and a new demo first deletes the folders of processes that
+    are gone (`remove_orphaned_folders`).
     """
 
-    def __init__(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="skinclip-demo-"))
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        remove_orphaned_folders(root)
+        self.path = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=root))
         self._previous = os.environ.get("GRADIO_TEMP_DIR")
         os.environ["GRADIO_TEMP_DIR"] = str(self.path)
 
@@ -62,6 +69,41 @@ class PrivateFolder:
                 os.environ.pop("GRADIO_TEMP_DIR", None)
             else:
                 os.environ["GRADIO_TEMP_DIR"] = self._previous
+
+
+def remove_orphaned_folders(root: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the demo folders under ``root`` (default: the temp dir) whose recorded process no longer runs.
+
+    Kept: a folder whose name holds no process id (older demos), another user's folder, and one whose process
+    runs (or whose id another process now uses). Not on Windows, where signal 0 is not a harmless probe.
+    """
+    removed = []
+    if os.name == "nt":
+        return removed
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
+        owner = folder.name[len(FOLDER_PREFIX) :].split("-")[0]
+        try:
+            if not owner.isdigit() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+        except OSError:  # gone meanwhile
+            continue
+        pid = int(owner)
+        if pid != os.getpid() and not _process_exists(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        logger.info("removed %d folder(s) left by demos that did not exit cleanly", len(removed))
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def png_data_url(picture) -> str:

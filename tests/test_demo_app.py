@@ -149,6 +149,10 @@ def test_demo_process_leaves_nothing_after_a_request_and_sigterm(make_config, sa
     SkinClipVLProcessor.from_pretrained(None, config=config).save_pretrained(checkpoint)
     temp_root = tmp_path / "tmp"
     temp_root.mkdir()
+    # What a SIGKILLed demo leaves: its folder, with an upload in it. The next demo deletes it.
+    orphan = temp_root / f"skinclip-demo-{_dead_pid()}-x1y2z3"
+    (orphan / "3f2a").mkdir(parents=True)
+    (orphan / "3f2a" / "patient.jpg").write_bytes(b"jpeg bytes")
     port = _free_port()
     env = {**os.environ, "TMPDIR": str(temp_root)}
     env.pop("GRADIO_TEMP_DIR", None)
@@ -176,6 +180,40 @@ def test_demo_process_leaves_nothing_after_a_request_and_sigterm(make_config, sa
         output = server.communicate(timeout=60)[0]
     assert server.returncode == 0, output
     assert list(temp_root.iterdir()) == [], output  # after exit: the private folder itself is gone
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and, unless the system reused it within milliseconds, runs no more)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_new_demo_removes_only_the_folders_of_demos_that_are_gone(tmp_path):
+    from skinclip.demo_app import PrivateFolder
+
+    orphan = tmp_path / f"skinclip-demo-{_dead_pid()}-abc123"
+    (orphan / "upload").mkdir(parents=True)
+    (orphan / "upload" / "patient.jpg").write_bytes(b"jpeg bytes")
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as running:
+        try:
+            alive = tmp_path / f"skinclip-demo-{running.pid}-def456"  # another demo, still serving
+            older = tmp_path / "skinclip-demo-k2j4h5"  # a name without a process id: not ours to judge
+            other = tmp_path / "skinclip-demo-notes"
+            for folder in (alive, older, other):
+                folder.mkdir()
+            before = os.environ.get("GRADIO_TEMP_DIR")
+            folder = PrivateFolder(root=tmp_path)
+            try:
+                assert folder.path.name.startswith(f"skinclip-demo-{os.getpid()}-")
+                assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+                    [alive.name, older.name, other.name, folder.path.name]
+                )
+            finally:
+                folder.remove()
+            assert os.environ.get("GRADIO_TEMP_DIR") == before and not folder.path.exists()
+        finally:
+            running.kill()
 
 
 def _wait_for_port(port: int, server: subprocess.Popen, timeout: float = 120.0) -> None:
