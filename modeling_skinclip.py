@@ -738,10 +738,12 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
                 raise ValueError("pass pixel_values or precomputed vision_features")
             with torch.no_grad():
                 vision_features = self.vision.patch_tokens(pixel_values)
-        if vision_features.shape[-1] != self.vision.hidden_size:
+        expected = (self.vision.num_prefix_tokens + self.vision.num_patches, self.vision.hidden_size)
+        if tuple(vision_features.shape[-2:]) != expected:
             raise ValueError(
-                f"vision_features have width {vision_features.shape[-1]}, "
-                f"the CLIP tower gives {self.vision.hidden_size}"
+                f"vision_features have {vision_features.shape[-2]} tokens of width {vision_features.shape[-1]}; "
+                f"the CLIP tower gives {expected[0]} tokens (a {self.patch_grid[0]}x{self.patch_grid[1]} patch grid "
+                f"and {self.vision.num_prefix_tokens} class token) of width {expected[1]}"
             )
         projected = self.projector(vision_features.to(self.projector_dtype))
         patches = projected[:, -self.vision.num_patches :]

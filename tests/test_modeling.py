@@ -227,6 +227,14 @@ def test_image_token_pooling_averages_patch_windows(pooled, batch, k, windows):
         torch.testing.assert_close(tokens[:, index], expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 17, 7), (2, 10, 32)])
+def test_vision_features_of_another_shape_are_named(model_and_processor, batch, shape):
+    model, _ = model_and_processor
+    assert model.vision.hidden_size != 7 and model.vision.num_patches + 1 == 17
+    with pytest.raises(ValueError, match=r"the CLIP tower gives 17 tokens \(a 4x4 patch grid and 1 class token\)"):
+        model(batch["prompt_ids"], batch["prompt_attention_mask"], vision_features=torch.zeros(shape))
+
+
 def test_image_token_pooling_shortens_the_decoder_sequence_only(pooled, batch):
     unpooled = pooled(1)(**batch, output_hidden_states=True)
     model = pooled(2)
