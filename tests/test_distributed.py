@@ -73,33 +73,12 @@ def test_accelerate_launch_with_the_ddp_config_runs_train_py_in_two_processes(tm
     """
     import json
     import math
-    import subprocess
-    import sys
 
     from datasets import load_from_disk
 
-    from tests.conftest import REPO_ROOT
-
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        "configs/accelerate/ddp.yaml",
-        "--main_process_port",
-        str(_free_port()),
-        "train.py",
-        "configs/demo.yaml",
-        f"--output_dir={tmp_path / 'out'}",
-        f"--dataset_path={tmp_path / 'data'}",
-        f"--tiny_bases_dir={tmp_path / 'bases'}",
-        "--num_train_epochs=1",
-        "--save_strategy=epoch",
-        "--eval_strategy=no",
-        "--disable_tqdm=true",
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _launch_demo_training(
+        tmp_path, "--num_train_epochs=1", "--save_strategy=epoch", "--eval_strategy=no", "--disable_tqdm=true"
+    )
     train_rows = len(load_from_disk(str(tmp_path / "data"))["train"])
     (checkpoint,) = (tmp_path / "out").glob("checkpoint-*")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -119,8 +98,6 @@ def test_accelerate_launch_trains_an_ablation_without_alignment_in_two_processes
     they add up to the logged loss, itself the mean over processes (rank 0's terms alone would not).
     """
     import json
-    import subprocess
-    import sys
 
     import yaml
     from safetensors.torch import load_file
@@ -130,20 +107,9 @@ def test_accelerate_launch_trains_an_ablation_without_alignment_in_two_processes
     ablation = yaml.safe_load((REPO_ROOT / "configs/ablations/focal.yaml").read_text())
     loss_settings = {key: value for key, value in ablation.items() if key.startswith(("lambda_", "focal_"))}
     assert loss_settings["lambda_align"] == 0
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        "configs/accelerate/ddp.yaml",
-        "--main_process_port",
-        str(_free_port()),
-        "train.py",
-        "configs/demo.yaml",
+    _launch_demo_training(
+        tmp_path,
         *(f"--{key}={value}" for key, value in loss_settings.items()),
-        f"--output_dir={tmp_path / 'out'}",
-        f"--dataset_path={tmp_path / 'data'}",
-        f"--tiny_bases_dir={tmp_path / 'bases'}",
         "--max_steps=3",
         "--logging_steps=1",
         "--save_strategy=steps",
@@ -151,9 +117,7 @@ def test_accelerate_launch_trains_an_ablation_without_alignment_in_two_processes
         "--eval_strategy=steps",
         "--eval_steps=3",
         "--disable_tqdm=true",
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    )
 
     state = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
     (evaluation,) = [entry for entry in state["log_history"] if "eval_loss" in entry]  # merged at evaluation too
@@ -166,6 +130,32 @@ def test_accelerate_launch_trains_an_ablation_without_alignment_in_two_processes
         assert entry["loss"] == pytest.approx(entry["loss_focal"] + lambda_gen * entry["loss_gen"], rel=1e-4)
     saved = load_file(tmp_path / "out" / "model.safetensors")  # frozen, still saved
     assert "logit_scale" in saved and any(name.startswith("focal_pooling.") for name in saved)
+
+
+def _launch_demo_training(tmp_path, *fields: str) -> None:
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml train.py configs/demo.yaml` (two processes)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/ddp.yaml",
+        "--main_process_port",
+        str(_free_port()),
+        "train.py",
+        "configs/demo.yaml",
+        f"--output_dir={tmp_path / 'out'}",
+        f"--dataset_path={tmp_path / 'data'}",
+        f"--tiny_bases_dir={tmp_path / 'bases'}",
+        *fields,
+    ]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_fsdp_config_wraps_the_decoder_layers(make_config):
