@@ -385,6 +385,7 @@ def compute_classification_metrics(eval_prediction) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_COMPLETE_MARKER = "checkpoint_complete.json"
+TRAINING_ARGS_JSON = "training_args.json"  # the run's arguments, in place of Trainer's pickled training_args.bin
 
 
 class NonFiniteGuard(TrainerCallback, ExportableState):
@@ -734,6 +735,21 @@ class CFATrainer(Trainer):
                 f"{latest_complete_checkpoint(os.path.dirname(str(resume_from_checkpoint).rstrip('/')))}"
             )
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Trainer also pickles its arguments (training_args.bin) beside the model, in the folder that is shared on
+        # the Hub; nothing loads them back. They are written as JSON instead: readable, no pickle to unpickle, and
+        # tokens redacted (TrainingArguments.to_json_string), where the pickle held a hub_token in clear.
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+            if os.path.isfile(pickled):
+                os.remove(pickled)
+            with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as handle:
+                handle.write(self.args.to_json_string())
 
     def _save_checkpoint(self, model, trial) -> None:
         # Trainer writes checkpoint-N in place; a kill mid-save leaves a partial folder that its own

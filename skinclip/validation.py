@@ -305,7 +305,8 @@ _RUN_FILES = {
     "configuration_skinclip.py",
     "modeling_skinclip.py",
     "processing_skinclip.py",
-    "training_args.bin",
+    "training_args.bin",  # runs from before training_args.json
+    "training_args.json",
     "calibration.json",
     "trainer_state.json",
     "all_results.json",

@@ -52,6 +52,10 @@ def test_demo_writes_checkpoint_metrics_and_card(demo_run):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert {"balanced_accuracy", "auroc_macro", "ece", "loss"} <= set(metrics)
+    # The folder shared on the Hub holds no pickle: the run's arguments are JSON (Trainer's training_args.bin
+    # is replaced), weights are safetensors.
+    assert json.loads((out / "training_args.json").read_text())["num_train_epochs"] == 3
+    assert not [p.name for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     card = (out / "README.md").read_text()
     assert "SkinCLIP-VL checkpoint" in card and "MEL" in card
     for term in ("loss_focal", "loss_align", "loss_cal", "loss_gen"):
