@@ -499,7 +499,7 @@ def _language_only_subclass(vl_class):
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
-                **{cache_keyword(stack.forward): cache if cache is not None else past_key_values},
+                **{cache_keyword(type(stack).forward): cache if cache is not None else past_key_values},
             )
             logits = self.lm_head(outputs.last_hidden_state)
             loss = None
@@ -992,7 +992,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         outputs = self.text_stack(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
         logits = self.classifier(outputs.last_hidden_state[:, cls_index].to(self.projector_dtype))
         cache, hidden = returned_cache(outputs), outputs.last_hidden_state[:, -1]
-        cache_argument = cache_keyword(self.text_stack.forward)
+        cache_argument = cache_keyword(type(self.text_stack).forward)
         embed, lm_head = self.language_model.get_input_embeddings(), self.language_model.get_output_embeddings()
         batch = prompt_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
@@ -1229,8 +1229,9 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return _LinearCrossEntropy.apply(hidden, weight, targets)
 
 
+@functools.cache  # asked per forward call: read each signature once (functions and classes, no instances)
 def cache_keyword(function) -> str:
-    """The KV-cache argument's name in ``function``'s signature (a module's forward, an output class).
+    """The KV-cache argument's name in ``function``'s signature (a module class's forward, an output class).
 
     transformers renamed ``past_key_values`` to ``cache`` (the old name warns from 5.2x and goes in 5.40; 5.17,
     which the project still supports and the GPU image runs, knows only the old one).
