@@ -303,11 +303,6 @@ def rationale_words(rationale: str, limit: int = 6) -> list[str]:
     return words[:limit]
 
 
-def predict_cases(model, processor, cases: list[Case], out_dir: Path | None, **options) -> list[dict]:
-    """All results of `iter_predictions` as a list (see there for the options)."""
-    return list(iter_predictions(model, processor, cases, out_dir, **options))
-
-
 def iter_predictions(
     model,
     processor,
