@@ -606,8 +606,6 @@ TRAINING_VARIANTS = {
     # a quarter of the patch tokens reach the decoder, so T and the floor shrink with it).
     "speed_pooled2": (True, False, False, {**_FAST_DECODER, "image_token_pooling": 2}),
 }
-# Model settings a variant may carry beside its TrainingArguments.
-_MODEL_SETTINGS = ("image_token_pooling",)
 
 
 def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, results: dict) -> None:
@@ -632,9 +630,10 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
         if overrides.get("optim", "").endswith("8bit") and device.type != "cuda":
             # bitsandbytes' paged optimisers need CUDA; the CPU run keeps torch AdamW
             overrides = {k: v for k, v in overrides.items() if k != "optim"}
-        settings = {k: overrides[k] for k in _MODEL_SETTINGS if k in overrides}
-        overrides = {k: v for k, v in overrides.items() if k not in settings}
-        model.config.image_token_pooling = settings.get("image_token_pooling", 1)
+        # image_token_pooling is a model setting, not a TrainingArguments field.
+        pooling = overrides.get("image_token_pooling", 1)
+        overrides = {k: v for k, v in overrides.items() if k != "image_token_pooling"}
+        model.config.image_token_pooling = pooling
         tokens = skinclip_tokens(rows, model.num_image_tokens)
         model.lm_head_on_all_positions = all_positions
         model.train()
@@ -655,8 +654,8 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
             lm_head_all_positions=all_positions,
             gradient_checkpointing=checkpointing,
             image_tokens=model.num_image_tokens,
+            image_token_pooling=pooling,
             **overrides,
-            **settings,
         )
         training.append(_report(f"skinclip/{name}", result, tokens, n_params, peak_flops, args.batch))
         print(_line(training[-1]), flush=True)

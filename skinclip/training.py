@@ -145,6 +145,15 @@ def write_model_card(
         "tags": ["skinclip-vl", "dermatology", "vision-language", "lora", "custom_code"],
         "base_model": [m for m in base_models if not Path(m).exists() and not m.startswith("local-dir:")],
     }
+    k = config.image_token_pooling
+    pooling = (
+        [
+            f"- image tokens: patches average-pooled {k}×{k} before the decoder (`image_token_pooling: {k}`; the paper "
+            "sends every patch)"
+        ]
+        if k > 1
+        else []
+    )
     lines = [
         "---",
         yaml.safe_dump(header, sort_keys=False).strip(),
@@ -159,14 +168,7 @@ def write_model_card(
         f"- vision: `{config.vision_config.model_name_or_path}` ({config.vision_config.backend})",
         f"- decoder: `{config.decoder_config.model_name_or_path}` ({config.decoder_config.quantization}, "
         f"LoRA r={config.decoder_config.lora_r}, alpha={config.decoder_config.lora_alpha})",
-        *(
-            [
-                f"- image tokens: patches average-pooled {k}×{k} before the decoder (`image_token_pooling: {k}`; "
-                "the paper sends every patch)"
-            ]
-            if (k := config.image_token_pooling) > 1
-            else []
-        ),
+        *pooling,
         "",
         "```python",
         "from transformers import AutoModel",

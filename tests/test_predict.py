@@ -181,6 +181,10 @@ def test_grounding_words_write_maps(checkpoint, sample_data, tmp_path, capsys):
     )
     (result,) = json.loads(out)
     assert set(result["grounding"]) == {"blue-whitish veil", "streaks"}
+    _assert_maps_have_the_image_size(result, image)
+
+
+def _assert_maps_have_the_image_size(result, image):
     for path in result["grounding"].values():
         with Image.open(path) as grounding, Image.open(image) as original:
             assert grounding.size == original.size
@@ -248,9 +252,7 @@ def test_rationale_words_are_grounded(checkpoint, sample_data, tmp_path, capsys,
     )
     (result,) = json.loads(out)
     assert list(result["grounding"]) == ["veil", "atypical", "pigment", "network", "blue-whitish", "irregular"]
-    for path in result["grounding"].values():
-        with Image.open(path) as grounding, Image.open(image) as original:
-            assert grounding.size == original.size
+    _assert_maps_have_the_image_size(result, image)
 
 
 # ------------------------------------------------------------------------------ hostile inputs (issue 12)
