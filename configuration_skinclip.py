@@ -17,7 +17,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-VISION_BACKENDS = ("hf", "open_clip")
+VISION_BACKENDS = ("hf", "open_clip", "hf_vision")
+# Backends with a text tower of their own (t_global from it: text_encoder="clip"); "hf_vision" is image-only.
+VISION_BACKENDS_WITH_TEXT = ("hf", "open_clip")
 QUANTIZATION_MODES = ("nf4", "int8", "none")
 DTYPES = ("bfloat16", "float16", "float32")
 TEXT_ENCODERS = ("clip", "decoder")
@@ -45,13 +47,16 @@ class SkinClipVisionConfig(PretrainedConfig):
         backend (`str`, *optional*, defaults to `"hf"`):
             `"hf"` loads a transformers `CLIPModel` (e.g. `openai/clip-vit-large-patch14`); `"open_clip"` loads
             any open_clip model (`"ViT-L-14"` with `pretrained="openai"`, `"hf-hub:org/repo"`,
-            `"local-dir:/path"`), e.g. a dermatology CLIP.
+            `"local-dir:/path"`), e.g. a dermatology CLIP; `"hf_vision"` an image-only transformers backbone
+            with patch tokens (`Dinov2Model`, `SiglipVisionModel`, `CLIPVisionModel`, `ViTModel`), which has no
+            text tower (use `text_encoder="decoder"`).
         model_name_or_path (`str`): Hub id or local path of the CLIP model (open_clip: model name or schema).
         pretrained (`str`, *optional*): open_clip pretrained tag or checkpoint file; ignored by `"hf"`.
         revision (`str`, *optional*): Hub revision (commit, tag or branch) to pin the base to.
         feature_layer (`int`, *optional*, defaults to -2):
             Which transformer block's output gives the patch tokens. -2 (the penultimate block) follows
-            LLaVA: the last block is shaped by the contrastive objective and keeps less local detail.
+            LLaVA: the last block is shaped by the contrastive objective and keeps less local detail. With
+            `"hf_vision"`, -1 is the backbone's own output (after its final layer norm, as DINOv2 features are used).
     """
 
     model_type = "skinclip_vl_vision"
@@ -191,6 +196,11 @@ class SkinClipVLConfig(PretrainedConfig):
         self.decoder_config = self._as_sub_config(decoder_config, SkinClipDecoderConfig)
         _check_choice("projector_type", projector_type, PROJECTOR_TYPES)
         _check_choice("text_encoder", text_encoder, TEXT_ENCODERS)
+        if text_encoder == "clip" and self.vision_config.backend not in VISION_BACKENDS_WITH_TEXT:
+            raise ValueError(
+                f"text_encoder='clip' needs a vision tower with a text side, and vision_config.backend="
+                f"{self.vision_config.backend!r} is image-only: set text_encoder='decoder'"
+            )
         for field, value in (
             ("focal_dim", focal_dim),
             ("alignment_dim", alignment_dim),

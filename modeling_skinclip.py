@@ -197,7 +197,7 @@ class VisionTower(nn.Module):
     hidden_size: int
     grid: tuple[int, int]
     text_dim: int
-    # Tokens before the patches in `patch_tokens`: the class token, which both backends' ViTs have exactly once.
+    # Tokens before the patches in `patch_tokens`: the class token, which CLIP ViTs have exactly once.
     num_prefix_tokens: int = 1
 
     def __init__(self, vision_config):
@@ -308,11 +308,104 @@ class OpenClipTower(VisionTower):
         return self.model.encode_text(input_ids)
 
 
-VISION_TOWERS = {"hf": HFClipTower, "open_clip": OpenClipTower}
+class HFVisionTower(VisionTower):
+    """An image-only transformers backbone with patch tokens (``Dinov2Model``, ``SiglipVisionModel``,
+    ``CLIPVisionModel``, ``ViTModel``, ...), loaded with ``AutoModel``.
+
+    It has no text side, so t_global must come from the decoder (``text_encoder="decoder"``; the config refuses
+    anything else). The prefix tokens (a class token where the embeddings have one, plus register tokens) are read
+    from the model, and the patch grid from the image size its image processor produces (DINOv2 is configured for
+    518 px but preprocessed to 224 px, a 16×16 grid), falling back to the config's ``image_size``.
+    ``feature_layer=-1`` takes the model's own output (``last_hidden_state``, after the final layer norm where the
+    model has one, as DINOv2 features are used); any other index the raw output of that block.
+    """
+
+    def __init__(self, vision_config, dtype: torch.dtype, device: torch.device, hub_kwargs: dict | None = None):
+        from transformers import AutoConfig, AutoModel
+
+        super().__init__(vision_config)
+        name, hub_kwargs = vision_config.model_name_or_path, hub_kwargs or {}
+        if device.type == "meta":
+            base_config = AutoConfig.from_pretrained(name, revision=vision_config.revision, **hub_kwargs)
+            with torch.device("meta"):
+                self.model = AutoModel.from_config(base_config, dtype=dtype)
+        else:
+            self.model = AutoModel.from_pretrained(
+                name, revision=vision_config.revision, dtype=dtype, device_map={"": device}, **hub_kwargs
+            )
+        if hasattr(self.model, "get_text_features") or not hasattr(self.model, "embeddings"):
+            raise ValueError(
+                f"vision_config.model_name_or_path={name!r} is a {type(self.model).__name__}, not an image-only "
+                "backbone with patch embeddings; use vision_config.backend='hf' for a CLIP model with a text tower"
+            )
+        model_config = self.model.config
+        embeddings = self.model.embeddings
+        has_class_token = hasattr(embeddings, "cls_token") or hasattr(embeddings, "class_embedding")
+        self.num_prefix_tokens = int(has_class_token) + int(getattr(model_config, "num_register_tokens", 0) or 0)
+        self.hidden_size = model_config.hidden_size
+        patch = _pair(model_config.patch_size)
+        height, width = processed_image_size(name, vision_config.revision, hub_kwargs) or _pair(model_config.image_size)
+        if height % patch[0] or width % patch[1]:
+            raise ValueError(f"{name}: image size {height}x{width} is not a multiple of the patch size {patch}")
+        self.grid = (height // patch[0], width // patch[1])
+        self.text_dim = 0  # no text tower
+        accepts = inspect.signature(self.model.forward).parameters
+        # ViT/CLIP/SigLIP embeddings refuse another size than their config's unless asked to interpolate.
+        self._forward_kwargs = (
+            {"interpolate_pos_encoding": True}
+            if "interpolate_pos_encoding" in accepts and (height, width) != _pair(model_config.image_size)
+            else {}
+        )
+        self._freeze()
+
+    def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        outputs = self.model(
+            pixel_values=pixel_values.to(self.dtype),
+            output_hidden_states=self.feature_layer != -1,
+            **self._forward_kwargs,
+        )
+        tokens = outputs.last_hidden_state if self.feature_layer == -1 else outputs.hidden_states[self.feature_layer]
+        expected = self.num_prefix_tokens + self.num_patches
+        if tokens.shape[1] != expected:
+            raise ValueError(
+                f"the vision backbone gave {tokens.shape[1]} tokens for images of {tuple(pixel_values.shape[-2:])}; "
+                f"expected {expected} ({self.num_prefix_tokens} prefix + a {self.grid[0]}x{self.grid[1]} grid): "
+                "preprocess images with the backbone's own image processor"
+            )
+        return tokens
+
+    def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise ValueError("an image-only vision backbone has no text tower: use text_encoder='decoder'")
+
+
+def processed_image_size(name: str, revision: str | None = None, hub_kwargs: dict | None = None):
+    """`(height, width)` of the images a backbone's image processor produces, or None without a fixed size.
+
+    Reads only ``preprocessor_config.json``: the centre crop where the processor crops, else a fixed
+    ``height``/``width`` or a square ``shortest_edge`` resize.
+    """
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(name, revision=revision, **(hub_kwargs or {}))
+    except (OSError, ValueError):
+        return None
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = crop or getattr(processor, "size", None) or {}
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    return None
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
+
+
+VISION_TOWERS = {"hf": HFClipTower, "open_clip": OpenClipTower, "hf_vision": HFVisionTower}
 
 
 def build_vision_tower(vision_config, dtype: torch.dtype, device: torch.device | str, hub_kwargs: dict | None = None):
-    """The frozen CLIP tower named by ``vision_config.backend`` (the one place the backends branch)."""
+    """The frozen vision tower named by ``vision_config.backend`` (the one place the backends branch)."""
     return VISION_TOWERS[vision_config.backend](vision_config, dtype, torch.device(device), hub_kwargs)
 
 
@@ -743,7 +836,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             raise ValueError(
                 f"vision_features have {vision_features.shape[-2]} tokens of width {vision_features.shape[-1]}; "
                 f"the CLIP tower gives {expected[0]} tokens (a {self.patch_grid[0]}x{self.patch_grid[1]} patch grid "
-                f"and {self.vision.num_prefix_tokens} class token) of width {expected[1]}"
+                f"and {self.vision.num_prefix_tokens} prefix token(s)) of width {expected[1]}"
             )
         projected = self.projector(vision_features.to(self.projector_dtype))
         patches = projected[:, -self.vision.num_patches :]

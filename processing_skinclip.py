@@ -101,7 +101,7 @@ class SkinClipVLProcessor:
         tokenizer = AutoTokenizer.from_pretrained(
             **source(TOKENIZER_SUBFOLDER, "tokenizer_config.json", decoder.model_name_or_path, decoder.revision)
         )
-        if vision.backend == "hf":
+        if vision.backend in ("hf", "hf_vision"):
             image_processor = AutoImageProcessor.from_pretrained(
                 **source(
                     IMAGE_PROCESSOR_SUBFOLDER, "preprocessor_config.json", vision.model_name_or_path, vision.revision

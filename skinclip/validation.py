@@ -181,6 +181,13 @@ def _check_choices(model_args) -> None:
         value = getattr(model_args, name, None)
         if value not in allowed:
             raise UserError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+    from configuration_skinclip import VISION_BACKENDS_WITH_TEXT
+
+    if model_args.text_encoder == "clip" and model_args.vision_backend not in VISION_BACKENDS_WITH_TEXT:
+        raise UserError(
+            f"vision_backend={model_args.vision_backend!r} is an image-only backbone with no text tower to embed "
+            "the reports: set text_encoder: decoder"
+        )
 
 
 def focal_alpha_weights(setting: Any) -> list[float] | None:
