@@ -871,7 +871,22 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     def encode_report(
         self, report_ids: torch.Tensor, report_attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Report tokens → normalised t_global `(batch, alignment_dim)`."""
+        """Report tokens → normalised t_global `(batch, alignment_dim)`.
+
+        Identical rows are encoded once: templated reports (one text per class, as the converters write them)
+        repeat across a batch, and with ``text_encoder="decoder"`` each encoding is a decoder pass. The result is
+        exactly the per-row one (the same rows give the same embedding), gradients included.
+        """
+        mask = report_attention_mask if report_attention_mask is not None else torch.ones_like(report_ids)
+        rows, inverse = torch.unique(torch.cat([report_ids, mask], dim=1), dim=0, return_inverse=True)
+        if rows.shape[0] < report_ids.shape[0]:
+            width = report_ids.shape[1]
+            return self._encode_unique_reports(rows[:, :width], rows[:, width:])[inverse]
+        return self._encode_unique_reports(report_ids, report_attention_mask)
+
+    def _encode_unique_reports(
+        self, report_ids: torch.Tensor, report_attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.config.text_encoder == "clip":
             with torch.no_grad():
                 text = self.vision.text_embeds(report_ids, report_attention_mask)

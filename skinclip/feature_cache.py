@@ -8,10 +8,19 @@ feeds them to ``SkinClipVLModel.forward(vision_features=...)`` and refuses rows 
 
     dataset = add_vision_features(dataset, model, processor)          # once; save_to_disk keeps it
     collator = SkinClipVLCollator(processor, cached_features_key=vision_features_key(model.config.vision_config))
+
+``train.py`` (``cache_vision_features: true``) goes through ``with_stored_vision_features``: the featurised splits
+are saved beside the dataset (``<dataset_path>-vision-features/<tower>/<split>-<rows>/``) and read back by every
+later run with the same tower, layer and rows: the runs of a comparison table pay for the tower once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,7 +63,61 @@ def add_vision_features(dataset, model, processor, batch_size: int = 32, image_c
     features = dataset.features.copy()
     features[FEATURES_COLUMN] = Array2D(shape=(num_tokens, model.vision.hidden_size), dtype="float16")
     features[KEY_COLUMN] = Value("string")
-    return dataset.map(encode, batched=True, batch_size=batch_size, features=features, desc=f"CLIP features ({key})")
+    # An explicit fingerprint: without it datasets hashes `encode`, i.e. pickles the whole model, to name its cache.
+    fingerprint = hashlib.sha256(f"{dataset._fingerprint}|{key}".encode()).hexdigest()[:32]
+    return dataset.map(
+        encode,
+        batched=True,
+        batch_size=batch_size,
+        features=features,
+        new_fingerprint=fingerprint,
+        desc=f"vision features ({key})",
+    )
 
 
-__all__ = ["FEATURES_COLUMN", "KEY_COLUMN", "add_vision_features", "vision_features_key"]
+def stored_features_folder(dataset_path: str | os.PathLike, key: str, split: str, row_ids: list) -> Path:
+    """Where `with_stored_vision_features` keeps one split: named by the tower's key and the split's rows."""
+    tower = hashlib.sha256(key.encode()).hexdigest()[:16]
+    rows = hashlib.sha256("\n".join(map(str, row_ids)).encode()).hexdigest()[:16]
+    return Path(f"{os.fspath(dataset_path).rstrip('/')}-vision-features") / tower / f"{split}-{rows}"
+
+
+def with_stored_vision_features(dataset_dict, splits, dataset_path, model, processor, row_ids_of) -> None:
+    """Give each named split of ``dataset_dict`` its vision features, computed once and stored beside the dataset.
+
+    ``row_ids_of(split_dataset)`` names the rows (image ids): a store is reused only for the same tower, layer
+    and rows in the same order (a train fraction subsample gets its own). Each store is written to a temporary
+    folder and renamed into place, so a killed run never leaves a half-written one that a later run would read.
+    """
+    from datasets import load_from_disk
+
+    key = vision_features_key(model.config.vision_config)
+    for split in splits:
+        folder = stored_features_folder(dataset_path, key, split, row_ids_of(dataset_dict[split]))
+        if not (folder / "state.json").is_file():
+            computed = add_vision_features(dataset_dict[split], model, processor)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            try:
+                computed.save_to_disk(str(staging))
+                if not (folder / "state.json").is_file():  # another run may have finished the same store first
+                    shutil.rmtree(folder, ignore_errors=True)
+                    os.replace(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        stored = load_from_disk(str(folder))
+        if set(stored.unique(KEY_COLUMN)) != {key} or len(stored) != len(dataset_dict[split]):
+            raise ValueError(
+                f"{folder} does not hold {key} features for the {len(dataset_dict[split])} rows of {split}"
+            )
+        dataset_dict[split] = stored
+
+
+__all__ = [
+    "FEATURES_COLUMN",
+    "KEY_COLUMN",
+    "add_vision_features",
+    "stored_features_folder",
+    "vision_features_key",
+    "with_stored_vision_features",
+]

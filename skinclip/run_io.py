@@ -123,6 +123,13 @@ class DataArguments:
         default=None, metadata={"help": "A DatasetDict saved by datasets_scripts (save_to_disk directory)."}
     )
     demo_dataset: bool = field(default=False, metadata={"help": "Generate the demo dataset into dataset_path."})
+    ham10000_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder in the official HAM10000 layout (metadata CSV + images, e.g. ../shared/data/"
+            "ham10000-mini): converted into dataset_path on first use (datasets_scripts.ham10000, seed 0)."
+        },
+    )
     demo_num_per_class: int = field(default=24)
     demo_image_size: int = field(default=64)
     train_split: str = field(default="train")
@@ -168,6 +175,15 @@ def load_training_data(data_args: DataArguments, seed: int):
                 output_dir=str(target),
             )
         data_args.dataset_path = str(target)
+    if data_args.ham10000_dir:
+        if not data_args.dataset_path:
+            raise UserError("ham10000_dir needs dataset_path: the folder to write the converted dataset to")
+        if not (Path(data_args.dataset_path) / "dataset_dict.json").is_file():
+            from datasets_scripts.ham10000 import convert
+
+            if not Path(data_args.ham10000_dir).is_dir():
+                raise UserError(f"ham10000_dir {data_args.ham10000_dir} is not a folder")
+            convert(data_args.ham10000_dir, data_args.dataset_path)  # the converter's own default split and seed
     if not data_args.dataset_path:
         raise ValueError("set dataset_path (a DatasetDict from datasets_scripts) or demo_dataset: true")
     dataset = load_from_disk(data_args.dataset_path)

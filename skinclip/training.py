@@ -248,11 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     cached_features_key = None
     if data_args.cache_vision_features:
-        from skinclip.feature_cache import add_vision_features, vision_features_key
+        from skinclip.feature_cache import vision_features_key, with_stored_vision_features
 
         cached_features_key = vision_features_key(config.vision_config)
-        for split in filter(None, (data_args.train_split, data_args.eval_split, data_args.test_split)):
-            dataset[split] = add_vision_features(dataset[split], model, processor)
+        splits = list(dict.fromkeys(filter(None, (data_args.train_split, data_args.eval_split, data_args.test_split))))
+        with_stored_vision_features(dataset, splits, data_args.dataset_path, model, processor, image_ids_of)
 
     train_labels = np.asarray(dataset[data_args.train_split]["label"])
     class_counts = np.bincount(train_labels, minlength=len(class_names)).tolist()
