@@ -72,7 +72,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Build tiny RANDOM bases here (if absent) and use them instead of the ids above (demo/CI); "
-            "a decoder_model set away from its default is kept."
+            "a vision_model or decoder_model set away from its default is kept."
         },
     )
 
@@ -97,11 +97,13 @@ def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClip
         from skinclip.tiny_bases import build_tiny_bases
 
         vision_name = "open_clip" if model_args.vision_backend == "open_clip" else "clip"
-        # A decoder named in the config (a converted real one: configs/demo_real_decoder.yaml) is kept.
+        # A base named in the config (a converted real one: configs/demo_real_decoder.yaml) is kept.
+        tiny_vision = vision_model == ModelArguments.vision_model
         tiny_decoder = decoder_model == ModelArguments.decoder_model
-        names = (vision_name, "decoder-qwen2_5_vl") if tiny_decoder else (vision_name,)
+        names = ((vision_name,) if tiny_vision else ()) + (("decoder-qwen2_5_vl",) if tiny_decoder else ())
         paths = build_tiny_bases(model_args.tiny_bases_dir, names)
-        vision_model = paths["open_clip"] if model_args.vision_backend == "open_clip" else paths["clip"]
+        if tiny_vision:
+            vision_model = paths[vision_name]
         if tiny_decoder:
             decoder_model = paths["decoder-qwen2_5_vl"]
     from skinclip import gguf_decoder
