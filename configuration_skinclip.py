@@ -24,10 +24,14 @@ QUANTIZATION_MODES = ("nf4", "int8", "none")
 DTYPES = ("bfloat16", "float16", "float32")
 TEXT_ENCODERS = ("clip", "decoder")
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+RATIONALE_CONDITIONING = ("none", "class")
 
 # Plain template: the decoder is adapted with LoRA, so no chat template is needed, and a plain one works
 # for any causal LM. ``{metadata}`` is the metadata sentence built by datasets_scripts.metadata_text.
 DEFAULT_PROMPT_TEMPLATE = "Dermoscopic image of a skin lesion. {metadata}\nDiagnosis and rationale:"
+# With rationale_conditioning="class": the text between the CLS token and the rationale, `{label}` the class name
+# (config.id2label): the true class in training, the class head's argmax at inference.
+RATIONALE_CONDITION_TEMPLATE = "Diagnosis: {label}."
 
 
 def _check_choice(field: str, value: Any, choices: tuple) -> None:
@@ -167,6 +171,12 @@ class SkinClipVLConfig(PretrainedConfig):
         logit_scale_max (`float`, defaults to 100): clamp of `logit_scale.exp()`, as in CLIP.
         prompt_template (`str`): text before the [CLS] token; `{metadata}` is replaced by the metadata sentence.
         max_prompt_tokens, max_rationale_tokens, max_report_tokens (`int`): truncation lengths.
+        rationale_conditioning (`str`, defaults to `"none"`): `"none"` is the paper (the rationale follows the CLS
+            token and never reads the class head's output); `"class"` puts "Diagnosis: <class name>."
+            (`RATIONALE_CONDITION_TEMPLATE`) between CLS and the rationale: the TRUE class in training (teacher
+            forcing, no LM loss on it), the class head's argmax at inference, so the rationale follows the
+            diagnosis. CLS comes before these tokens, so the class logits never see them. A checkpoint saved
+            without the field loads as `"none"`.
         num_labels / id2label / label2id: the diagnostic classes (one source of truth: the dataset's ClassLabel).
     """
 
@@ -190,6 +200,7 @@ class SkinClipVLConfig(PretrainedConfig):
         max_prompt_tokens: int = 64,
         max_rationale_tokens: int = 128,
         max_report_tokens: int = 77,
+        rationale_conditioning: str = "none",
         **kwargs,
     ):
         self.vision_config = self._as_sub_config(vision_config, SkinClipVisionConfig)
@@ -201,6 +212,7 @@ class SkinClipVLConfig(PretrainedConfig):
                 f"text_encoder='clip' needs a vision tower with a text side, and vision_config.backend="
                 f"{self.vision_config.backend!r} is image-only: set text_encoder='decoder'"
             )
+        _check_choice("rationale_conditioning", rationale_conditioning, RATIONALE_CONDITIONING)
         for field, value in (
             ("focal_dim", focal_dim),
             ("alignment_dim", alignment_dim),
@@ -232,6 +244,7 @@ class SkinClipVLConfig(PretrainedConfig):
         self.max_prompt_tokens = max_prompt_tokens
         self.max_rationale_tokens = max_rationale_tokens
         self.max_report_tokens = max_report_tokens
+        self.rationale_conditioning = rationale_conditioning
         super().__init__(**kwargs)
 
     @staticmethod
@@ -270,6 +283,10 @@ class SkinClipVLConfig(PretrainedConfig):
     @property
     def class_names(self) -> list[str]:
         return [self.id2label[i] for i in range(self.num_labels)]
+
+    def rationale_condition_texts(self) -> list[str]:
+        """The conditioning text of each class, in class order (used when `rationale_conditioning == "class"`)."""
+        return [RATIONALE_CONDITION_TEMPLATE.format(label=name) for name in self.class_names]
 
     def label_ids(self, names) -> list[int]:
         """Class names to ids; an unknown name raises an error that lists the known classes."""

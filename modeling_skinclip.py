@@ -5,10 +5,12 @@ Read top-down: outputs → Focal Pooling → projector → the frozen bases (CLI
 
 Sequence fed to the decoder (one row per image)::
 
-    [ V_proj (image tokens) ][ prompt (left-padded) ][ CLS ][ rationale (right-padded) ]
+    [ V_proj (image tokens) ][ prompt (left-padded) ][ CLS ][ condition (left-padded) ][ rationale (right-padded) ]
 
-The CLS token sits after the prompt and before the rationale, so under causal attention its hidden state
-(and the class logits read from it) never sees the rationale. Padding sits in the middle and at the end;
+The condition ("Diagnosis: <class>.") is there only with ``config.rationale_conditioning == "class"``: the true
+class in training, the class head's argmax at generation. The CLS token sits after the prompt and before the
+condition and the rationale, so under causal attention its hidden state (and the class logits read from it)
+never sees either. Padding sits in the middle and at the end;
 ``attention_mask`` hides it and ``position_ids = cumsum(attention_mask) - 1`` keeps positions contiguous.
 
 A checkpoint holds only what training changed (projector, Focal Pooling, CLS, heads, logit scale, LoRA) in
@@ -913,14 +915,24 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         prompt_attention_mask: torch.Tensor,
         rationale_ids: torch.Tensor | None = None,
         rationale_attention_mask: torch.Tensor | None = None,
+        condition_ids: torch.Tensor | None = None,
+        condition_attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Build `[image][prompt][CLS][rationale]` embeddings and mask; returns (embeds, mask, cls_index)."""
+        """Build `[image][prompt][CLS][condition][rationale]` embeddings and mask; returns (embeds, mask, cls_index).
+
+        The condition and the rationale are optional (the condition only comes with a rationale).
+        """
         embed = self.language_model.get_input_embeddings()
         dtype = embed.weight.dtype if embed.weight.is_floating_point() else self.projector_dtype
         batch = image_tokens.shape[0]
         parts = [image_tokens.to(dtype), embed(prompt_ids).to(dtype), self.cls_token.expand(batch, -1, -1).to(dtype)]
         ones = torch.ones(batch, image_tokens.shape[1], dtype=prompt_attention_mask.dtype, device=prompt_ids.device)
         masks = [ones, prompt_attention_mask, ones[:, :1]]
+        if condition_ids is not None:
+            if condition_attention_mask is None:
+                condition_attention_mask = torch.ones_like(condition_ids)
+            parts.append(embed(condition_ids).to(dtype))
+            masks.append(condition_attention_mask.to(prompt_attention_mask.dtype))
         if rationale_ids is not None:
             if rationale_attention_mask is None:
                 rationale_attention_mask = torch.ones_like(rationale_ids)
@@ -939,6 +951,8 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         rationale_attention_mask: torch.LongTensor | None = None,
         report_ids: torch.LongTensor | None = None,
         report_attention_mask: torch.LongTensor | None = None,
+        condition_ids: torch.LongTensor | None = None,
+        condition_attention_mask: torch.LongTensor | None = None,
         output_hidden_states: bool = False,
         **kwargs,
     ) -> SkinClipVLOutput:
@@ -955,6 +969,11 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             report_ids (`torch.LongTensor` of shape `(batch_size, report_length)`): ground-truth report tokens for
                 t_global (CLIP tokenizer when `config.text_encoder == "clip"`).
             report_attention_mask (`torch.LongTensor` of shape `(batch_size, report_length)`).
+            condition_ids (`torch.LongTensor` of shape `(batch_size, condition_length)`): with
+                `config.rationale_conditioning == "class"` and `rationale_ids`, the true class's conditioning tokens
+                (LEFT-padded; `processor(..., condition_labels=labels)`), placed between CLS and the rationale. No LM
+                loss is taken on them, and CLS never sees them.
+            condition_attention_mask (`torch.LongTensor` of shape `(batch_size, condition_length)`).
         """
         if kwargs:
             unknown = sorted(k for k in kwargs if k not in ("labels", "num_items_in_batch", "return_dict"))
@@ -962,12 +981,23 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
                 raise TypeError(f"SkinClipVLModel.forward got unexpected inputs {unknown}")
         if prompt_attention_mask is None:
             prompt_attention_mask = torch.ones_like(prompt_ids)
+        self._check_condition(condition_ids, rationale_ids)
         image_tokens, patches = self.encode_image(pixel_values, vision_features)
         v_global, focal_attention = self._alignment_image_embedding(patches)
 
+        if rationale_ids is None:
+            condition_ids = condition_attention_mask = None  # classification only: nothing after CLS is built
         embeds, mask, cls_index = self._decoder_inputs(
-            image_tokens, prompt_ids, prompt_attention_mask, rationale_ids, rationale_attention_mask
+            image_tokens,
+            prompt_ids,
+            prompt_attention_mask,
+            rationale_ids,
+            rationale_attention_mask,
+            condition_ids,
+            condition_attention_mask,
         )
+        # The position whose hidden state predicts rationale token 0: CLS, or the condition's last (real) token.
+        rationale_start = cls_index + (condition_ids.shape[1] if condition_ids is not None else 0)
         if rationale_ids is None:
             # Classification only: the sequence ends at CLS, nothing after it is computed.
             embeds, mask = embeds[:, : cls_index + 1], mask[:, : cls_index + 1]
@@ -981,11 +1011,12 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             ).bool()
             lm_tokens = rationale_mask.sum()
             if self.lm_head_on_all_positions:
-                lm_loss = self._lm_loss_all_positions(hidden, cls_index, rationale_ids, rationale_mask)
+                lm_loss = self._lm_loss_all_positions(hidden, rationale_start, rationale_ids, rationale_mask)
             else:
-                # Hidden state at CLS predicts rationale token 0, at rationale token t predicts token t+1. The
-                # LM head runs only on these positions: its vocabulary-wide logits are the largest tensor.
-                predicting = hidden[:, cls_index : cls_index + rationale_ids.shape[1]][rationale_mask]
+                # Hidden state at CLS (or the condition's last token) predicts rationale token 0, at rationale token
+                # t predicts token t+1. The LM head runs only on these positions: its vocabulary-wide logits are the
+                # largest tensor.
+                predicting = hidden[:, rationale_start : rationale_start + rationale_ids.shape[1]][rationale_mask]
                 head = self.language_model.get_output_embeddings()
                 if (
                     self.fused_lm_loss
@@ -1029,12 +1060,25 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         ).last_hidden_state
         return hidden.gather(1, torch.argsort(order, dim=1)[..., None].expand_as(hidden))
 
-    def _lm_loss_all_positions(self, hidden, cls_index, rationale_ids, rationale_mask) -> torch.Tensor:
+    def _check_condition(self, condition_ids, rationale_ids) -> None:
+        """Conditioning tokens come with a rationale exactly when the config asks for them (no silent mix-up)."""
+        conditioned = self.config.rationale_conditioning == "class"
+        if conditioned and rationale_ids is not None and condition_ids is None:
+            raise ValueError(
+                "config.rationale_conditioning='class': a forward pass with rationale_ids needs condition_ids "
+                "(the true class's tokens: processor(..., condition_labels=labels))"
+            )
+        if not conditioned and condition_ids is not None:
+            raise ValueError(
+                f"condition_ids were given but config.rationale_conditioning={self.config.rationale_conditioning!r}"
+            )
+
+    def _lm_loss_all_positions(self, hidden, rationale_start, rationale_ids, rationale_mask) -> torch.Tensor:
         # The usual causal-LM recipe (LM head over every position, labels -100 outside the rationale), kept
         # only as the benchmark's reference: same loss, much larger logits (benchmarks/bench_skinclip.py).
         logits = self.language_model.get_output_embeddings()(hidden).float()
         labels = torch.full(hidden.shape[:2], -100, dtype=torch.long, device=hidden.device)
-        labels[:, cls_index + 1 :] = rationale_ids.masked_fill(~rationale_mask, -100)
+        labels[:, rationale_start + 1 :] = rationale_ids.masked_fill(~rationale_mask, -100)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
     # ---- inference -------------------------------------------------------------------------------------
@@ -1078,8 +1122,14 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        class_condition_ids: torch.LongTensor | None = None,
+        class_condition_attention_mask: torch.LongTensor | None = None,
     ) -> SkinClipVLPrediction:
         """Greedy (or sampled) rationale generation with a KV cache, batched; also returns the diagnosis.
+
+        With `config.rationale_conditioning == "class"` the rationale follows the conditioning tokens of the
+        class head's argmax: `class_condition_ids` / `class_condition_attention_mask` `(num_labels,
+        condition_length)` hold each class's tokens (`processor.class_condition_inputs()`).
 
         Written here rather than through `generate()` because the prefix mixes image embeddings, padding in
         the middle and the CLS token, whose positions `generate()` would recompute differently.
@@ -1105,6 +1155,31 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         batch = prompt_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
         next_position = positions[:, -1:] + 1
+        if self.config.rationale_conditioning == "class":
+            if class_condition_ids is None:
+                raise ValueError(
+                    "config.rationale_conditioning='class': generation needs class_condition_ids "
+                    "(processor.class_condition_inputs())"
+                )
+            # The predicted class's tokens follow CLS (one cached pass); the rationale starts after them.
+            chosen = logits.argmax(-1).to(class_condition_ids.device)
+            condition_ids = class_condition_ids[chosen].to(prompt_ids.device)
+            condition_mask = (
+                torch.ones_like(class_condition_ids)
+                if class_condition_attention_mask is None
+                else class_condition_attention_mask
+            )[chosen].to(mask)
+            mask = torch.cat([mask, condition_mask], dim=1)
+            condition_positions = positions[:, -1:] + condition_mask.long().cumsum(-1)
+            outputs = self.text_stack(
+                inputs_embeds=embed(condition_ids).to(embeds.dtype),
+                attention_mask=mask,
+                position_ids=condition_positions,
+                use_cache=True,
+                **{cache_argument: cache},
+            )
+            cache, hidden = returned_cache(outputs), outputs.last_hidden_state[:, -1]
+            next_position = condition_positions[:, -1:] + 1
         generated = []
         for _ in range(max_new_tokens):
             token_logits = lm_head(hidden).float()

@@ -161,6 +161,21 @@ class SkinClipVLProcessor:
         ]
         return _pad(encoded, self.tokenizer.pad_token_id, left=False)
 
+    def class_condition_inputs(self) -> dict[str, torch.Tensor]:
+        """Each class's conditioning tokens ("Diagnosis: <class>."), LEFT-padded: `class_condition_ids` and
+        `class_condition_attention_mask` `(num_labels, condition_length)`, row k for class k.
+
+        Left padding puts every row's last token at the same place, the position that predicts the first
+        rationale token. Training (`condition_labels`) and generation (the head's argmax) take rows of this one table,
+        so a class is written the same way in both.
+        """
+        encoded = [
+            self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+            for text in self.config.rationale_condition_texts()
+        ]
+        ids, mask = _pad(encoded, self.tokenizer.pad_token_id, left=True)
+        return {"class_condition_ids": ids, "class_condition_attention_mask": mask}
+
     def tokenize_reports(self, reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Report tokens for t_global `(batch, report_length)`, tokenised for the report encoder."""
         if self.report_tokenizer is self.tokenizer:
@@ -179,7 +194,11 @@ class SkinClipVLProcessor:
         metadata_texts: Sequence[str] | None = None,
         reports: Sequence[str] | None = None,
         rationales: Sequence[str] | None = None,
+        condition_labels: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Model inputs; ``condition_labels`` (class indices, the true classes in training) adds `condition_ids`
+        and `condition_attention_mask`, the tokens that precede the rationale with `rationale_conditioning="class"`.
+        """
         if metadata_texts is None:
             metadata_texts = [""] * len(images)
         batch: dict[str, torch.Tensor] = {}
@@ -192,6 +211,11 @@ class SkinClipVLProcessor:
             batch["report_ids"], batch["report_attention_mask"] = self.tokenize_reports(reports)
         if rationales is not None:
             batch["rationale_ids"], batch["rationale_attention_mask"] = self.tokenize_rationales(rationales)
+        if condition_labels is not None:
+            table = self.class_condition_inputs()
+            rows = torch.as_tensor(list(condition_labels), dtype=torch.long)
+            batch["condition_ids"] = table["class_condition_ids"][rows]
+            batch["condition_attention_mask"] = table["class_condition_attention_mask"][rows]
         return batch
 
     def decode(self, rationale_ids: torch.Tensor) -> list[str]:

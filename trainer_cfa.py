@@ -336,11 +336,14 @@ class SkinClipVLCollator:
             if self.augment:
                 images = [self._augment(image, self._generator(row)) for image, row in zip(images, features)]
         reports = [row["report"] for row in features]
+        # rationale_conditioning="class": the TRUE class's tokens precede the rationale (teacher forcing).
+        conditioned = self.with_rationale and self.processor.config.rationale_conditioning == "class"
         batch = self.processor(
             images,
             [row.get("metadata_text") or "" for row in features],
             reports=reports if self.with_report else None,
             rationales=reports if self.with_rationale else None,
+            condition_labels=[int(row["label"]) for row in features] if conditioned else None,
         )
         if self.cached_features_key is not None:
             batch.update(self._cached_features(features))

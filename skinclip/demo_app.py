@@ -217,6 +217,7 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
     """The request handler: every failure is a `gr.Error` naming the problem, never a path or a traceback."""
     import numpy as np
 
+    from skinclip.agreement import RationaleReader
     from skinclip.errors import UserError
     from skinclip.inference import predict_batch
     from skinclip.prediction import (
@@ -228,6 +229,7 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
     )
 
     class_names = model.config.class_names
+    reader = RationaleReader.for_classes(class_names)  # None: no converter writes reports for these classes
 
     def diagnose(image_path, age, sex, site, with_rationale):
         try:
@@ -245,6 +247,10 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
             if not np.all(np.isfinite(probs)):
                 raise gr.Error("The model gave non-finite probabilities (NaN); the checkpoint is likely broken.")
             rationale = processor.decode(prediction.rationale_ids)[0] if prediction.rationale_ids is not None else ""
+            if rationale and reader is not None:
+                # Shown under the rationale when it does not name the classifier's top class.
+                note = reader.disagreement_note(rationale, class_names[int(np.argmax(probs))])
+                rationale = f"{rationale}\n\n{note}" if note else rationale
             picture = heatmap_overlay(image, prediction.attention_map[0].float().cpu().numpy())
             conformal = prediction_set(probs, calibration, class_names) or "(checkpoint not calibrated)"
             return {name: float(p) for name, p in zip(class_names, probs)}, conformal, rationale, picture

@@ -7,7 +7,10 @@ Writes to ``--out``: ``predictions.csv`` (probability per class, before and afte
 ``metrics.json`` and ``metrics.md`` (B-ACC, macro and per-class AUROC, recall, ECE (15 bins, top-label, L1),
 Brier, NLL, bootstrap 95% CIs, before/after temperature scaling), ``reliability.png``,
 ``confusion_matrix.png``, ``subgroups.csv``/``.md`` (by sex, age band, site and other metadata columns, with
-the largest gap flagged), and for ISIC-2019 classes the challenge submission CSV. A binary dataset
+the largest gap flagged), and for ISIC-2019 classes the challenge submission CSV. ``--rationales N`` also
+generates the written rationale of the split's first N rows and scores whether each names the class head's
+top class (``skinclip.agreement``): ``rationale_agreement`` in metrics.json/.md, each row in ``rationales.csv``;
+off by default, as generation costs far more than classification. A binary dataset
 (e.g. ISIC 2024) evaluated with a multi-class model is scored out of distribution through the malignant
 score (sum of the malignant classes' probabilities), with the ISIC 2024 partial AUC above 80% TPR.
 
@@ -83,8 +86,14 @@ def evaluate(
     batch_size: int = 16,
     progress: bool = True,
     seed: int = 0,
+    rationales: int = 0,
+    max_new_tokens: int | None = None,
 ) -> dict:
-    """Run the whole evaluation and write every report file; returns the metrics dict."""
+    """Run the whole evaluation and write every report file; returns the metrics dict.
+
+    ``rationales`` > 0 generates the rationales of the split's first rows (at most ``max_new_tokens`` tokens each,
+    default the checkpoint's ``max_rationale_tokens``) and adds their agreement with the class head.
+    """
     import pandas as pd
 
     class_names = model.config.class_names
@@ -183,12 +192,72 @@ def evaluate(
             "malignant_classes": [c for c in MALIGNANT_CLASSES if c in class_names],
         }
 
+    if rationales > 0:
+        report["rationale_agreement"] = rationale_agreement(
+            model, processor, split, rationales, out_dir, batch_size, max_new_tokens, progress
+        )
     # Strict JSON: an undefined metric is null (json.dumps wrote a bare NaN, which parsers reject).
     (out_dir / "metrics.json").write_text(sm.to_strict_json(report))
     (out_dir / "metrics.md").write_text(_markdown(report, class_names))
     if calibration:
         (out_dir / "calibration.json").write_text(sm.to_strict_json(calibration))
     return report
+
+
+def rationale_agreement(
+    model,
+    processor,
+    split,
+    rows: int,
+    out_dir: Path,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generate the rationales of the split's first ``rows`` rows; how many name the class head's top class.
+
+    Writes ``rationales.csv`` (image id, true class, top class, the class the rationale names, the rationale) and
+    returns the counts of `skinclip.agreement.RationaleReader.agreement` (``rate`` = agreeing rows / rows), with
+    the generation settings. A model whose classes no converter writes reports for cannot be read: the result
+    then says so instead of a rate.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from skinclip.agreement import RationaleReader
+    from skinclip.inference import predict_batch
+
+    class_names = model.config.class_names
+    max_new_tokens = max_new_tokens or model.config.max_rationale_tokens
+    settings = {"max_new_tokens": max_new_tokens, "conditioning": model.config.rationale_conditioning}
+    reader = RationaleReader.for_classes(class_names)
+    if reader is None:
+        return {
+            **settings,
+            "unavailable": f"no dataset converter writes reports naming the classes {class_names}",
+        }
+    subset = split.select(range(min(rows, len(split))))
+    texts, predicted = [], []
+    model.eval()
+    for start in tqdm(range(0, len(subset), batch_size), desc="rationales", unit="batch", disable=not progress):
+        batch = subset[start : start + batch_size]
+        metadata = batch["metadata_text"] if "metadata_text" in batch else [""] * len(batch["image"])
+        prediction, _ = predict_batch(model, processor, batch["image"], metadata, max_new_tokens)
+        texts += processor.decode(prediction.rationale_ids)
+        predicted += prediction.logits.argmax(-1).tolist()
+    result = reader.agreement(texts, predicted)
+    data_classes = subset.features["label"].names
+    frame = pd.DataFrame(
+        {
+            "image_id": subset["image_id"] if "image_id" in subset.column_names else list(range(len(subset))),
+            "label": [data_classes[i] for i in subset["label"]],
+            "top_class": [class_names[i] for i in predicted],
+            "rationale_names": result.pop("named_classes"),
+            "rationale": texts,
+        }
+    )
+    frame.to_csv(out_dir / "rationales.csv", index=False)
+    return {**result, **settings}
 
 
 def save_calibration(calibration: dict | None, checkpoint: Path) -> None:
@@ -271,6 +340,17 @@ def _markdown(report: dict, class_names: list[str]) -> str:
                 f"\nConformal ({c['method']}, target {c['target_coverage']:.0%}): empirical coverage "
                 f"{c['coverage']:.3f}, mean set size {c['mean_set_size']:.2f}"
             )
+    agreement = report.get("rationale_agreement")
+    if agreement:
+        conditioning = f"rationale_conditioning: {agreement['conditioning']}"
+        if "unavailable" in agreement:
+            lines.append(f"\nRationale agreement: not measured ({agreement['unavailable']}).")
+        else:
+            lines.append(
+                f"\nRationale agreement with the top class ({agreement['rows']} rows, {conditioning}): "
+                f"{agreement['rate']:.3f} ({agreement['agree']} agree, {agreement['disagree']} name another class, "
+                f"{agreement['none']} name none, {agreement['ambiguous']} name several; rationales.csv)"
+            )
     if "ood_binary" in report:
         ood = report["ood_binary"]
         lines += ["| metric | value |", "|---|---|"]
@@ -291,6 +371,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--save-calibration", action="store_true", help="write calibration.json into the checkpoint")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--rationales",
+        type=int,
+        default=0,
+        metavar="N",
+        help="generate the rationales of the first N rows and report their agreement with the top class (0 = off)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="rationale length limit (default: max_rationale_tokens)"
+    )
     args = parser.parse_args(argv)
     validation.check_evaluation_arguments(args)
     if args.save_calibration and not Path(args.model).is_dir():
@@ -317,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.conformal_method,
         args.bootstrap,
         args.batch_size,
+        rationales=args.rationales,
+        max_new_tokens=args.max_new_tokens,
     )
     if args.save_calibration:
         save_calibration(report["calibration"], Path(args.model))

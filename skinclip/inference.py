@@ -24,7 +24,11 @@ def predict_batch(
     inputs = processor(list(images), [text or "" for text in metadata_texts])
     device = model.cls_token.device
     inputs = {key: value.to(device) for key, value in inputs.items()}
-    return model.predict(**inputs, max_new_tokens=max_new_tokens), inputs
+    generation = {}
+    if max_new_tokens > 0 and model.config.rationale_conditioning == "class":
+        # The rationale follows the tokens of the class the head predicts (each class's tokens, one table).
+        generation = {key: value.to(device) for key, value in processor.class_condition_inputs().items()}
+    return model.predict(**inputs, max_new_tokens=max_new_tokens, **generation), inputs
 
 
 def iter_split_predictions(

@@ -6,7 +6,9 @@
 
 For each image it prints the top classes with probabilities, the conformal prediction set when the
 checkpoint was calibrated by evaluate_skinclip.py ("MEL or NV (90% coverage)"), the generated rationale
-(unless --no-rationale), and writes a heatmap PNG of the focal attention blended over the image. With
+(unless --no-rationale) with a note when it does not name the top class ("Note: the rationale names NV but
+the classifier's top class is MEL"; JSON fields ``rationale_names``, ``rationale_agrees``, ``note``; see
+skinclip/agreement.py), and writes a heatmap PNG of the focal attention blended over the image. With
 ``--grounding-words "veil,streaks"`` it also writes one word-region map per word (paper Fig. 4), and with
 ``--ground-rationale`` one per content word of the image's own generated rationale.
 
@@ -325,8 +327,18 @@ def iter_predictions(
     """
     from tqdm.auto import tqdm
 
+    from skinclip.agreement import RationaleReader
+
     run = _Run(
-        model, processor, out_dir, max_new_tokens, top_k, grounding_words or [], calibration or {}, ground_rationale
+        model,
+        processor,
+        out_dir,
+        max_new_tokens,
+        top_k,
+        grounding_words or [],
+        calibration or {},
+        ground_rationale,
+        RationaleReader.for_classes(model.config.class_names) if max_new_tokens > 0 else None,
     )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -347,6 +359,8 @@ class _Run:
     grounding_words: list[str]
     calibration: dict
     ground_rationale: bool
+    # Reads which class a rationale names (None: no converter writes reports for these classes, or no rationale).
+    rationale_reader: object = None
     names: OutputNames = field(default_factory=OutputNames)
 
     def batch(self, cases: list[Case]):
@@ -426,6 +440,14 @@ class _Run:
             result["prediction_set"] = conformal_set
         if rationale is not None:
             result["rationale"] = rationale
+            if self.rationale_reader is not None:
+                # The rationale is written by the decoder, the top class by the head: say when they disagree.
+                top_class = class_names[order[0]]
+                result["rationale_names"] = self.rationale_reader.named_class(rationale)
+                result["rationale_agrees"] = result["rationale_names"] == top_class
+                note = self.rationale_reader.disagreement_note(rationale, top_class)
+                if note:
+                    result["note"] = note
         if self.out_dir is not None:
             self._write_maps(result, case, image, attention, rationale, pixel_values)
         return result
@@ -485,6 +507,8 @@ def format_result(result: dict) -> str:
         lines.append(f"  set: {result['prediction_set']}")
     if "rationale" in result:
         lines.append(f"  rationale: {result['rationale']}")
+    if "note" in result:
+        lines.append(f"  {result['note']}")
     if "heatmap" in result:
         lines.append(f"  heatmap: {result['heatmap']}")
     lines += [f"  warning: {warning}" for warning in result.get("warnings", [])]

@@ -68,6 +68,13 @@ class ModelArguments:
     )
     max_prompt_tokens: int = field(default=64)
     max_rationale_tokens: int = field(default=128)
+    rationale_conditioning: str = field(
+        default="none",
+        metadata={
+            "help": "'none' (paper: the rationale never reads the class head) or 'class': 'Diagnosis: <class>.' "
+            "precedes the rationale, the true class in training and the head's argmax at inference."
+        },
+    )
     tiny_bases_dir: str | None = field(
         default=None,
         metadata={
@@ -140,6 +147,7 @@ def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClip
         image_token_pooling=model_args.image_token_pooling,
         max_prompt_tokens=model_args.max_prompt_tokens,
         max_rationale_tokens=model_args.max_rationale_tokens,
+        rationale_conditioning=model_args.rationale_conditioning,
         id2label=dict(enumerate(class_names)),
     )
 

@@ -226,3 +226,24 @@ def _wait_for_port(port: int, server: subprocess.Popen, timeout: float = 120.0) 
                 return
         time.sleep(0.5)
     raise AssertionError("demo did not start listening")
+
+
+def test_a_rationale_naming_another_class_gets_a_note(make_config, sample_data, tmp_path, monkeypatch):
+    from datasets_scripts.isic2019 import class_report
+    from skinclip import demo_app
+
+    config = make_config(class_names=("MEL", "NV"))
+    model = SkinClipVLModel(config, device="cpu").eval()
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    diagnose = demo_app._diagnose_function(gradio, model, processor, {}, 2, demo_app.PrivateFolder(tmp_path))
+    image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
+    for named in ("MEL", "NV"):
+        # A random decoder writes noise: the rationale is fixed to the real report of one class.
+        report = class_report(named)
+        monkeypatch.setattr(SkinClipVLProcessor, "decode", lambda self, ids, text=report: [text])
+        upload = tmp_path / f"upload-{named}.jpg"
+        upload.write_bytes(image.read_bytes())
+        probabilities, _, rationale, _ = diagnose(str(upload), None, "unknown", "", True)
+        top = max(probabilities, key=probabilities.get)
+        note = f"Note: the rationale names {named} but the classifier's top class is {top}"
+        assert rationale == (class_report(named) if named == top else f"{class_report(named)}\n\n{note}")

@@ -74,6 +74,8 @@ def test_evaluation_writes_every_report(checkpoint_and_data, capsys):
     assert {"sex", "age_band", "site"} <= set(subgroups["attribute"])
     assert subgroups.groupby("attribute")["n"].sum().eq(len(labels)).all()
     assert "Temperature scaling" in capsys.readouterr().out
+    # Default evaluation stays classification only: no rationale is generated.
+    assert "rationale_agreement" not in saved and not (out / "rationales.csv").exists()
 
     # The stored temperature is applied by from_pretrained, and predict.py prints the conformal set.
     reloaded = SkinClipVLModel.from_pretrained(root / "model", device="cpu")
@@ -311,3 +313,31 @@ def test_a_corrupt_or_nonfinite_checkpoint_is_named(checkpoint_and_data, tmp_pat
     (model / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match=r"model/model.safetensors:? (is )?not a readable safetensors file"):
         evaluation.main(arguments)
+
+
+def test_rationales_option_reports_agreement_with_the_top_class(checkpoint_and_data, monkeypatch):
+    from datasets_scripts.isic2019 import class_report
+
+    root, dataset = checkpoint_and_data
+    names = dataset["test"].features["label"].names
+    # A random decoder writes noise: each row's rationale is fixed to a real report, by row order, so the
+    # counts are known: row i names names[i % 4], one row names nothing.
+    texts = [class_report(names[i % len(names)]) for i in range(5)] + ["Dermoscopy typically shows a network."]
+    decoded = iter([texts[:4], texts[4:]])
+    monkeypatch.setattr(SkinClipVLProcessor, "decode", lambda self, ids: next(decoded))
+    out = root / "eval-rationales"
+    argv = ["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out)]
+    options = ["--bootstrap", "0", "--rationales", "6", "--max-new-tokens", "2", "--batch-size", "4"]
+    report = evaluation.main([*argv, *options])
+    table = pd.read_csv(out / "rationales.csv")
+    assert table["rationale"].tolist() == texts
+    assert table["rationale_names"].tolist() == [names[i % 4] for i in range(5)] + ["none"]
+    top = pd.read_csv(out / "predictions.csv")[names].to_numpy()[:6].argmax(1)
+    assert table["top_class"].tolist() == [names[i] for i in top]
+    agree = sum(named == names[i] for named, i in zip(table["rationale_names"], top))
+    expected = {"rows": 6, "agree": agree, "disagree": 5 - agree, "none": 1, "ambiguous": 0, "rate": agree / 6}
+    saved = json.loads((out / "metrics.json").read_text())["rationale_agreement"]
+    assert saved == report["rationale_agreement"] == {**expected, "max_new_tokens": 2, "conditioning": "none"}
+    assert "Rationale agreement with the top class (6 rows" in (out / "metrics.md").read_text()
+    with pytest.raises(Exception, match="--rationales must be >= 0"):
+        evaluation.main([*argv, "--rationales", "-1"])

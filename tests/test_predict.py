@@ -255,6 +255,30 @@ def test_rationale_words_are_grounded(checkpoint, sample_data, tmp_path, capsys,
     _assert_maps_have_the_image_size(result, image)
 
 
+def test_a_rationale_not_naming_the_top_class_is_flagged(checkpoint, sample_data, tmp_path, capsys, monkeypatch):
+    from datasets_scripts.isic2019 import class_report
+
+    names = ["MEL", "NV", "BCC", "SCC"]
+    # A random decoder writes noise: image i's rationale is the real report of class i.
+    monkeypatch.setattr(
+        SkinClipVLProcessor, "decode", lambda self, ids: [class_report(names[i]) for i in range(len(ids))]
+    )
+    images = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[:4]
+    argv = ("--model", checkpoint, *images, "--out", tmp_path, "--max-new-tokens", "2", "--batch-size", "4")
+    code, out = _run(capsys, *argv, "--json")
+    assert code == 0
+    results = json.loads(out)
+    for named, result in zip(names, results):
+        top = result["top"][0][0]
+        assert result["rationale_names"] == named and result["rationale_agrees"] == (named == top)
+        note = f"Note: the rationale names {named} but the classifier's top class is {top}"
+        assert result.get("note") == (None if named == top else note)
+    notes = [result["note"] for result in results if "note" in result]
+    assert notes  # the random head does not predict MEL, NV, BCC, SCC for these four images in order
+    code, out = _run(capsys, *argv)
+    assert [line.strip() for line in out.splitlines() if line.strip().startswith("Note:")] == notes
+
+
 # ------------------------------------------------------------------------------ hostile inputs (issue 12)
 
 
