@@ -267,9 +267,12 @@ def test_ham10000_mini_table_rows_columns_and_files(ham_results):
             assert cell["status"] == "ok"
             expected = metrics[metric] if from_metrics else calibration[report][metric]
             assert cell["value"] == expected
-            assert shown[column].startswith(rt.format_value(metric, expected) + " [")
             low, high = calibration[report][f"{metric}_ci"]
-            assert low <= expected <= high or metric == "balanced_accuracy"  # B-ACC's CI need not hold the value
+            interval = (
+                f"[{100 * low:.1f}, {100 * high:.1f}]" if metric == "balanced_accuracy" else f"[{low:.3f}, {high:.3f}]"
+            )
+            assert shown[column] == f"{rt.format_value(metric, expected)} {interval}"
+            assert cell["ci"] == [low, high]
         # The run's own file and the calibration report agree on the uncalibrated numbers.
         for metric in ("balanced_accuracy", "auroc_macro", "ece"):
             assert calibration["uncalibrated"][metric] == pytest.approx(metrics[metric], abs=1e-12)
