@@ -170,6 +170,9 @@ class SkinClipVLConfig(PretrainedConfig):
         logit_scale_init (`float`, defaults to ln(1/0.07)): initial log temperature of the alignment logits.
         logit_scale_max (`float`, defaults to 100): clamp of `logit_scale.exp()`, as in CLIP.
         prompt_template (`str`): text before the [CLS] token; `{metadata}` is replaced by the metadata sentence.
+        use_metadata (`bool`, defaults to `True`): put the row's metadata sentence into the prompt. `False` leaves
+            `{metadata}` empty for every image (training, evaluation and prediction alike): the image-only
+            ablation of the metadata prompt.
         max_prompt_tokens, max_rationale_tokens, max_report_tokens (`int`): truncation lengths.
         rationale_conditioning (`str`, defaults to `"none"`): `"none"` is the paper (the rationale follows the CLS
             token and never reads the class head's output); `"class"` puts "Diagnosis: <class name>."
@@ -197,6 +200,7 @@ class SkinClipVLConfig(PretrainedConfig):
         logit_scale_max: float = 100.0,
         classifier_dropout: float = 0.0,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        use_metadata: bool = True,
         max_prompt_tokens: int = 64,
         max_rationale_tokens: int = 128,
         max_report_tokens: int = 77,
@@ -226,6 +230,8 @@ class SkinClipVLConfig(PretrainedConfig):
             raise ValueError(f"focal_fusion_layers must be a non-negative integer, got {focal_fusion_layers!r}")
         if "{metadata}" not in prompt_template:
             raise ValueError("prompt_template must contain the '{metadata}' placeholder")
+        if not isinstance(use_metadata, bool):
+            raise ValueError(f"use_metadata must be true or false, got {use_metadata!r}")
         if logit_scale_max <= 0 or math.exp(logit_scale_init) > logit_scale_max:
             raise ValueError(
                 f"logit_scale_init={logit_scale_init!r} exceeds logit_scale_max={logit_scale_max!r} after exp()"
@@ -241,6 +247,7 @@ class SkinClipVLConfig(PretrainedConfig):
         self.logit_scale_max = float(logit_scale_max)
         self.classifier_dropout = float(classifier_dropout)
         self.prompt_template = prompt_template
+        self.use_metadata = use_metadata
         self.max_prompt_tokens = max_prompt_tokens
         self.max_rationale_tokens = max_rationale_tokens
         self.max_report_tokens = max_report_tokens

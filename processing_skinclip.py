@@ -141,6 +141,9 @@ class SkinClipVLProcessor:
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     def prompt_texts(self, metadata_texts: Sequence[str]) -> list[str]:
+        # A checkpoint saved before `use_metadata` existed has no such attribute: it used the metadata.
+        if not getattr(self.config, "use_metadata", True):
+            metadata_texts = [""] * len(metadata_texts)
         return [self.config.prompt_template.format(metadata=(text or "").strip()) for text in metadata_texts]
 
     def tokenize_prompts(self, metadata_texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ in the paper's layout with the paper's numbers and the difference beside each me
     python reproduce_tables.py lambda3 --out results/           # Fig. 3: lambda_3 in {0.1, 0.25, 0.5, 1.0}
     python reproduce_tables.py data_efficiency --out results/   # Table III: 100% vs 12% of the ISIC 2019 train split
     python reproduce_tables.py all --out results/ --tiny        # every table, tiny random bases on demo data (CPU)
+    python reproduce_tables.py ham10000_mini --out results/     # not a paper table: probe / CE / CFA / no metadata
 
 Every run writes its own directory ``<out>/runs/<run>/`` (the files of ``train.py``: ``test_metrics.json``,
 ``test_predictions.csv``, ...; plus ``ood_metrics.json`` for runs trained on ISIC 2019, scored on ISIC 2024 by
@@ -33,7 +34,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, train.py
 PAPER_NUMBERS = REPO_ROOT / "configs" / "tables" / "paper_numbers.yaml"
-TABLES = ("table1", "ablation", "lambda3", "data_efficiency")
+TABLES = ("table1", "ablation", "lambda3", "data_efficiency")  # the paper's; `all` runs these
+EXTRA_TABLES = ("ham10000_mini",)  # this project's own comparisons, on other data than the paper's
 METRICS = (("balanced_accuracy", "B-ACC ↑"), ("auroc_macro", "AUROC ↑"), ("ece", "ECE ↓"))
 DATASET_LABELS = {"isic2019": "ISIC 2019", "derm7pt": "Derm7pt", "isic2024": "ISIC 2024 (OOD)"}
 # Fields that name where a run writes, not what it computes: left out when deciding that two runs are the same.
@@ -41,7 +43,10 @@ _NOT_IN_RUN_KEY = {"output_dir", "run_name", "logging_dir", "hub_model_id"}
 # --tiny: a same-family tiny timm model per paper baseline (random weights, no download).
 TINY_TIMM_MODELS = {"efficientnet": "test_efficientnet", "resnet": "test_resnet", "convnext": "test_convnext"}
 TINY_DEMO = {"num_per_class": 12, "image_size": 32}
-TINY_DEMO_SEEDS = {"isic2019": 0, "derm7pt": 1, "isic2024": 2}
+TINY_DEMO_SEEDS = {"isic2019": 0, "derm7pt": 1, "isic2024": 2, "ham10000_mini": 3}
+# The key under which a run's test_metrics.json holds the rationale-agreement score (ham10000_mini table).
+RATIONALE_AGREEMENT_KEY = "rationale_agreement"
+WALL_TIME_FILE = "wall_time.json"  # the runner's wall clock around a run's entry point
 
 logger = logging.getLogger("skinclip.reproduce")
 
@@ -56,6 +61,10 @@ class Run:
     config: str  # relative to the repository
     dataset: str  # "isic2019" or "derm7pt"
     ood: bool = False  # also scored on ISIC 2024 (runs trained on ISIC 2019)
+    # Temperature scaling + bootstrap CIs from the run's prediction files (skinclip.run_calibration).
+    calibrate: bool = False
+    # --tiny: (the base config its `extends` chain reaches, the stand-in read in its place).
+    tiny_base: tuple[str, str] | None = None
 
 
 RUNS = {
@@ -95,6 +104,17 @@ RUNS = {
             "isic2019",
             ood=True,
         ),
+        *[
+            Run(
+                f"ham10000_mini_{name}",
+                "probe" if name == "probe" else "skinclip",
+                f"configs/tables/ham10000_mini/{name}.yaml",
+                "ham10000_mini",
+                calibrate=True,
+                tiny_base=("configs/ham10000_mini.yaml", "configs/tables/ham10000_mini/tiny_base.yaml"),
+            )
+            for name in ("probe", "ce_only", "full_cfa", "no_metadata")
+        ],
     ]
 }
 
@@ -149,6 +169,23 @@ DATA_EFFICIENCY_ROWS = [
     ("SkinGPT-4", "SkinGPT-4", None, None),
     ("SkinCLIP-VL", "SkinCLIP-VL", "skinclip_isic2019", "skinclip_isic2019_train12"),
 ]
+# ham10000_mini rows: (label, run, paper numbers as (column, path in paper_numbers.yaml)). The paper has no
+# linear probe and no metadata ablation; its CE-only row exists only on ISIC 2024 (OOD, Table II).
+PAPER_ISIC2019 = "Paper, ISIC 2019 (Table I)"
+PAPER_ISIC2024 = "Paper, ISIC 2024 OOD (Table II)"
+HAM10000_MINI_ROWS = [
+    ("(a) Linear probe, frozen features", "ham10000_mini_probe", {}),
+    ("(b) CE only", "ham10000_mini_ce_only", {PAPER_ISIC2024: ("ablation", "ce_only", "isic2024")}),
+    (
+        "(c) Full CFA",
+        "ham10000_mini_full_cfa",
+        {
+            PAPER_ISIC2019: ("table1", "SkinCLIP-VL", "isic2019"),
+            PAPER_ISIC2024: ("ablation", "full_cfa", "isic2024"),
+        },
+    ),
+    ("(d) Full CFA, no metadata in the prompt", "ham10000_mini_no_metadata", {}),
+]
 
 
 def runs_of(table: str) -> list[str]:
@@ -160,7 +197,9 @@ def runs_of(table: str) -> list[str]:
         return [run for _, _, run in LAMBDA3_ROWS]
     if table == "data_efficiency":
         return [name for *_, full, small in DATA_EFFICIENCY_ROWS for name in (full, small) if name]
-    raise ValueError(f"unknown table {table!r}; choose from {TABLES}")
+    if table == "ham10000_mini":
+        return [run for _, run, _ in HAM10000_MINI_ROWS]
+    raise ValueError(f"unknown table {table!r}; choose from {TABLES + EXTRA_TABLES}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -245,20 +284,57 @@ def tiny_overrides(run: Run, resolved: dict, tiny_bases: str | None) -> dict:
         )
     if run.runner == "zero_shot":
         return dict(tiny_bases_dir=tiny_bases, device="cpu", per_device_eval_batch_size=16)
+    if run.runner == "probe":
+        return dict(
+            tiny_bases_dir=tiny_bases,
+            quantization="none",
+            compute_dtype="float32",
+            device="cpu",
+            per_device_eval_batch_size=16,
+            probe_c_grid=[0.01, 1.0],
+            probe_cv_folds=3,
+        )
     raise ValueError(f"unknown runner {run.runner!r}")
+
+
+def load_config_with_stand_in(path: Path, base: Path, stand_in: Path) -> dict:
+    """A config whose ``extends`` chain reaches ``base``, read with ``stand_in`` in its place (--tiny)."""
+    from skinclip.run_io import load_yaml_config, read_yaml
+
+    values = read_yaml(path.read_text()) or {}
+    parent = values.pop("extends", None)
+    if not parent:
+        return values
+    parent_path = (path.parent / parent).resolve()
+    if parent_path == base.resolve():
+        inherited = load_yaml_config(stand_in)
+    else:
+        inherited = load_config_with_stand_in(parent_path, base, stand_in)
+    return {**inherited, **values}
 
 
 def resolved_settings(run: Run, plan: Plan) -> tuple[dict, dict]:
     """(the config with its ``extends`` chain read, the overrides the plan adds)."""
     from skinclip.run_io import load_yaml_config
 
-    resolved = load_yaml_config(REPO_ROOT / run.config)
+    if plan.tiny and run.tiny_base:
+        base, stand_in = run.tiny_base
+        resolved = load_config_with_stand_in(REPO_ROOT / run.config, REPO_ROOT / base, REPO_ROOT / stand_in)
+    else:
+        resolved = load_yaml_config(REPO_ROOT / run.config)
     return resolved, plan.overrides(run, resolved)
 
 
 def run_key(run: Run, plan: Plan) -> str:
-    """What a run computes: runner + resolved settings, without where it writes. Equal keys → one training."""
-    resolved, overrides = resolved_settings(run, plan)
+    """What a run computes: runner + resolved settings, without where it writes. Equal keys → one training.
+
+    A run whose config cannot be read (a base config not yet written) gets a key of its own: it is merged with
+    no other run, and running it fails with the reason in its error.txt.
+    """
+    try:
+        resolved, overrides = resolved_settings(run, plan)
+    except FileNotFoundError as error:
+        return json.dumps({"runner": run.runner, "config": run.config, "unreadable": str(error)}, sort_keys=True)
     settings = {k: v for k, v in {**resolved, **overrides}.items() if k not in _NOT_IN_RUN_KEY}
     return json.dumps({"runner": run.runner, "settings": settings, "ood": run.ood}, sort_keys=True, default=str)
 
@@ -273,10 +349,22 @@ def canonical_runs(plan: Plan) -> dict[str, str]:
 
 
 def command_line(run: Run, plan: Plan) -> list[str]:
-    """The arguments after the entry point: ``config.yaml --field=value ...`` (values written as YAML)."""
-    _, overrides = resolved_settings(run, plan)
+    """The arguments after the entry point: ``config.yaml --field=value ...`` (values written as YAML).
+
+    Under --tiny a run with a stand-in base reads its resolved config from ``<out>/tiny/configs/<run>.yaml``
+    (written here), since the entry point would follow the real ``extends`` chain.
+    """
+    resolved, overrides = resolved_settings(run, plan)
     overrides["output_dir"] = str(plan.run_dir(run.name))
-    return [str(REPO_ROOT / run.config)] + [f"--{key}={json.dumps(value)}" for key, value in overrides.items()]
+    config = REPO_ROOT / run.config
+    if plan.tiny and run.tiny_base:
+        config = plan.out / "tiny" / "configs" / f"{run.name}.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(
+            f"# --tiny: {run.config} with {run.tiny_base[0]} replaced by {run.tiny_base[1]}\n"
+            + yaml.safe_dump(resolved, sort_keys=False)
+        )
+    return [str(config)] + [f"--{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -288,11 +376,19 @@ ENTRY_POINTS = {
     "skinclip": ("skinclip.training", "train.py"),
     "timm": ("skinclip.baselines.timm_finetune", None),
     "zero_shot": ("skinclip.baselines.zero_shot_clip", None),
+    "probe": ("skinclip.baselines.linear_probe", None),
 }
+CALIBRATION_BOOTSTRAP = {False: 1000, True: 100}  # resamples of the CIs: full runs, --tiny
 
 
 def required_files(run: Run) -> list[str]:
-    return ["test_metrics.json"] + (["ood_metrics.json"] if run.ood else [])
+    from skinclip.run_calibration import CALIBRATION_FILE
+
+    return (
+        ["test_metrics.json"]
+        + (["ood_metrics.json"] if run.ood else [])
+        + ([CALIBRATION_FILE] if run.calibrate else [])
+    )
 
 
 def is_complete(run: Run, plan: Plan) -> bool:
@@ -319,6 +415,8 @@ def execute(run: Run, plan: Plan, launcher: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "error.txt").unlink(missing_ok=True)
     (run_dir / "command.txt").write_text(" ".join([module_name] + argv) + "\n")
+    (run_dir / WALL_TIME_FILE).unlink(missing_ok=True)
+    started = time.perf_counter()
     if launcher == "inprocess":
         importlib.import_module(module_name).main(argv)
     else:
@@ -327,6 +425,16 @@ def execute(run: Run, plan: Plan, launcher: str) -> None:
         else:
             prefix = [sys.executable, str(REPO_ROOT / script)] if script else [sys.executable, "-m", module_name]
         subprocess.run(prefix + argv, check=True, cwd=REPO_ROOT)
+    seconds = time.perf_counter() - started
+    (run_dir / WALL_TIME_FILE).write_text(
+        json.dumps(
+            {"seconds": round(seconds, 1), "measured": "the entry point's call, start to end", "launcher": launcher}
+        )
+    )
+    if run.calibrate:
+        from skinclip.run_calibration import calibrate_run
+
+        calibrate_run(run_dir, n_bootstrap=CALIBRATION_BOOTSTRAP[plan.tiny])
     if run.ood and run.runner == "skinclip":
         from skinclip.baselines.ood import evaluate_skinclip_checkpoint
 
@@ -375,6 +483,8 @@ def run_all(names: list[str], plan: Plan, launcher: str, force: bool = False, co
             started = time.time()
             if collect_only:  # files trained elsewhere (other paths, a cluster): their presence is enough
                 run_dir = plan.run_dir(target)
+                if run.calibrate:
+                    calibrate_collected(run_dir, plan)
                 status = "reused" if all((run_dir / f).is_file() for f in required_files(run)) else "not run"
             elif is_complete(run, plan) and not force:
                 status = "reused"
@@ -391,6 +501,16 @@ def run_all(names: list[str], plan: Plan, launcher: str, force: bool = False, co
             done[target] = {"status": status, "seconds": round(time.time() - started, 1)}
         statuses[name] = {**done[target], "dir": str(plan.run_dir(target)), "same_as": target}
     return statuses
+
+
+def calibrate_collected(run_dir: Path, plan: Plan) -> None:
+    """--collect-only: a run trained elsewhere has predictions but no test_calibration.json yet; compute it
+    from those files (no model is run: temperature scaling and bootstrap on the written probabilities)."""
+    from skinclip.run_calibration import CALIBRATION_FILE, calibrate_run
+
+    predictions = [run_dir / f"{split}_predictions.csv" for split in ("validation", "test")]
+    if not (run_dir / CALIBRATION_FILE).is_file() and all(path.is_file() for path in predictions):
+        calibrate_run(run_dir, n_bootstrap=CALIBRATION_BOOTSTRAP[plan.tiny])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -447,10 +567,26 @@ def format_count(count: int | None) -> str:
 class TableBuilder:
     """Collects cells (value, paper value, difference, source file) and renders Markdown + JSON."""
 
-    def __init__(self, table: str, title: str, columns: list[str], statuses: dict, plan: Plan):
+    LEGEND = (
+        "Each cell: measured (paper, measured − paper); `not run`: no evaluation file yet; `—`: not "
+        "reproduced by this project or not reported by the paper."
+    )
+
+    def __init__(
+        self,
+        table: str,
+        title: str,
+        columns: list[str],
+        statuses: dict,
+        plan: Plan,
+        notes: list[str] | None = None,
+    ):
         self.table, self.title, self.columns, self.statuses, self.plan = table, title, columns, statuses, plan
+        self.notes = [self.LEGEND] if notes is None else notes  # paragraphs between the title and the table
         self.rows: list[tuple[str, list[str]] | str] = []
         self.cells: list[dict] = []
+        self.footer: list[str] = []  # paragraphs under the table
+        self.extra: dict = {}  # more keys for <table>.json
 
     def run_state(self, name: str | None) -> tuple[str, Path | None]:
         """("ok"|"not run"|"failed"|"not reproduced", directory)."""
@@ -503,12 +639,10 @@ class TableBuilder:
         self.rows.append(heading)
 
     def write(self) -> str:
-        lines = [
-            f"## {self.title}",
-            "",
-            "Each cell: measured (paper, measured − paper); `not run`: no evaluation file yet; `—`: not "
-            "reproduced by this project or not reported by the paper.",
-            "",
+        lines = [f"## {self.title}", ""]
+        for note in self.notes:
+            lines += [note, ""]
+        lines += [
             "| " + " | ".join(["Model"] + self.columns) + " |",
             "|" + "---|" * (len(self.columns) + 1),
         ]
@@ -517,6 +651,8 @@ class TableBuilder:
                 lines.append(f"| **{row}** |" + " |" * len(self.columns))
             else:
                 lines.append("| " + " | ".join([row[0]] + row[1]) + " |")
+        for paragraph in self.footer:
+            lines += ["", paragraph]
         markdown = "\n".join(lines) + "\n"
         self.plan.out.mkdir(parents=True, exist_ok=True)
         (self.plan.out / f"{self.table}.md").write_text(markdown)
@@ -529,6 +665,7 @@ class TableBuilder:
                     "tiny": self.plan.tiny,
                     "cells": self.cells,
                     "runs": self.statuses,
+                    **self.extra,
                 },
                 indent=2,
             )
@@ -609,6 +746,232 @@ def build_data_efficiency(paper: dict, statuses: dict, plan: Plan) -> str:
     return table.write()
 
 
+HAM10000_MINI_METRICS = [
+    # (column, metric, report of test_calibration.json holding the value's CI, value read from test_metrics.json)
+    ("B-ACC ↑ [95% CI]", "balanced_accuracy", "uncalibrated", True),
+    ("Macro AUROC ↑ [95% CI]", "auroc_macro", "uncalibrated", True),
+    ("ECE-15 ↓ before TS [95% CI]", "ece", "uncalibrated", True),
+    ("ECE-15 ↓ after TS [95% CI]", "ece", "calibrated", False),
+]
+HAM10000_MINI_COLUMNS = [c for c, *_ in HAM10000_MINI_METRICS] + [
+    "T (fitted on validation)",
+    "Wall time (s)",
+    "Rationale agreement",
+    PAPER_ISIC2019,
+    PAPER_ISIC2024,
+]
+# Settings shown per trained row (what differs between rows, and the shared budget).
+ROW_SETTINGS = ("focal_gamma", "focal_alpha", "lambda_align", "lambda_cal", "lambda_gen", "use_metadata")
+BUDGET_SETTINGS = (
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "seed",
+)
+
+
+def _field_default(name: str):
+    """train.py's default of a field a config leaves out (e.g. ``use_metadata``)."""
+    from dataclasses import MISSING, fields
+
+    from skinclip.training import ModelArguments
+    from trainer_cfa import CFATrainingArguments
+
+    for cls in (ModelArguments, CFATrainingArguments):
+        for item in fields(cls):
+            if item.name == name:
+                return item.default if item.default is not MISSING else item.default_factory()
+    return None
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _settings_of(run_name: str, plan: Plan) -> dict | None:
+    """The run's resolved config plus the plan's overrides; None when its config cannot be read."""
+    try:
+        resolved, overrides = resolved_settings(RUNS[run_name], plan)
+    except FileNotFoundError:
+        return None
+    return {**resolved, **overrides}
+
+
+def _with_ci(metric: str, value: float, ci: list | None) -> str:
+    text = format_value(metric, value)
+    if not ci or any(v is None for v in ci):
+        return text
+    if metric == "balanced_accuracy":
+        return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _paper_triple(paper: dict, path: tuple[str, str, str] | None) -> str:
+    if path is None:
+        return "—"
+    section, key, dataset = path
+    bacc, auroc, ece = paper[section][key][dataset]
+    return f"{100 * bacc:.1f}% / {auroc:.3f} / {ece:.3f}"
+
+
+def _budget_note(trained: list[str], plan: Plan) -> str:
+    settings = {name: _settings_of(name, plan) for name in trained}
+    readable = {name: values for name, values in settings.items() if values is not None}
+    if not readable:
+        return "Training budget: the row configs cannot be read yet (see each run's error.txt)."
+    budgets = {name: {k: values.get(k) for k in BUDGET_SETTINGS} for name, values in readable.items()}
+    first = next(iter(budgets.values()))
+    if all(budget == first for budget in budgets.values()) and len(readable) == len(trained):
+        shown = ", ".join(f"{k} = {v}" for k, v in first.items() if v is not None)
+        return f"Training budget, the same for every trained row (b)-(d): {shown}."
+    rows = "; ".join(f"{name}: {budget}" for name, budget in budgets.items())
+    return f"Training budget: **the rows differ** ({rows})."
+
+
+def _probe_note(run_name: str, plan: Plan, run_dir: Path | None) -> str:
+    info = _read_json(run_dir / "run_info.json") if run_dir else None
+    if info:
+        return (
+            f"(a): {info['features']}; StandardScaler + LogisticRegression(class_weight=balanced), C = "
+            f"{info['chosen_c']:g} chosen from {info['c_grid']} by {info['cv']} (train split only)."
+        )
+    settings = _settings_of(run_name, plan) or {}
+    from skinclip.baselines.linear_probe import ProbeArguments
+
+    grid = settings.get("probe_c_grid", ProbeArguments().probe_c_grid)
+    folds = settings.get("probe_cv_folds", ProbeArguments.probe_cv_folds)
+    return f"(a): C from {grid} by {folds}-fold cross-validation on the train split only (not run yet)."
+
+
+def build_ham10000_mini(paper: dict, statuses: dict, plan: Plan) -> str:
+    """The linear probe, CE only, full CFA and full CFA without metadata, all on the converted ham10000-mini."""
+    from skinclip.run_calibration import CALIBRATION_FILE
+
+    table = TableBuilder(
+        "ham10000_mini",
+        "ham10000-mini: linear probe, CE only, full CFA, full CFA without metadata (this project; not a paper table)",
+        list(HAM10000_MINI_COLUMNS),
+        statuses,
+        plan,
+        notes=[],
+    )
+    bacc: dict[str, tuple[float, list | None]] = {}
+    num_images: set[int] = set()
+    row_settings = []
+    for label, run, paper_paths in HAM10000_MINI_ROWS:
+        state, run_dir = table.run_state(run)
+        metrics = _read_json(run_dir / "test_metrics.json") if state == "ok" else None
+        calibration = _read_json(run_dir / CALIBRATION_FILE) if state == "ok" else None
+        if state == "ok" and (metrics is None or calibration is None):
+            state = "not run"
+        cells = []
+        for column, metric, report, from_metrics in HAM10000_MINI_METRICS:
+            if state != "ok":
+                table.add_cell(label, column, metric, None, None, state, None)
+                cells.append(state)
+                continue
+            source = run_dir / ("test_metrics.json" if from_metrics else CALIBRATION_FILE)
+            value = metrics[metric] if from_metrics else calibration[report][metric]
+            ci = calibration[report].get(f"{metric}_ci")
+            table.add_cell(label, column, metric, value, None, state, source)
+            table.cells[-1].update(ci=ci, ci_source=str(run_dir / CALIBRATION_FILE))
+            cells.append(_with_ci(metric, value, ci) if value is not None else "—")
+            if column == HAM10000_MINI_METRICS[0][0] and value is not None:
+                bacc[label] = (value, ci)
+        if calibration is not None:
+            num_images.add(calibration["uncalibrated"]["num_samples"])
+            at_bound = " (at its search bound)" if calibration.get("temperature_warning") else ""
+            cells.append(f"{calibration['temperature']:.3f}{at_bound}")
+        else:
+            cells.append(state)
+        wall = _read_json(run_dir / WALL_TIME_FILE) if state == "ok" else None
+        cells.append(f"{wall['seconds']:.0f}" if wall else "—")
+        agreement = metrics.get(RATIONALE_AGREEMENT_KEY) if metrics else None
+        cells.append(f"{agreement:.3f}" if isinstance(agreement, (int, float)) else "—")
+        for column in (PAPER_ISIC2019, PAPER_ISIC2024):
+            cells.append(_paper_triple(paper, paper_paths.get(column)))
+        table.add_row(label, cells)
+        if RUNS[run].runner == "skinclip":
+            values = _settings_of(run, plan)
+            shown = (
+                ", ".join(f"{k} = {values.get(k, _field_default(k))}" for k in ROW_SETTINGS)
+                if values
+                else "config unreadable"
+            )
+            row_settings.append(f"{label.split(' ', 1)[0]} {shown}")
+
+    data_path = plan.data.get("ham10000_mini") or (_settings_of("ham10000_mini_full_cfa", plan) or {}).get(
+        "dataset_path"
+    )
+    if len(num_images) == 1:
+        images = f"{next(iter(num_images))} images"
+    else:
+        images = f"image counts differ between runs: {sorted(num_images)}" if num_images else "no run scored yet"
+    trained = [run for _, run, _ in HAM10000_MINI_ROWS if RUNS[run].runner == "skinclip"]
+    table.notes = [
+        *(
+            [
+                "**--tiny**: tiny random bases on a generated demo set; the numbers say that the pipeline works, "
+                "nothing about skin lesions."
+            ]
+            if plan.tiny
+            else []
+        ),
+        f"Every row: the same converted ham10000-mini DatasetDict (`{data_path}`), scored on its `test` split "
+        f"({images}). B-ACC, AUROC and the first "
+        "ECE are each run's own `test_metrics.json`; T is fitted on the `validation` split only and the second "
+        "ECE is the test split after dividing the logits by T; [95% CI]: percentile bootstrap over the test "
+        f"images ({CALIBRATION_BOOTSTRAP[plan.tiny]} resamples), from `{CALIBRATION_FILE}` "
+        "(`skinclip.run_calibration`).",
+        _budget_note(trained, plan),
+        _probe_note("ham10000_mini_probe", plan, table.run_state("ham10000_mini_probe")[1]),
+        "Row settings (resolved configs): " + "; ".join(row_settings) + ". (b) keeps L_gen, as this project "
+        'reads the paper\'s "Baseline (CE Loss)" (Table II).',
+        "Wall time: the runner's clock around each run's entry point (model loading, feature caching, training and "
+        "evaluation; for (a) features, cross-validation and fit), seconds. Rationale agreement: the key "
+        f"`{RATIONALE_AGREEMENT_KEY}` of `test_metrics.json`, `—` where a run did not write it.",
+        f"**The paper columns are not the same data**: {PAPER_ISIC2019} and {PAPER_ISIC2024} give the paper's "
+        "B-ACC / AUROC / ECE on ISIC 2019 and ISIC 2024 at full scale (Qwen2.5-VL-7B with CLIP ViT-L/14, about 17.7k "
+        "training images), printed for orientation only; no difference is computed. The paper has no linear probe "
+        "and no metadata ablation (`—`), and reports its CE-only row only on ISIC 2024 (OOD).",
+    ]
+    table.footer, summary = _ham10000_mini_verdict(bacc)
+    table.extra = {"summary": summary}
+    return table.write()
+
+
+def _ham10000_mini_verdict(bacc: dict[str, tuple[float, list | None]]) -> tuple[list[str], dict]:
+    """Which row has the highest measured B-ACC, and whether (c) full CFA reaches the probe's; from the values."""
+    probe, full = HAM10000_MINI_ROWS[0][0], HAM10000_MINI_ROWS[2][0]
+    if not bacc:
+        return ["Highest B-ACC: no row has been scored yet."], {"best_bacc_rows": [], "full_cfa_reaches_probe": None}
+    best = max(value for value, _ in bacc.values())
+    winners = [label for label, (value, _) in bacc.items() if value == best]
+    lines = [
+        f"**Highest B-ACC**: {' and '.join(winners)}, {format_value('balanced_accuracy', best)} "
+        f"(of {len(bacc)} scored row{'s' if len(bacc) > 1 else ''})."
+    ]
+    reaches = None
+    if probe in bacc and full in bacc:
+        (p, p_ci), (f, f_ci) = bacc[probe], bacc[full]
+        reaches = f >= p
+        overlap = ""
+        if p_ci and f_ci and None not in p_ci + f_ci:
+            overlap = "; their 95% CIs " + (
+                "overlap" if f_ci[0] <= p_ci[1] and p_ci[0] <= f_ci[1] else "do not overlap"
+            )
+        lines.append(
+            f"**Does (c) full CFA reach the linear probe's B-ACC?** {'Yes' if reaches else 'No'}: "
+            f"{format_value('balanced_accuracy', f)} against {format_value('balanced_accuracy', p)} "
+            f"({format_diff('balanced_accuracy', f - p)}{overlap})."
+        )
+    else:
+        missing = [label for label in (probe, full) if label not in bacc]
+        lines.append(f"(c) against the probe: cannot be compared yet, {' and '.join(missing)} not scored.")
+    return lines, {"best_bacc_rows": winners, "best_bacc": best, "full_cfa_reaches_probe": reaches}
+
+
 def build_table(table: str, statuses: dict, plan: Plan) -> str:
     paper = yaml.safe_load(PAPER_NUMBERS.read_text())
     if table == "table1":
@@ -633,7 +996,9 @@ def build_table(table: str, statuses: dict, plan: Plan) -> str:
         )
     if table == "data_efficiency":
         return build_data_efficiency(paper, statuses, plan)
-    raise ValueError(f"unknown table {table!r}; choose from {TABLES}")
+    if table == "ham10000_mini":
+        return build_ham10000_mini(paper, statuses, plan)
+    raise ValueError(f"unknown table {table!r}; choose from {TABLES + EXTRA_TABLES}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -643,7 +1008,9 @@ def build_table(table: str, statuses: dict, plan: Plan) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=TABLES + ("all",))
+    parser.add_argument(
+        "table", choices=TABLES + EXTRA_TABLES + ("all",), help="`all`: the paper's four tables (not ham10000_mini)"
+    )
     parser.add_argument("--out", required=True, help="results directory: runs/, <table>.md, <table>.json")
     parser.add_argument(
         "--tiny",
@@ -664,6 +1031,9 @@ def build_parser() -> argparse.ArgumentParser:
     for dataset in ("isic2019", "derm7pt", "isic2024"):
         parser.add_argument(f"--{dataset}", default=None, help=f"{DATASET_LABELS[dataset]} DatasetDict directory")
     parser.add_argument(
+        "--ham10000-mini", default=None, help="converted ham10000-mini DatasetDict directory (ham10000_mini table)"
+    )
+    parser.add_argument(
         "--ood-split", default="test", help="split of the ISIC 2024 DatasetDict to score ('all': every split)"
     )
     parser.add_argument("--list-runs", action="store_true", help="print the runs of the table and their commands")
@@ -677,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
         out=Path(args.out).resolve(),
         tiny=args.tiny,
         ood_split=args.ood_split,
-        data={d: getattr(args, d) for d in ("isic2019", "derm7pt", "isic2024") if getattr(args, d)},
+        data={d: getattr(args, d) for d in ("isic2019", "derm7pt", "isic2024", "ham10000_mini") if getattr(args, d)},
     )
     if args.tiny:
         prepare_tiny(plan)

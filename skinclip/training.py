@@ -66,6 +66,10 @@ class ModelArguments:
     image_token_pooling: int = field(
         default=1, metadata={"help": "k×k average pooling of the patch tokens before the decoder; 1 = off (paper)."}
     )
+    use_metadata: bool = field(
+        default=True,
+        metadata={"help": "Put the metadata sentence into the prompt; false: image-only prompt (ablation)."},
+    )
     max_prompt_tokens: int = field(default=64)
     max_rationale_tokens: int = field(default=128)
     rationale_conditioning: str = field(
@@ -145,6 +149,7 @@ def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClip
         text_encoder=model_args.text_encoder,
         focal_fusion_layers=model_args.focal_fusion_layers,
         image_token_pooling=model_args.image_token_pooling,
+        use_metadata=model_args.use_metadata,
         max_prompt_tokens=model_args.max_prompt_tokens,
         max_rationale_tokens=model_args.max_rationale_tokens,
         rationale_conditioning=model_args.rationale_conditioning,
@@ -186,6 +191,7 @@ def write_model_card(
         f"- decoder: `{config.decoder_config.model_name_or_path}` ({config.decoder_config.quantization}, "
         f"LoRA r={config.decoder_config.lora_r}, alpha={config.decoder_config.lora_alpha})",
         *pooling,
+        *([] if config.use_metadata else ["- prompt: image only, no metadata sentence (`use_metadata: false`)"]),
         "",
         "```python",
         "from transformers import AutoModel",

@@ -68,6 +68,7 @@ def test_config_nested_dicts_roundtrip(tmp_path, make_config):
         (dict(image_token_pooling=0), "image_token_pooling must be a positive integer"),
         (dict(image_token_pooling=2.0), "image_token_pooling must be a positive integer"),
         (dict(prompt_template="no placeholder"), "{metadata}"),
+        (dict(use_metadata="no"), "use_metadata must be true or false"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
@@ -83,6 +84,49 @@ def test_model_card_says_when_image_tokens_are_pooled(tmp_path, make_config, poo
     config = make_config(image_token_pooling=pooling)
     write_model_card(tmp_path, config, {}, DataArguments(dataset_path="data/x"), {"trainable": 1, "lora": 1})
     assert ("average-pooled 2×2" in (tmp_path / "README.md").read_text()) is (pooling == 2)
+
+
+def test_use_metadata_false_keeps_the_metadata_out_of_the_prompt(make_config, tmp_path):
+    with_metadata = SkinClipVLProcessor.from_pretrained(None, config=make_config())
+    config = make_config(use_metadata=False)
+    config.save_pretrained(tmp_path)
+    assert SkinClipVLConfig.from_pretrained(tmp_path).use_metadata is False  # a checkpoint keeps the switch
+    without = SkinClipVLProcessor.from_pretrained(None, config=SkinClipVLConfig.from_pretrained(tmp_path))
+
+    def decoded(processor, texts):
+        ids, mask = processor.tokenize_prompts(texts)
+        return [processor.tokenizer.decode(row[m.bool()]) for row, m in zip(ids, mask)]
+
+    assert "aged about 55" in decoded(with_metadata, METADATA)[0]
+    image_only = decoded(without, METADATA)
+    assert image_only == decoded(without, ["", ""]) == decoded(with_metadata, ["", ""])
+    assert not any(word in image_only[0] for word in ("posterior", "torso", "male", "55"))
+    # The same token ids as a prompt built from no metadata at all: nothing of the sentence is left.
+    assert torch.equal(without.tokenize_prompts(METADATA)[0], with_metadata.tokenize_prompts(["", ""])[0])
+
+
+def test_model_card_says_when_the_prompt_has_no_metadata(tmp_path, make_config):
+    from skinclip.run_io import DataArguments
+    from skinclip.training import write_model_card
+
+    for use_metadata in (True, False):
+        write_model_card(
+            tmp_path, make_config(use_metadata=use_metadata), {}, DataArguments(), {"trainable": 1, "lora": 1}
+        )
+        assert ("no metadata sentence" in (tmp_path / "README.md").read_text()) is not use_metadata
+
+
+def test_use_metadata_is_a_checked_training_field(tmp_path):
+    from skinclip.errors import UserError
+    from skinclip.run_io import parse_config
+    from skinclip.training import ModelArguments
+
+    config = tmp_path / "c.yaml"
+    config.write_text("use_metadata: false\n")
+    (model_args,) = parse_config([str(config)], (ModelArguments,))
+    assert model_args.use_metadata is False
+    with pytest.raises(UserError, match="use_metadata must be"):
+        parse_config([str(config), "--use_metadata=no"], (ModelArguments,))
 
 
 def test_unknown_class_name_is_named(make_config):
