@@ -709,6 +709,8 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
     # gradients as the path it replaces (tests/test_benchmarks.py), which False restores.
     trailing_padding: bool = True
     fused_lm_loss: bool = True
+    # `save_pretrained`'s default for include_bases (train.py sets it from its include_bases field).
+    include_bases: bool = False
 
     def __init__(
         self, config: SkinClipVLConfig, device: torch.device | str | None = None, hub_kwargs: dict | None = None
@@ -1232,8 +1234,23 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
 
     # ---- save / load -----------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """Write config, the two code files, the trained tensors (safetensors) and `lora/adapter_config.json`.
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        push_to_hub: bool = False,
+        include_bases: bool | None = None,
+        **kwargs,
+    ):
+        """Write config, the code files, the trained tensors (safetensors) and `lora/adapter_config.json`.
+
+        The code files are the remote code a Hub user runs: configuration, modeling, processing, the metadata
+        sentence (`metadata_skinclip.py`) and the pipeline (`pipeline_skinclip.py`); `config.json` names the model,
+        the processor (`AutoProcessor`) and the pipeline (`custom_pipelines`, task ``skin-lesion-diagnosis``).
+
+        Bases that are local folders outside the checkpoint make it load only where those folders are: saving
+        warns, pushing refuses, each naming the fix. ``include_bases=True`` copies them into ``bases/`` inside the
+        checkpoint (from_pretrained resolves them there), so the folder stands alone; None takes the model's
+        ``include_bases`` attribute (off unless train.py's include_bases sets it).
 
         Extra keyword arguments of `PreTrainedModel.save_pretrained` (`safe_serialization`, `max_shard_size`, ...)
         are accepted for Trainer compatibility. A given `state_dict` (FSDP's gathered one) is filtered to the
@@ -1241,6 +1258,11 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         """
         from safetensors.torch import save_file
         from transformers.dynamic_module_utils import custom_object_save
+
+        try:  # a relative import, so that transformers ships pipeline_skinclip.py beside this file
+            from .pipeline_skinclip import PIPELINE_TASK, pipeline_task_entry
+        except ImportError:  # a checkout, rather than Hub remote code
+            from pipeline_skinclip import PIPELINE_TASK, pipeline_task_entry
 
         save_directory = Path(save_directory)
         if save_directory.is_file():
@@ -1251,13 +1273,29 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             return
         self.config.architectures = [type(self).__name__]
         custom_object_save(self, save_directory, config=self.config)
+        self.config.auto_map["AutoProcessor"] = f"{SkinClipVLProcessor.__module__.split('.')[-1]}.SkinClipVLProcessor"
+        self.config.custom_pipelines = {PIPELINE_TASK: pipeline_task_entry()}
         # Local bases are recorded relative to the checkpoint, so it loads from any working directory.
-        relative_base_paths(self.config, save_directory).save_pretrained(save_directory)
+        saved_config = relative_base_paths(self.config, save_directory)
+        saved_config.save_pretrained(save_directory)
         trained = self.trained_state_dict(kwargs.pop("state_dict", None))
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in trained.items()}
         save_file(tensors, str(save_directory / TRAINED_WEIGHTS_NAME), metadata={"format": "pt"})
         self.lora_config.save_pretrained(str(save_directory / LORA_SUBFOLDER))
+        # peft records the decoder path the adapters were built on; keep the name config.json gives, not a path
+        # of this machine.
+        _rewrite_json(
+            save_directory / LORA_SUBFOLDER / LORA_CONFIG_NAME,
+            base_model_name_or_path=saved_config.decoder_config.model_name_or_path,
+        )
+        if self.include_bases if include_bases is None else include_bases:
+            bundle_bases(save_directory)
+        outside = bases_outside(save_directory)
+        if outside and not push_to_hub:
+            logger.warning(standalone_problem(save_directory, outside, pushing=False))
         if push_to_hub:
+            if outside:
+                raise ValueError(standalone_problem(save_directory, outside, pushing=True))
             from huggingface_hub import HfApi
 
             repo_id = kwargs.pop("repo_id", None) or save_directory.name
@@ -1265,6 +1303,20 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             api.create_repo(repo_id, private=kwargs.pop("private", None), exist_ok=True)
             api.upload_folder(
                 repo_id=repo_id, folder_path=str(save_directory), commit_message=kwargs.pop("commit_message", None)
+            )
+
+    def push_to_hub(self, repo_id: str, include_bases: bool | None = None, **kwargs):
+        """Save into a temporary folder and upload it; refused (before any upload) while a base is a local folder
+        outside the checkpoint (name it by Hub id, or pass ``include_bases=True``)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(
+                Path(folder) / repo_id.split("/")[-1],
+                push_to_hub=True,
+                repo_id=repo_id,
+                include_bases=include_bases,
+                **kwargs,
             )
 
     @classmethod
@@ -1300,7 +1352,14 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             raise TypeError(f"unexpected positional arguments {model_args}")
         device = _single_device(device, device_map)
         # Consumed by the Auto classes / remote-code machinery before we get here; nothing left to do with them.
-        for handled_upstream in ("trust_remote_code", "_from_auto", "adapter_kwargs", "_commit_hash", "code_revision"):
+        for handled_upstream in (
+            "trust_remote_code",
+            "_from_auto",
+            "_from_pipeline",
+            "adapter_kwargs",
+            "_commit_hash",
+            "code_revision",
+        ):
             kwargs.pop(handled_upstream, None)
         _refuse_unsupported_loading_arguments(kwargs)
         hub_kwargs = _hub_kwargs(
@@ -1343,6 +1402,7 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
             if not math.isfinite(temperature) or temperature <= 0:
                 raise ValueError(f"{calibration}: temperature must be a positive number, got {temperature}")
             model.calibration_temperature.fill_(temperature)
+        model.source_folder = folder  # where the processor, calibration.json and the bundled bases are
         model.eval()
         return model
 
@@ -1535,6 +1595,116 @@ def _check_same_bases(config: SkinClipVLConfig, saved: SkinClipVLConfig, source)
         )
     if differences:
         raise ValueError(f"config does not match checkpoint {source}: " + "; ".join(differences))
+
+
+# --------------------------------------------------------------------------------------------------------
+# A checkpoint that stands alone: bases named by Hub id, or copied inside it
+# --------------------------------------------------------------------------------------------------------
+
+BASES_SUBFOLDER = "bases"
+
+
+def _base_folder(name: str, checkpoint: Path) -> Path | None:
+    """The local folder a base name points at (relative names: against the checkpoint, then the working
+    directory, as `resolve_base_paths` loads them), or None for a Hub id / open_clip model name."""
+    path = Path(name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
+    for candidate in [path] if path.is_absolute() else [checkpoint / path, path]:
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def bases_outside(checkpoint: str | os.PathLike) -> dict[str, str]:
+    """``{role: name in config.json}`` for each base that is a local folder outside the checkpoint folder.
+
+    An open_clip ``pretrained`` weights file on this machine counts too (role ``vision pretrained``).
+    """
+    checkpoint = Path(checkpoint).resolve()
+    config = json.loads((checkpoint / "config.json").read_text())
+    outside = {}
+    for role in ("vision", "decoder"):
+        name = config[f"{role}_config"]["model_name_or_path"]
+        folder = _base_folder(name, checkpoint)
+        if folder is not None and not folder.is_relative_to(checkpoint):
+            outside[role] = name
+    pretrained = config["vision_config"].get("pretrained")
+    if config["vision_config"].get("backend") == "open_clip" and pretrained and Path(pretrained).expanduser().is_file():
+        outside["vision pretrained"] = pretrained
+    return outside
+
+
+def standalone_problem(checkpoint: Path, outside: dict[str, str], pushing: bool) -> str:
+    """Why the checkpoint does not stand alone, and the two fixes."""
+    listed = "; ".join(f"{role} base {name!r}" for role, name in outside.items())
+    effect = (
+        "refusing to push: a Hub user could not load it"
+        if pushing
+        else "it loads only on a machine where these folders are found"
+    )
+    return (
+        f"checkpoint {checkpoint} names local folders outside it ({listed}): {effect}. Fix: name each base by its "
+        "Hub id (vision_config/decoder_config.model_name_or_path, e.g. 'openai/clip-vit-large-patch14'), or save "
+        f"with include_bases=True (train.py: include_bases: true) to copy them into the checkpoint as "
+        f"{BASES_SUBFOLDER}/<vision|decoder>"
+    )
+
+
+def bundle_bases(checkpoint: str | os.PathLike) -> list[str]:
+    """Copy every local base folder outside ``checkpoint`` into ``checkpoint/bases/<role>`` and point config.json
+    there (relative, so the folder can be moved or pushed). Returns the roles copied.
+
+    Files are hard-linked where the file system allows (same disk: no second copy of the weights), else copied;
+    config.json is rewritten atomically, after the copies are complete.
+    """
+    import shutil
+
+    checkpoint = Path(checkpoint).resolve()
+    config_path = checkpoint / "config.json"
+    config = json.loads(config_path.read_text())
+    copied = []
+    for role in ("vision", "decoder"):
+        section = config[f"{role}_config"]
+        name = section["model_name_or_path"]
+        folder = _base_folder(name, checkpoint)
+        if folder is None or folder.is_relative_to(checkpoint):
+            continue
+        target = checkpoint / BASES_SUBFOLDER / role
+        staging = target.with_name(f".{role}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(folder, staging, copy_function=_link_or_copy)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        prefix = LOCAL_DIR_PREFIX if name.startswith(LOCAL_DIR_PREFIX) else ""
+        section["model_name_or_path"] = prefix + f"{BASES_SUBFOLDER}/{role}"
+        copied.append(role)
+    if copied:
+        _write_json_atomically(config_path, config)
+    lora_config = checkpoint / LORA_SUBFOLDER / LORA_CONFIG_NAME
+    if "decoder" in copied and lora_config.is_file():
+        _rewrite_json(lora_config, base_model_name_or_path=config["decoder_config"]["model_name_or_path"])
+    return copied
+
+
+def _link_or_copy(source: str, destination: str) -> str:
+    import shutil
+
+    try:
+        os.link(source, destination)
+        return destination
+    except OSError:  # another file system, or links not allowed
+        return shutil.copy2(source, destination)
+
+
+def _write_json_atomically(path: Path, content: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
+
+
+def _rewrite_json(path: Path, **fields) -> None:
+    content = json.loads(path.read_text())
+    content.update(fields)
+    _write_json_atomically(path, content)
 
 
 SkinClipVLModel.register_for_auto_class("AutoModel")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ try:
         resolve_base_paths,
     )
     from .configuration_skinclip import hub_kwargs as _hub_kwargs_of
+    from .metadata_skinclip import describe_metadata
 except ImportError:  # a checkout, rather than Hub remote code
     from configuration_skinclip import (
         LOCAL_DIR_PREFIX,
@@ -32,6 +33,7 @@ except ImportError:  # a checkout, rather than Hub remote code
         resolve_base_paths,
     )
     from configuration_skinclip import hub_kwargs as _hub_kwargs_of
+    from metadata_skinclip import describe_metadata
 
 # Processor files sit in subfolders so that the checkpoint's config.json (a custom-code config) is never read as
 # a tokenizer or image-processor config.
@@ -41,7 +43,11 @@ REPORT_TOKENIZER_SUBFOLDER = "report_tokenizer"
 
 
 class SkinClipVLProcessor:
-    """Turns images, metadata sentences, reports and rationales into `SkinClipVLModel` inputs.
+    """Turns images, metadata (structured, or as sentences), reports and rationales into `SkinClipVLModel` inputs.
+
+    ``processor(images, metadata=[{"age": 55, "sex": "male", "site": "posterior torso"}])`` words each row's
+    metadata with `metadata_skinclip.describe_metadata`, the function the dataset converters wrote the training
+    sentences with (shipped in the checkpoint beside this file), so the prompt is the one the model was trained on.
 
     Holds the decoder tokenizer (prompt and rationale), the report tokenizer (the CLIP tokenizer, or the
     decoder's with `text_encoder="decoder"`) and the CLIP image preprocessing. `from_pretrained` prefers the
@@ -75,9 +81,19 @@ class SkinClipVLProcessor:
         token: str | bool | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
+        **kwargs,
     ) -> SkinClipVLProcessor:
-        """Processor of a checkpoint (local folder or Hub repo, resolved like the model) or of a config's bases."""
+        """Processor of a checkpoint (local folder or Hub repo, resolved like the model) or of a config's bases.
+
+        Also reached through ``AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)`` (the checkpoint's
+        ``auto_map`` names this class), which adds arguments of its own that need nothing here.
+        """
         from transformers import AutoImageProcessor, AutoTokenizer
+
+        for handled_upstream in ("trust_remote_code", "_from_auto", "_commit_hash", "code_revision"):
+            kwargs.pop(handled_upstream, None)
+        if kwargs:
+            raise TypeError(f"SkinClipVLProcessor.from_pretrained got unexpected arguments {sorted(kwargs)}")
 
         hub_kwargs = _hub_kwargs_of(
             cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download
@@ -131,6 +147,12 @@ class SkinClipVLProcessor:
         if self.report_tokenizer is not self.tokenizer and hasattr(self.report_tokenizer, "save_pretrained"):
             self.report_tokenizer.save_pretrained(str(save_directory / REPORT_TOKENIZER_SUBFOLDER))
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """Called by `AutoProcessor.from_pretrained` on remote-code classes; the checkpoint's ``auto_map`` (written by
+        `SkinClipVLModel.save_pretrained`) already names this class, so there is nothing to record."""
+        cls._auto_class = auto_class
+
     # ---- pieces ---------------------------------------------------------------------------------------
 
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
@@ -139,6 +161,19 @@ class SkinClipVLProcessor:
         if callable(self.image_processor) and not hasattr(self.image_processor, "save_pretrained"):
             return torch.stack([self.image_processor(image) for image in rgb])
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    @staticmethod
+    def metadata_text(metadata: Mapping[str, Any] | None) -> str:
+        """The training sentence of one row's metadata: ``age``, ``sex``, ``site`` and the dataset's extra
+        observations (e.g. ``elevation`` for Derm7pt, ``diameter_mm`` for ISIC 2024), in the caller's order.
+
+        Missing or unusable values are left out, never guessed; an empty mapping gives "A skin lesion.".
+        """
+        metadata = dict(metadata or {})
+        unknown = [key for key in metadata if not isinstance(key, str) or not key.isidentifier()]
+        if unknown:
+            raise ValueError(f"metadata keys must be field names such as 'age', 'sex', 'site'; got {unknown}")
+        return describe_metadata(**metadata)
 
     def prompt_texts(self, metadata_texts: Sequence[str]) -> list[str]:
         # A checkpoint saved before `use_metadata` existed has no such attribute: it used the metadata.
@@ -198,10 +233,17 @@ class SkinClipVLProcessor:
         reports: Sequence[str] | None = None,
         rationales: Sequence[str] | None = None,
         condition_labels: Sequence[int] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Model inputs; ``condition_labels`` (class indices, the true classes in training) adds `condition_ids`
-        and `condition_attention_mask`, the tokens that precede the rationale with `rationale_conditioning="class"`.
+        """Model inputs; each row's prompt comes from ``metadata_texts`` (sentences) or ``metadata`` (mappings
+        worded by `metadata_text`), not both; with neither, every prompt holds the empty metadata sentence.
+        ``condition_labels`` (class indices, the true classes in training) adds `condition_ids` and
+        `condition_attention_mask`, the tokens that precede the rationale with `rationale_conditioning="class"`.
         """
+        if metadata is not None:
+            if metadata_texts is not None:
+                raise ValueError("pass metadata (field mappings) or metadata_texts (sentences), not both")
+            metadata_texts = [self.metadata_text(row) for row in metadata]
         if metadata_texts is None:
             metadata_texts = [""] * len(images)
         batch: dict[str, torch.Tensor] = {}

@@ -269,7 +269,7 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
 
 def _checked_metadata(gr, age, sex, site) -> tuple:
     """(age, sex, site) for the prompt; an unusable value is a `gr.Error` naming the field."""
-    from datasets_scripts.metadata_text import MAX_TEXT_CHARS, age_problem, clean_text
+    from metadata_skinclip import MAX_TEXT_CHARS, age_problem, clean_text
 
     if age in (0, None):  # Gradio's empty number box
         age = None

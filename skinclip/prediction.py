@@ -141,7 +141,7 @@ def _cases_from_csv(path: Path) -> list[Case]:
 
 
 def _case_from_row(row: dict, column: str, csv_path: Path, line: int) -> Case:
-    from datasets_scripts.metadata_text import clean_age, clean_text
+    from metadata_skinclip import clean_age, clean_text
 
     source = f"{csv_path} line {line}"
     values = [v for v in row.values() if isinstance(v, str)]
@@ -173,7 +173,7 @@ def _undecodable(text: str) -> bool:
 
 
 def metadata_sentence(case: Case) -> str:
-    from datasets_scripts.metadata_text import describe_metadata
+    from metadata_skinclip import describe_metadata
 
     return describe_metadata(age=case.age, sex=case.sex, site=case.site)
 
@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cli_metadata(args) -> tuple[float | None, str | None, str | None]:
     """--age/--sex/--site checked like CSV values, but a bad one is fatal: it would apply to every input."""
-    from datasets_scripts.metadata_text import (
+    from metadata_skinclip import (
         MAX_TEXT_CHARS,
         age_problem,
         clean_age,

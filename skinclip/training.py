@@ -14,6 +14,7 @@ with a short summary: where the checkpoint is, the held-out metrics, and the com
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -84,6 +85,13 @@ class ModelArguments:
         metadata={
             "help": "Build tiny RANDOM bases here (if absent) and use them instead of the ids above (demo/CI); "
             "a vision_model or decoder_model set away from its default is kept."
+        },
+    )
+    include_bases: bool = field(
+        default=False,
+        metadata={
+            "help": "Copy bases that are local folders (tiny bases, a converted decoder) into the final checkpoint "
+            "as bases/<vision|decoder>, so the folder loads, moves and pushes on its own."
         },
     )
 
@@ -157,16 +165,75 @@ def build_config(model_args: ModelArguments, class_names: list[str]) -> SkinClip
     )
 
 
+# Licence of weights trained on each dataset, keyed by the start of the DatasetDict's description (converters).
+_TRAINING_DATA_LICENCES = (
+    ("ISIC 2019", "cc-by-nc-4.0", "ISIC 2019 challenge data, CC BY-NC 4.0: attribution, no commercial use"),
+    ("HAM10000", "cc-by-nc-4.0", "HAM10000, CC BY-NC 4.0: attribution, no commercial use"),
+    ("ISIC 2024", "cc-by-nc-4.0", "ISIC 2024 challenge data, CC BY-NC: attribution, no commercial use"),
+    ("Derm7pt", "other", "Derm7pt release_v0: academic research only, images not redistributed"),
+    ("SkinCLIP-VL generated demo", "apache-2.0", "generated demo images, Apache-2.0 like the code"),
+)
+CARD_METRICS = {"balanced_accuracy": "Balanced accuracy", "auroc_macro": "Macro AUROC", "ece": "ECE"}
+
+
+def training_data_licence(description: str) -> tuple[str, str]:
+    """(Hub licence id, sentence) for weights trained on the dataset this description belongs to."""
+    for prefix, licence, sentence in _TRAINING_DATA_LICENCES:
+        if description.strip().startswith(prefix):
+            return licence, sentence
+    return "other", "the training data's own licence applies (not recorded by its converter)"
+
+
 def write_model_card(
-    output_dir: Path, config: SkinClipVLConfig, metrics: dict, data_args: DataArguments, parameter_counts: dict
+    output_dir: Path,
+    config: SkinClipVLConfig,
+    metrics: dict,
+    data_args: DataArguments,
+    parameter_counts: dict,
+    dataset_description: str = "",
 ) -> None:
-    base_models = [config.vision_config.model_name_or_path, config.decoder_config.model_name_or_path]
+    """README.md of a checkpoint, after it is saved: the bases as its config.json names them (Hub ids, or folders
+    inside it), never a path of this machine; Hub bases in ``base_model``; dataset, licence and a ``model-index``
+    with the held-out metrics (test split, else validation)."""
+    saved = json.loads((output_dir / "config.json").read_text()) if (output_dir / "config.json").is_file() else None
+    vision_name = (
+        (saved or {}).get("vision_config", {}).get("model_name_or_path", config.vision_config.model_name_or_path)
+    )
+    decoder_name = (
+        (saved or {}).get("decoder_config", {}).get("model_name_or_path", config.decoder_config.model_name_or_path)
+    )
+    dataset_name = Path(data_args.dataset_path or "dataset").name
+    licence, licence_sentence = training_data_licence(dataset_description)
     header = {
         "library_name": "transformers",
         "pipeline_tag": "image-classification",
         "tags": ["skinclip-vl", "dermatology", "vision-language", "lora", "custom_code"],
-        "base_model": [m for m in base_models if not Path(m).exists() and not m.startswith("local-dir:")],
+        "license": licence,
+        "base_model": [name for name in (vision_name, decoder_name) if _is_hub_id(name)],
+        "datasets": [dataset_name],
     }
+    split = next((name for name in ("test", "validation") if metrics.get(name)), None)
+    shown = {
+        key: metrics[split][key]
+        for key in CARD_METRICS
+        if isinstance((metrics.get(split) or {}).get(key), (int, float))
+    }
+    if shown:
+        header["model-index"] = [
+            {
+                "name": output_dir.resolve().name,
+                "results": [
+                    {
+                        "task": {"type": "image-classification", "name": "Skin lesion diagnosis"},
+                        "dataset": {"name": dataset_name, "type": dataset_name, "split": split},
+                        "metrics": [
+                            {"type": key, "name": CARD_METRICS[key], "value": round(float(value), 4)}
+                            for key, value in shown.items()
+                        ],
+                    }
+                ],
+            }
+        ]
     k = config.image_token_pooling
     pooling = (
         [
@@ -185,31 +252,39 @@ def write_model_card(
         "",
         "Diagnosis over " + ", ".join(config.class_names) + ", a written rationale and a focal-attention map.",
         "This repository holds only the trained tensors (projector, Focal Pooling, CLS token, heads, logit scale,",
-        "LoRA); the frozen bases are loaded from their own repositories:",
+        "LoRA); the frozen bases are loaded from their own repositories, or from this one where it holds them:",
         "",
-        f"- vision: `{config.vision_config.model_name_or_path}` ({config.vision_config.backend})",
-        f"- decoder: `{config.decoder_config.model_name_or_path}` ({config.decoder_config.quantization}, "
+        f"- vision: {_card_base(vision_name)} ({config.vision_config.backend})",
+        f"- decoder: {_card_base(decoder_name)} ({config.decoder_config.quantization}, "
         f"LoRA r={config.decoder_config.lora_r}, alpha={config.decoder_config.lora_alpha})",
         *pooling,
         *([] if config.use_metadata else ["- prompt: image only, no metadata sentence (`use_metadata: false`)"]),
         "",
         "```python",
-        "from transformers import AutoModel",
-        "model = AutoModel.from_pretrained('<this repo>', trust_remote_code=True, revision='<pinned commit>')",
+        "from transformers import pipeline",
+        "diagnose = pipeline(",
+        "    'skin-lesion-diagnosis', model='<this repo>', trust_remote_code=True, revision='<pinned commit>'",
+        ")",
+        "diagnose('lesion.jpg', metadata={'age': 55, 'sex': 'male', 'site': 'posterior torso'})",
+        "# -> diagnosis (classes with scores), prediction_set, rationale, attention_map, metadata_text",
         "```",
         "",
+        "The metadata is worded into the prompt sentence the model was trained on by `metadata_skinclip.py`",
+        "(shipped here); `AutoProcessor.from_pretrained('<this repo>', trust_remote_code=True)` gives the processor",
+        "and `AutoModel` the model.",
+        "",
         f"Trainable parameters: {parameter_counts['trainable']:,} (LoRA {parameter_counts['lora']:,}).",
-        f"Training data: `{data_args.dataset_path}` (train fraction {data_args.train_fraction}).",
+        f"Training data: `{dataset_name}` (train fraction {data_args.train_fraction}). Licence: {licence_sentence}.",
         "",
         "## Evaluation",
         "",
         "| split | metric | value |",
         "|---|---|---|",
     ]
-    for split, values in metrics.items():
+    for split_name, values in metrics.items():
         for name, value in values.items():
             if isinstance(value, (int, float)):
-                lines.append(f"| {split} | {name} | {value:.4f} |")
+                lines.append(f"| {split_name} | {name} | {value:.4f} |")
     lines += [
         "",
         "## Limitations",
@@ -218,6 +293,34 @@ def write_model_card(
         "Its calibration holds only for data like its evaluation data.",
     ]
     (output_dir / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _is_hub_id(name: str) -> bool:
+    """A Hub repo id (``org/name``), not a local folder, an open_clip model name or a ``local-dir:`` schema."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = name.removeprefix("hf-hub:")
+    if name.startswith("local-dir:") or name.count("/") != 1 or name.startswith((".", "/", "~")) or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _card_base(name: str) -> str:
+    """How the card names a base: its Hub id, the folder inside this checkpoint, or a local folder left out."""
+    from modeling_skinclip import BASES_SUBFOLDER
+
+    if _is_hub_id(name):
+        return f"[`{name.removeprefix('hf-hub:')}`](https://huggingface.co/{name.removeprefix('hf-hub:')})"
+    inside = name.removeprefix("local-dir:")
+    if inside.startswith(f"{BASES_SUBFOLDER}/"):
+        return f"`{inside}` (a copy inside this repository)"
+    if "/" not in inside and "\\" not in inside:
+        return f"`{inside}` (open_clip model name)"
+    return f"a local folder `{Path(inside).name}` that is not in this repository (see config.json)"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -303,9 +406,11 @@ def main(argv: list[str] | None = None) -> dict:
             write_split_outputs(
                 output_dir, split, image_ids_of(dataset[split]), result.label_ids, probs, class_names, metrics[split]
             )
+    model.include_bases = model_args.include_bases  # the final checkpoint only; the epoch checkpoints stay small
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        write_model_card(output_dir, config, metrics, data_args, counts)
+        description = dataset[data_args.train_split].info.description or ""
+        write_model_card(output_dir, config, metrics, data_args, counts, description)
         if training_args.push_to_hub:
             trainer.push_to_hub(commit_message="SkinCLIP-VL checkpoint")
         print(run_summary(output_dir, metrics, data_args), flush=True)

@@ -221,6 +221,26 @@ def check_training_arguments(model_args, data_args, training_args) -> None:
         raise UserError("train_split must name a split of the dataset")
     if getattr(data_args, "overwrite_output_dir", False) and training_args.resume_from_checkpoint:
         raise UserError("overwrite_output_dir and resume_from_checkpoint contradict each other: choose one")
+    _check_shareable_bases(model_args, training_args)
+
+
+def _check_shareable_bases(model_args, training_args) -> None:
+    """push_to_hub with bases that are local folders would share a checkpoint no one else can load: refused before
+    training rather than after it (SkinClipVLModel.save_pretrained refuses the push itself too)."""
+    if not getattr(training_args, "push_to_hub", False) or getattr(model_args, "include_bases", True):
+        return
+    local = [
+        f"{name} {value!r}"
+        for name, value in (("vision_model", model_args.vision_model), ("decoder_model", model_args.decoder_model))
+        if Path(str(value).removeprefix("local-dir:")).expanduser().is_dir()
+    ]
+    if model_args.tiny_bases_dir:
+        local.append(f"tiny_bases_dir {model_args.tiny_bases_dir!r}")
+    if local:
+        raise UserError(
+            f"push_to_hub with local base folders ({'; '.join(local)}): a Hub user could not load the checkpoint. "
+            "Name the bases by Hub id, or set include_bases: true to copy them into the checkpoint"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
