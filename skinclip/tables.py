@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from skinclip.output_folder import OutputFolder, atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, train.py
 PAPER_NUMBERS = REPO_ROOT / "configs" / "tables" / "paper_numbers.yaml"
 TABLES = ("table1", "ablation", "lambda3", "data_efficiency")
@@ -327,11 +329,14 @@ def execute(run: Run, plan: Plan, launcher: str) -> None:
         else:
             prefix = [sys.executable, str(REPO_ROOT / script)] if script else [sys.executable, "-m", module_name]
         subprocess.run(prefix + argv, check=True, cwd=REPO_ROOT)
-    if run.ood and run.runner == "skinclip":
-        from skinclip.baselines.ood import evaluate_skinclip_checkpoint
+    # Under the run folder's lock once train.py has released it: its manifest then lists the OOD files too, so
+    # that a rerun's --overwrite_output_dir replaces them rather than refusing a folder it did not write.
+    with OutputFolder(run_dir, "reproduce_tables.py"):
+        if run.ood and run.runner == "skinclip":
+            from skinclip.baselines.ood import evaluate_skinclip_checkpoint
 
-        evaluate_skinclip_checkpoint(run_dir, plan.data.get("isic2024", "data/isic2024"), plan.ood_split, run_dir)
-    (run_dir / "run_key.json").write_text(run_key(run, plan))
+            evaluate_skinclip_checkpoint(run_dir, plan.data.get("isic2024", "data/isic2024"), plan.ood_split, run_dir)
+        atomic_write_text(run_dir / "run_key.json", run_key(run, plan))
 
 
 def prepare_tiny(plan: Plan) -> None:
@@ -519,8 +524,9 @@ class TableBuilder:
                 lines.append("| " + " | ".join([row[0]] + row[1]) + " |")
         markdown = "\n".join(lines) + "\n"
         self.plan.out.mkdir(parents=True, exist_ok=True)
-        (self.plan.out / f"{self.table}.md").write_text(markdown)
-        (self.plan.out / f"{self.table}.json").write_text(
+        atomic_write_text(self.plan.out / f"{self.table}.md", markdown)
+        atomic_write_text(
+            self.plan.out / f"{self.table}.json",
             json.dumps(
                 {
                     "table": self.table,
@@ -531,7 +537,7 @@ class TableBuilder:
                     "runs": self.statuses,
                 },
                 indent=2,
-            )
+            ),
         )
         return markdown
 
