@@ -727,12 +727,19 @@ class CFATrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """As `Trainer.train`; `resume_from_checkpoint=True` (or "last") takes the newest COMPLETE checkpoint."""
+        from skinclip.errors import UserError
+
         if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "last"):
             resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+                raise UserError(
+                    f"--resume_from_checkpoint: no complete checkpoint-N in {self.args.output_dir} to resume from; "
+                    "start the run without it"
+                )
+        elif resume_from_checkpoint and not os.path.isdir(resume_from_checkpoint):
+            raise UserError(f"--resume_from_checkpoint: {resume_from_checkpoint} does not exist or is not a folder")
         elif resume_from_checkpoint and not is_complete_checkpoint(resume_from_checkpoint):
-            raise ValueError(
+            raise UserError(
                 f"{resume_from_checkpoint} is not a complete checkpoint (no {CHECKPOINT_COMPLETE_MARKER}: the run "
                 f"was probably killed while saving it); the newest complete one is "
                 f"{latest_complete_checkpoint(os.path.dirname(str(resume_from_checkpoint).rstrip('/')))}"
@@ -764,6 +771,13 @@ class CFATrainer(Trainer):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if os.path.islink(folder):
+            from skinclip.errors import UserError
+
+            # Trainer would write the checkpoint through it, into whatever folder it points at.
+            raise UserError(
+                f"{folder} is a symlink (to {os.readlink(folder)}); remove it, no checkpoint is written through one"
+            )
         if self.args.should_save and os.path.isfile(os.path.join(folder, CHECKPOINT_COMPLETE_MARKER)):
             os.remove(os.path.join(folder, CHECKPOINT_COMPLETE_MARKER))
         self.accelerator.wait_for_everyone()
@@ -851,7 +865,12 @@ class CFATrainer(Trainer):
         weights = Path(resume_from_checkpoint) / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{resume_from_checkpoint} has no model.safetensors to resume from")
-        model.load_trained_tensors(load_file(str(weights)), source=str(resume_from_checkpoint))
+        try:
+            model.load_trained_tensors(load_file(str(weights)), source=str(resume_from_checkpoint))
+        except ValueError as error:  # a checkpoint of another shape, labels or bases
+            from skinclip.errors import UserError
+
+            raise UserError(f"cannot resume from {resume_from_checkpoint}: {error}") from error
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -142,15 +142,17 @@ def build_demo_dataset(num_per_class: int = 24, image_size: int = 64, seed: int 
 
 
 def main(argv=None) -> None:
+    from skinclip.validation import cli_number
+
     parser = argparse.ArgumentParser(
         prog="python -m datasets_scripts.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--num-per-class", type=int, default=24)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-per-class", type=cli_number(int, 5), default=24)
+    parser.add_argument("--image-size", type=cli_number(int, 8), default=64)
+    parser.add_argument("--seed", type=cli_number(int, 0), default=0)
     args = parser.parse_args(argv)
     dataset_dict = build_demo_dataset(args.num_per_class, args.image_size, args.seed, args.output_dir)
     print({name: len(split) for name, split in dataset_dict.items()}, "saved to", args.output_dir)

@@ -193,6 +193,7 @@ def convert(
     descriptions=None,
     seed: int = 0,
     train_fraction: float = 1.0,
+    max_image_side: int | None = None,
 ):
     """Convert the official release under ``data_dir`` (``meta/`` and ``images/``); ``image_type`` derm or clinic."""
     if image_type not in ("derm", "clinic"):
@@ -230,6 +231,7 @@ def convert(
         descriptions=descriptions,
         seed=seed,
         train_fraction=train_fraction,
+        max_image_side=max_image_side,
         description="Derm7pt release_v0 (Kawahara et al. 2019), official train/valid/test split, 5 classes "
         "BCC/NEV/MEL/MISC/SK. Academic research use only; images may not be redistributed.",
     )

@@ -115,6 +115,7 @@ def convert(
     test_fraction: float = 0.15,
     seed: int = 0,
     train_fraction: float = 1.0,
+    max_image_side: int | None = None,
 ):
     """Convert HAM10000; images are searched recursively under ``image_dirs`` (default: ``data_dir``)."""
     metadata_csv = Path(metadata_csv or Path(data_dir) / METADATA_FILE)
@@ -139,6 +140,7 @@ def convert(
         test_fraction=test_fraction,
         seed=seed,
         train_fraction=train_fraction,
+        max_image_side=max_image_side,
         description=f"HAM10000 (Tschandl et al. 2018), 7 classes with ISIC 2019 codes; splits grouped by lesion_id. "
         f"{SUBSET_NOTE} CC BY-NC 4.0.",
     )

@@ -158,6 +158,7 @@ def convert(
     test_fraction: float = 0.15,
     seed: int = 0,
     train_fraction: float = 1.0,
+    max_image_side: int | None = None,
 ):
     """Convert the official layout under ``data_dir`` (or the three explicit paths) to a `DatasetDict`.
 
@@ -187,6 +188,7 @@ def convert(
         test_fraction=test_fraction,
         seed=seed,
         train_fraction=train_fraction,
+        max_image_side=max_image_side,
         description="ISIC 2019 training set (task 3), 8 classes; splits grouped by lesion_id. "
         "Contains all of HAM10000 (lesion_id HAM_*). CC-BY-NC 4.0.",
     )

@@ -36,6 +36,7 @@ from skinclip.errors import run_entry_point
 from skinclip.labels import OOD_CLASSES
 
 from .common import (
+    DEFAULT_MAX_IMAGE_SIDE,
     METADATA_WARNINGS_NAME,
     SKIP_REPORT_NAME,
     SPLITS_FILE_NAME,
@@ -46,6 +47,7 @@ from .common import (
     apply_train_fraction,
     assign_splits,
     atomic_save,
+    bound_image_bytes,
     check_labels,
     check_unique_ids,
     common_options,
@@ -144,14 +146,15 @@ def _read_image_bytes(handle, image_id: str) -> bytes:
     return value.tobytes() if hasattr(value, "tobytes") else bytes(value)
 
 
-def _generate_rows(table_path: str, hdf5_path: str):
+def _generate_rows(table_path: str, hdf5_path: str, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE):
     import h5py
 
     table = pd.read_parquet(table_path)
     with h5py.File(hdf5_path, "r") as handle:
         for row in table.to_dict("records"):
             image_id = row["image_id"]
-            row["image"] = {"bytes": _read_image_bytes(handle, image_id), "path": f"{image_id}.jpg"}
+            data = bound_image_bytes(_read_image_bytes(handle, image_id), max_image_side)
+            row["image"] = {"bytes": data, "path": f"{image_id}.jpg"}
             yield {key: (None if isinstance(value, float) and np.isnan(value) else value) for key, value in row.items()}
 
 
@@ -169,6 +172,7 @@ def convert(
     test_fraction: float = 0.15,
     seed: int = 0,
     train_fraction: float = 1.0,
+    max_image_side: int | None = None,
 ):
     """Convert ``train-metadata.csv`` + HDF5; ``ood_only`` puts every row in ``test`` (train/validation empty)."""
     import h5py
@@ -222,7 +226,11 @@ def convert(
             dataset_dict[name] = Dataset.from_generator(
                 _generate_rows,
                 features=schema,
-                gen_kwargs={"table_path": str(part_path), "hdf5_path": str(hdf5_path)},
+                gen_kwargs={
+                    "table_path": str(part_path),
+                    "hdf5_path": str(hdf5_path),
+                    "max_image_side": max_image_side or DEFAULT_MAX_IMAGE_SIDE,
+                },
                 cache_dir=str(work_dir / "cache"),
                 split=name,
             )
@@ -239,6 +247,7 @@ def convert(
                     SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]],
                     METADATA_WARNINGS_NAME: metadata_issue_table(issues),
                 },
+                recorded={"max_image_side": max_image_side or DEFAULT_MAX_IMAGE_SIDE},
             )
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -286,10 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from skinclip.prediction import load_calibration, load_checkpoint
+    from skinclip.validation import cli_number
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=cli_number(int, 1, 65535), default=7860)
     parser.add_argument("--share", action="store_true", help="open a PUBLIC gradio.live link (off by default)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ from skinclip import validation
 from skinclip.errors import UserError
 from skinclip.inference import split_logits
 from skinclip.labels import ISIC2019_CLASSES, MALIGNANT_CLASSES
+from skinclip.output_folder import OutputFolder, atomic_write_text, refuse_symlinks
 
 SUBGROUP_COLUMNS = {
     "sex": ("sex", "gender"),
@@ -148,7 +149,7 @@ def evaluate(
     frame.insert(0, "image_id", ids)
     for index, name in enumerate(class_names):
         frame[f"{name}_uncalibrated"] = probs_raw[:, index]
-    frame.to_csv(out_dir / "predictions.csv", index=False)
+    atomic_write_text(out_dir / "predictions.csv", frame.to_csv(index=False))
 
     report: dict = {
         "split": split_name,
@@ -197,10 +198,10 @@ def evaluate(
             model, processor, split, rationales, out_dir, batch_size, max_new_tokens, progress
         )
     # Strict JSON: an undefined metric is null (json.dumps wrote a bare NaN, which parsers reject).
-    (out_dir / "metrics.json").write_text(sm.to_strict_json(report))
-    (out_dir / "metrics.md").write_text(_markdown(report, class_names))
+    atomic_write_text(out_dir / "metrics.json", sm.to_strict_json(report))
+    atomic_write_text(out_dir / "metrics.md", _markdown(report, class_names))
     if calibration:
-        (out_dir / "calibration.json").write_text(sm.to_strict_json(calibration))
+        atomic_write_text(out_dir / "calibration.json", sm.to_strict_json(calibration))
     return report
 
 
@@ -269,7 +270,7 @@ def save_calibration(calibration: dict | None, checkpoint: Path) -> None:
             stacklevel=2,
         )
         return
-    (checkpoint / "calibration.json").write_text(sm.to_strict_json(calibration))
+    atomic_write_text(checkpoint / "calibration.json", sm.to_strict_json(calibration))
 
 
 def temperature_bound_warning(temperature: float, calibration_split: str) -> str | None:
@@ -365,21 +366,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True)
     parser.add_argument("--calibration-split", default="validation", help="'' to skip calibration")
-    parser.add_argument("--coverage", type=float, default=0.9)
+    coverage = validation.cli_number(float, 0, 1, low_open=True, high_open=True)
+    parser.add_argument("--coverage", type=coverage, default=0.9)
     parser.add_argument("--conformal-method", default="aps", choices=("aps", "raps", "lac"))
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0 = off)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    resamples = validation.cli_number(int, 0)
+    parser.add_argument("--bootstrap", type=resamples, default=1000, help="bootstrap resamples for 95%% CIs (0 = off)")
+    parser.add_argument("--batch-size", type=validation.cli_number(int, 1), default=16)
     parser.add_argument("--save-calibration", action="store_true", help="write calibration.json into the checkpoint")
     parser.add_argument("--device", default=None)
     parser.add_argument(
         "--rationales",
-        type=int,
+        type=validation.cli_number(int, 0),
         default=0,
         metavar="N",
         help="generate the rationales of the first N rows and report their agreement with the top class (0 = off)",
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=None, help="rationale length limit (default: max_rationale_tokens)"
+        "--max-new-tokens",
+        type=validation.cli_number(int, 1),
+        default=None,
+        help="rationale length limit (default: max_rationale_tokens)",
     )
     args = parser.parse_args(argv)
     validation.check_evaluation_arguments(args)
@@ -396,21 +402,24 @@ def main(argv: list[str] | None = None) -> dict:
     model.calibration_temperature.fill_(1.0)  # evaluate raw logits; the calibration is refitted here
     processor = SkinClipVLProcessor.from_pretrained(args.model)
     out_dir = Path(args.out)
-    report = evaluate(
-        model,
-        processor,
-        dataset,
-        args.split,
-        out_dir,
-        args.calibration_split or None,
-        args.coverage,
-        args.conformal_method,
-        args.bootstrap,
-        args.batch_size,
-        rationales=args.rationales,
-        max_new_tokens=args.max_new_tokens,
-    )
-    if args.save_calibration:
-        save_calibration(report["calibration"], Path(args.model))
+    # --out is locked while written (a second evaluation into it is refused), and no write follows a symlink.
+    with OutputFolder(out_dir, "evaluate_skinclip.py"):
+        refuse_symlinks(out_dir)
+        report = evaluate(
+            model,
+            processor,
+            dataset,
+            args.split,
+            out_dir,
+            args.calibration_split or None,
+            args.coverage,
+            args.conformal_method,
+            args.bootstrap,
+            args.batch_size,
+            rationales=args.rationales,
+            max_new_tokens=args.max_new_tokens,
+        )
+        if args.save_calibration:
+            save_calibration(report["calibration"], Path(args.model))
     print((out_dir / "metrics.md").read_text())
     return report

@@ -23,7 +23,9 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import os
 import sys
@@ -47,6 +49,8 @@ from skinclip.images import (  # noqa: F401  (re-exported: the demo and older ca
     ImageInputError,
     load_image,
 )
+from skinclip.output_folder import OutputFolder, atomic_write_bytes, refuse_symlinks
+from skinclip.validation import cli_number
 
 CSV_IMAGE_COLUMNS = ("image", "path", "image_path", "file")
 
@@ -475,7 +479,9 @@ class _Run:
     def _save(self, picture: Image.Image, relative_name: str) -> Path:
         path = self.out_dir / relative_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(path)
+        encoded = io.BytesIO()
+        picture.save(encoded, format="PNG")
+        atomic_write_bytes(path, encoded.getvalue())  # a failed write leaves no torn PNG under the result's name
         return path
 
 
@@ -549,9 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--site", default=None, help='anatomical site, e.g. "posterior torso"')
     parser.add_argument("--out", default="predictions", help="folder for heatmap PNGs")
     parser.add_argument("--no-rationale", action="store_true", help="classification only, no generation")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=cli_number(int, 0), default=64)
+    parser.add_argument("--top-k", type=cli_number(int, 1), default=3)
+    parser.add_argument("--batch-size", type=cli_number(int, 1), default=8)
     parser.add_argument("--grounding-words", default=None, help='comma-separated words, e.g. "veil,streaks"')
     parser.add_argument(
         "--ground-rationale",
@@ -622,7 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     words = [w.strip() for w in args.grounding_words.split(",") if w.strip()] if args.grounding_words else None
     writer = ResultWriter(args.json)
     n_ok = n_failed = 0
-    try:
+    # --out is locked while heatmaps are written (a second predict into it is refused), no write follows a symlink.
+    with OutputFolder(out_dir, "predict.py"), contextlib.closing(writer):
+        refuse_symlinks(out_dir)
         for result in iter_predictions(
             model,
             processor,
@@ -638,8 +646,6 @@ def main(argv: list[str] | None = None) -> int:
             writer.write(result)
             n_failed += "error" in result
             n_ok += "error" not in result
-    finally:
-        writer.close()
     print(
         f"summary: {n_ok} of {len(cases)} input(s) predicted, {n_failed} failed, "
         f"{len(skipped)} file(s) skipped (not images)",

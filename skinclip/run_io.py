@@ -13,7 +13,8 @@ everywhere:
 
 Data: `load_training_data` gives the ``DatasetDict`` exactly as train.py sees it (demo generation, split and
 column checks, the stratified ``train_fraction``). Files: ``<split>_predictions.csv`` (``image_id, label``, one
-probability column per class) and ``<split>_metrics.json`` (strict JSON), written by `write_split_outputs`.
+probability column per class) and ``<split>_metrics.json`` (strict JSON), written atomically by
+`write_split_outputs`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import yaml
 
 from skinclip import validation
 from skinclip.errors import UserError
+from skinclip.output_folder import atomic_write_text
 
 REQUIRED_COLUMNS = ("image", "label", "metadata_text", "report")
 
@@ -221,7 +223,7 @@ def write_predictions(path: Path, image_ids, labels: np.ndarray, probs: np.ndarr
     frame = pd.DataFrame(probs, columns=list(class_names))
     frame.insert(0, "label", [class_names[i] for i in labels])
     frame.insert(0, "image_id", list(image_ids))
-    frame.to_csv(path, index=False)
+    atomic_write_text(path, frame.to_csv(index=False))
 
 
 def write_split_outputs(
@@ -235,5 +237,5 @@ def write_split_outputs(
     write_predictions(
         output_dir / f"{split}_predictions.csv", image_ids, np.asarray(labels).astype(int), probs, class_names
     )
-    (output_dir / f"{split}_metrics.json").write_text(to_strict_json(metrics))
+    atomic_write_text(output_dir / f"{split}_metrics.json", to_strict_json(metrics))
     return metrics

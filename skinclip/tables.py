@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from skinclip.output_folder import OutputFolder, atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, train.py
 PAPER_NUMBERS = REPO_ROOT / "configs" / "tables" / "paper_numbers.yaml"
 TABLES = ("table1", "ablation", "lambda3", "data_efficiency")  # the paper's; `all` runs these
@@ -426,20 +428,24 @@ def execute(run: Run, plan: Plan, launcher: str) -> None:
             prefix = [sys.executable, str(REPO_ROOT / script)] if script else [sys.executable, "-m", module_name]
         subprocess.run(prefix + argv, check=True, cwd=REPO_ROOT)
     seconds = time.perf_counter() - started
-    (run_dir / WALL_TIME_FILE).write_text(
-        json.dumps(
-            {"seconds": round(seconds, 1), "measured": "the entry point's call, start to end", "launcher": launcher}
+    # Under the run folder's lock once train.py has released it: its manifest then lists the OOD files too, so
+    # that a rerun's --overwrite_output_dir replaces them rather than refusing a folder it did not write.
+    with OutputFolder(run_dir, "reproduce_tables.py"):
+        atomic_write_text(
+            run_dir / WALL_TIME_FILE,
+            json.dumps(
+                {"seconds": round(seconds, 1), "measured": "the entry point's call, start to end", "launcher": launcher}
+            ),
         )
-    )
-    if run.calibrate:
-        from skinclip.run_calibration import calibrate_run
+        if run.calibrate:
+            from skinclip.run_calibration import calibrate_run
 
-        calibrate_run(run_dir, n_bootstrap=CALIBRATION_BOOTSTRAP[plan.tiny])
-    if run.ood and run.runner == "skinclip":
-        from skinclip.baselines.ood import evaluate_skinclip_checkpoint
+            calibrate_run(run_dir, n_bootstrap=CALIBRATION_BOOTSTRAP[plan.tiny])
+        if run.ood and run.runner == "skinclip":
+            from skinclip.baselines.ood import evaluate_skinclip_checkpoint
 
-        evaluate_skinclip_checkpoint(run_dir, plan.data.get("isic2024", "data/isic2024"), plan.ood_split, run_dir)
-    (run_dir / "run_key.json").write_text(run_key(run, plan))
+            evaluate_skinclip_checkpoint(run_dir, plan.data.get("isic2024", "data/isic2024"), plan.ood_split, run_dir)
+        atomic_write_text(run_dir / "run_key.json", run_key(run, plan))
 
 
 def prepare_tiny(plan: Plan) -> None:
@@ -655,8 +661,9 @@ class TableBuilder:
             lines += ["", paragraph]
         markdown = "\n".join(lines) + "\n"
         self.plan.out.mkdir(parents=True, exist_ok=True)
-        (self.plan.out / f"{self.table}.md").write_text(markdown)
-        (self.plan.out / f"{self.table}.json").write_text(
+        atomic_write_text(self.plan.out / f"{self.table}.md", markdown)
+        atomic_write_text(
+            self.plan.out / f"{self.table}.json",
             json.dumps(
                 {
                     "table": self.table,
@@ -668,7 +675,7 @@ class TableBuilder:
                     **self.extra,
                 },
                 indent=2,
-            )
+            ),
         )
         return markdown
 

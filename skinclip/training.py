@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from configuration_skinclip import SkinClipVLConfig
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from skinclip import validation
+from skinclip.output_folder import OutputFolder, atomic_write_text, remove_owned
 from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config, write_split_outputs
 from trainer_cfa import CFATrainer, CFATrainingArguments, SkinClipVLCollator, compute_classification_metrics
 
@@ -292,7 +294,7 @@ def write_model_card(
         "A research model, not a medical device: it must not be used for diagnosis without clinical oversight.",
         "Its calibration holds only for data like its evaluation data.",
     ]
-    (output_dir / "README.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(output_dir / "README.md", "\n".join(lines) + "\n")
 
 
 def _is_hub_id(name: str) -> bool:
@@ -326,6 +328,16 @@ def _card_base(name: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Process 0 of a launch holds output_dir's lock for the whole run: a second train.py into the same folder
+    # is refused, naming this one (two runs both exited 0, the second replacing the first's model and card).
+    holds_lock = int(os.environ.get("RANK", "0")) == 0
+    with OutputFolder(training_args.output_dir, "train.py", holds_lock=holds_lock) as folder:
+        return _train(model_args, data_args, training_args, folder)
+
+
+def _train(
+    model_args: ModelArguments, data_args: DataArguments, training_args: CFATrainingArguments, folder: OutputFolder
+) -> dict:
     previous_run = validation.check_output_dir(
         training_args.output_dir, data_args.overwrite_output_dir, training_args.resume_from_checkpoint
     )
@@ -390,10 +402,11 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         compute_metrics=compute_classification_metrics,
         class_counts=class_counts,
+        callbacks=[RecordOutputs(folder)],
     )
 
     if previous_run and trainer.is_world_process_zero():
-        remove_previous_run(previous_run)
+        remove_previous_run(folder, previous_run)
     trainer.accelerator.wait_for_everyone()  # no process writes a checkpoint before the old ones are gone
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     output_dir = Path(training_args.output_dir)
@@ -436,14 +449,22 @@ def run_summary(output_dir: Path, metrics: dict[str, dict], data_args: DataArgum
     return "\n".join(lines)
 
 
-def remove_previous_run(entries: list[Path]) -> None:
-    """``--overwrite_output_dir``: delete the earlier run's own outputs (never other files) before training, so
-    that its checkpoints cannot mix with (or be rotated in among) the new run's."""
-    import shutil
+def remove_previous_run(folder: OutputFolder, files: list[str]) -> None:
+    """``--overwrite_output_dir``: delete the earlier run's files, exactly those output_dir's manifest lists (and
+    the folders they leave empty), before training, so that its checkpoints cannot mix with (or be rotated in
+    among) the new run's. A file or folder the project did not write is never deleted."""
+    deleted = remove_owned(folder.path, files)
+    logger.warning("overwrite_output_dir: removed %d files of the previous run from %s", len(files), folder.path)
+    folder.forget_removed(deleted)
 
-    for entry in entries:
-        logger.warning("overwrite_output_dir: removing %s of the previous run", entry)
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+
+class RecordOutputs(TrainerCallback):
+    """Lists each checkpoint in output_dir's manifest once saved, so that a run killed later still leaves a folder
+    whose files a later --overwrite_output_dir may delete."""
+
+    def __init__(self, folder: OutputFolder):
+        self.folder = folder
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.folder.record()

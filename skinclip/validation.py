@@ -154,6 +154,36 @@ def _check_bounds(name: str, value: Any) -> None:
             raise UserError(f"{name} must be {'<=' if inclusive else '<'} {high}, got {value!r}")
 
 
+def cli_number(
+    kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+):
+    """The ``type=`` of a numeric command-line option: the value parsed as ``kind``, finite and within
+    [``low``, ``high``] (an open end excludes the bound), or argparse's one-line usage error naming the option.
+
+    The one range check of every entry point's numbers (``--batch-size 0`` crashed predict; some values out of
+    range were accepted and the command did nothing).
+    """
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _check_training_length(training_args) -> None:
     """An explicit ``max_steps > 0`` wins; otherwise ``num_train_epochs`` must be > 0 (0 shipped an untrained
     checkpoint with a model card)."""
@@ -325,8 +355,9 @@ def check_focal_alpha_count(setting: Any, num_classes: int) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
-# What train.py / Trainer / evaluate --save-calibration write into output_dir, by exact name.
-_RUN_DIRS = {"lora", "tokenizer", "report_tokenizer", "image_processor", "runs"}
+# Folders train.py / Trainer write into by exact name; a file of someone else's in one would mix with the run's.
+# (``runs/`` is not among them: TensorBoard writes a new ``runs/<time>_<host>/`` each run, beside others.)
+_RUN_DIRS = {"lora", "tokenizer", "report_tokenizer", "image_processor"}
 _RUN_FILES = {
     "model.safetensors",
     "configuration_skinclip.py",
@@ -342,79 +373,70 @@ _RUN_FILES = {
 }
 
 
-def _read_start(path: Path, size: int = 4096) -> str:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(size).decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
-def _is_run_output(path: Path) -> bool:
-    """Whether a top-level entry of an output folder was written by a SkinCLIP-VL run.
-
-    Generic names (README.md, config.json, *_metrics.json, *_predictions.csv) are recognised by their content
-    as well, so that --overwrite_output_dir never deletes a user's own file of the same name.
-    """
-    name = path.name
-    if path.is_dir() and not path.is_symlink():
-        return name in _RUN_DIRS or bool(_CHECKPOINT_DIR.match(name))
-    if not path.is_file() or path.is_symlink():
-        return False
-    if name in _RUN_FILES:
-        return True
-    if name == "README.md":
-        return "SkinCLIP-VL checkpoint" in _read_start(path)
-    if name == "config.json":
-        return '"skinclip_vl"' in _read_start(path, 1 << 20)
-    if name.endswith("_metrics.json"):
-        return '"balanced_accuracy"' in _read_start(path) or '"loss"' in _read_start(path)
-    if name.endswith("_predictions.csv"):
-        return _read_start(path, 64).startswith("image_id,label,")
-    return False
-
-
-def _run_would_write(name: str) -> bool:
-    """Names a run writes that a user's own file could also carry (a foreign one would be overwritten)."""
+def _run_would_write(relative: str) -> bool:
+    """Whether a run writes at ``relative`` (a path under output_dir): a foreign file there would be overwritten
+    or mixed with the run's own."""
+    parts = Path(relative).parts
+    if len(parts) > 1:
+        return parts[0] in _RUN_DIRS or bool(_CHECKPOINT_DIR.match(parts[0]))
+    name = parts[0]
     return name in {"README.md", "config.json", *_RUN_FILES} or name.endswith(("_metrics.json", "_predictions.csv"))
 
 
-def check_output_dir(output_dir: str | Path, overwrite: bool, resume: Any) -> list[Path]:
+def _describe_contents(names: set[str], listed: set[str]) -> str:
+    """What a refused output folder holds, for the message: ``names`` are its top-level entries, ``listed`` those
+    its manifest lists (a folder from before manifests is described by its names)."""
+    known = listed or names
+    if "model.safetensors" in known:
+        what = "a finished run"
+    elif any(_CHECKPOINT_DIR.match(name) for name in known):
+        what = "checkpoints of an unfinished run (continue it with --resume_from_checkpoint=true)"
+    elif listed:
+        what = "outputs of an earlier run"
+    else:
+        return f"files not written by SkinCLIP-VL ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''})"
+    others = sorted(names - listed) if listed else []
+    if others:
+        what += f" and other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    return what
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool, resume: Any) -> list[str]:
     """Refuse an output folder holding anything unless the user asked to overwrite it or to resume into it.
 
     A new run into a finished run's folder overwrote its model, metrics and card, rotated its checkpoints
-    away and mixed the two runs' checkpoints. Returns the previous run's entries that an overwrite removes
-    (foreign files are never among them).
+    away and mixed the two runs' checkpoints. A symlink anywhere in the folder is refused (the run would write
+    through it, outside the folder). Returns the files an overwrite removes: exactly those the folder's
+    manifest lists as written by SkinCLIP-VL and unchanged since (`skinclip.output_folder`); nothing is
+    removed by its name.
     """
+    from skinclip import output_folder
+
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output_dir {folder} is a file, not a folder")
-    entries = sorted(folder.iterdir()) if folder.is_dir() else []
-    if not entries or resume:
+    if not folder.is_dir():
         return []
-    ours = [entry for entry in entries if _is_run_output(entry)]
-    foreign = [entry.name for entry in entries if entry not in ours]
+    output_folder.refuse_symlinks(folder)
+    names = {entry.name for entry in folder.iterdir() if entry.name not in output_folder.CONTROL_FILES}
+    names = {name for name in names if not name.startswith(output_folder.LOCK_NAME + ".")}
+    if not names or resume:
+        return []
+    owned, foreign = output_folder.owned_and_foreign(folder)
     if overwrite:
         clashing = [name for name in foreign if _run_would_write(name)]
         if clashing:
             raise UserError(
-                f"output_dir {folder} holds {clashing}, not written by SkinCLIP-VL, which the run "
-                "would overwrite; move them or choose another output_dir"
+                f"output_dir {folder} holds {clashing[:5]}{' ...' if len(clashing) > 5 else ''}, not listed in its "
+                f"manifest ({output_folder.MANIFEST_NAME}) as written by SkinCLIP-VL, which the run would overwrite "
+                "or mix with its own; move them or choose another output_dir"
             )
-        return ours
-    if any(entry.name == "model.safetensors" for entry in ours):
-        what = "a finished run"
-    elif any(_CHECKPOINT_DIR.match(entry.name) for entry in ours):
-        what = "checkpoints of an unfinished run (continue it with --resume_from_checkpoint=true)"
-    elif ours:
-        what = "outputs of an earlier run"
-    else:
-        what = "files not written by SkinCLIP-VL"
-    if foreign:
-        what += f" and other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+        return owned
+    listed = {Path(name).parts[0] for name in owned}
     raise UserError(
-        f"output_dir {folder} already holds {what}; choose another output_dir, or pass "
-        f"--overwrite_output_dir=true to replace the run's outputs (other files are kept)"
+        f"output_dir {folder} already holds {_describe_contents(names, listed)}; "
+        "choose another output_dir, or pass --overwrite_output_dir=true to replace the run's outputs (other files "
+        "are kept)"
     )
 
 
@@ -478,6 +500,12 @@ def check_evaluation_arguments(args) -> None:
         raise UserError(f"--bootstrap must be >= 0 (0 = no confidence intervals), got {args.bootstrap}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "calibration_split", None) and args.calibration_split == getattr(args, "split", None):
+        raise UserError(
+            f"--calibration-split {args.split!r} is the split being scored (--split): calibration fitted on the "
+            "images it is scored on reports a calibration it does not have; choose another split, or "
+            "--calibration-split '' to skip calibration"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")

@@ -1,5 +1,6 @@
 """Shared pieces of datasets_scripts: metadata text, splits, bad input, atomic saving, the demo set."""
 
+import io
 import json
 import subprocess
 import sys
@@ -442,3 +443,40 @@ def test_describe_metadata_never_raises_on_hostile_values():
         text = describe_metadata(age=value, sex=value, site=value, elevation=value, diameter_mm=value)
         assert isinstance(text, str) and len(text) < 400
         assert "aged" not in text and "diameter" not in text  # no such value is an age or a measurement
+
+
+def test_converters_store_large_images_downscaled_and_record_the_bound(tiny_isic):
+    """A 169-megapixel image stored as it was made training peak at 4.17 GB instead of 1.70 GB."""
+    from datasets import load_from_disk
+
+    from datasets_scripts.common import MARKER_NAME
+
+    root, truth, _ = tiny_isic
+    image_dir = root / isic2019.IMAGE_DIR
+    wide, tall = truth.loc[0, "image"], truth.loc[1, "image"]
+    Image.new("RGB", (3000, 120), (200, 40, 40)).save(image_dir / f"{wide}.jpg", quality=90)
+    Image.new("L", (90, 1500), 77).save(image_dir / f"{tall}.jpg")
+    small = (image_dir / f"{truth.loc[2, 'image']}.jpg").read_bytes()
+    out = root.parent / "out"
+    isic2019.convert(root, out, val_fraction=0.2, test_fraction=0.2, max_image_side=300)
+    rows = {
+        row["image_id"]: row["image"]
+        for split in load_from_disk(str(out)).values()
+        for row in split.cast_column("image", split.features["image"].__class__(decode=False))
+    }
+    sizes = {image_id: Image.open(io.BytesIO(image["bytes"])).size for image_id, image in rows.items()}
+    assert sizes[wide] == (300, 12) and sizes[tall] == (18, 300)
+    assert all(max(size) <= 300 for size in sizes.values())
+    assert rows[truth.loc[2, "image"]]["bytes"] == small  # an image within the bound is stored as it is
+    assert Image.open(io.BytesIO(rows[wide]["bytes"])).getpixel((150, 6)) == pytest.approx((200, 40, 40), abs=8)
+    marker = json.loads((out / MARKER_NAME).read_text())
+    assert marker["max_image_side"] == 300 and marker["images_downscaled"] == 2
+    assert not [path for path in root.parent.iterdir() if path.name.startswith(".bounded-images-")]
+
+
+def test_the_image_bound_is_range_checked_on_the_command_line(tiny_isic, capsys):
+    root, _, _ = tiny_isic
+    with pytest.raises(SystemExit):
+        isic2019.main(["--data-dir", str(root), "--output-dir", str(root.parent / "out"), "--max-image-side", "10"])
+    assert "argument --max-image-side: must be >= 224, got 10" in capsys.readouterr().err
+    assert not (root.parent / "out").exists()

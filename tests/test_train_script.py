@@ -1,8 +1,11 @@
 """train.py end to end on configs/demo.yaml; the output directory reloads and reproduces its predictions."""
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -118,18 +121,21 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     )
 
 
-def test_overwrite_output_dir_replaces_the_previous_run_and_keeps_other_files(demo_run, tmp_path):
-    """No checkpoint of the previous run survives to mix with the new run's; a foreign file is untouched."""
-    from skinclip import training
+def _hashes(root, leave_out=()):
+    """sha256 of every file under ``root`` (symlinks not followed), but those in ``leave_out``."""
+    found = {}
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(folder, name)
+            if path not in leave_out and not path.is_symlink():
+                found[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
 
-    root, _ = demo_run
-    out = tmp_path / "out"
-    (out / "checkpoint-99").mkdir(parents=True)
-    (out / "checkpoint-99" / "trainer_state.json").write_text('{"global_step": 99}')
-    (out / "model.safetensors").write_bytes(b"previous weights")
-    (out / "validation_metrics.json").write_text('{"balanced_accuracy": 0.123456}')
-    (out / "notes.txt").write_text("my notes")
-    training.main(
+
+def _train_into(out, root, *overrides):
+    from skinclip import cli
+
+    return cli.train(
         [
             "configs/demo.yaml",
             f"--output_dir={out}",
@@ -140,14 +146,91 @@ def test_overwrite_output_dir_replaces_the_previous_run_and_keeps_other_files(de
             "--eval_strategy=no",
             "--test_split=null",
             "--disable_tqdm=true",
-            "--overwrite_output_dir",
+            *overrides,
         ]
     )
-    checkpoints = sorted(path.name for path in out.glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and checkpoints != ["checkpoint-99"], checkpoints
+
+
+def test_overwrite_output_dir_deletes_exactly_the_previous_runs_files(demo_run, tmp_path, capsys):
+    """No file of the previous run survives to mix with the new run's; every file it did not write is untouched
+    (a user's runs/other_experiment/ used to be deleted with runs/, by its name)."""
+    from skinclip.output_folder import MANIFEST_NAME, read_manifest
+
+    root, _ = demo_run
+    out = tmp_path / "out"
+    assert _train_into(out, root) == 0
+    first = read_manifest(out)
+    assert "model.safetensors" in first and any(name.startswith("checkpoint-") for name in first)
+    (out / "notes.txt").write_text("my notes")
+    (out / "runs" / "other_experiment").mkdir(parents=True)
+    (out / "runs" / "other_experiment" / "events.out").write_bytes(b"someone else's run")
+    before = _hashes(tmp_path, leave_out={out / name for name in first} | {out / MANIFEST_NAME})
+    assert _train_into(out, root, "--overwrite_output_dir", "--seed=1") == 0
+    second = read_manifest(out)
+    assert _hashes(tmp_path, leave_out={out / name for name in second} | {out / MANIFEST_NAME}) == before
+    assert set(second) == set(first)  # same files, rewritten by the new run; nothing of the first run left over
+    assert all(second[name] != first[name] for name in first)
     assert (out / "notes.txt").read_text() == "my notes"
-    assert (out / "model.safetensors").read_bytes() != b"previous weights"
-    assert json.loads((out / "validation_metrics.json").read_text())["balanced_accuracy"] != 0.123456
+
+
+def _hold_lock(folder):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom skinclip.output_folder import OutputFolder\n"
+            "with OutputFolder(sys.argv[1], 'train.py'):\n    print('held', flush=True); sys.stdin.readline()",
+            str(folder),
+        ],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused_naming_the_first(demo_run, tmp_path):
+    """Two train.py runs into one output_dir both exited 0, the second replacing the first's model and card."""
+    root, _ = demo_run
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        before = _hashes(tmp_path)
+        command = [sys.executable, "train.py", "configs/demo.yaml", f"--output_dir={out}"]
+        command += [f"--dataset_path={root / 'data'}", f"--tiny_bases_dir={root / 'bases'}", "--num_train_epochs=1"]
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        after = _hashes(tmp_path)
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = _error_lines(result.stderr)
+    assert line.startswith(f"error: output folder {out} is in use by pid {holder.pid} on ")
+    assert "(train.py, started" in line
+    assert after == before
+
+
+@pytest.mark.parametrize("link", ["checkpoint-5", "tokenizer", "runs"])
+def test_a_symlink_in_output_dir_is_refused_and_nothing_outside_changes(demo_run, tmp_path, link):
+    """--overwrite_output_dir wrote the new run's checkpoint (or tokenizer) through a symlink to another folder."""
+    root, _ = demo_run
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "trainer_state.json").write_text("precious")
+    (elsewhere / "tokenizer.json").write_text("precious")
+    out.mkdir()
+    (out / link).symlink_to(elsewhere)
+    before = _hashes(tmp_path)
+    command = [sys.executable, "train.py", "configs/demo.yaml", f"--output_dir={out}", "--overwrite_output_dir"]
+    command += [f"--dataset_path={root / 'data'}", f"--tiny_bases_dir={root / 'bases'}", "--num_train_epochs=1"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert _error_lines(result.stderr) == [
+        f"error: {out} holds symlinks that this command would write through, to files outside the folder: "
+        f"{link} -> {elsewhere}; remove them or choose another folder"
+    ]
+    assert _hashes(tmp_path) == before
 
 
 def test_demo_output_reloads_and_reproduces_test_predictions(demo_run):

@@ -1,5 +1,6 @@
 """skinclip.validation: config fields, split labels, output folders; skinclip.classification_metrics.to_strict_json."""
 
+import contextlib
 import json
 import math
 
@@ -163,15 +164,21 @@ def test_focal_alpha_weights_must_match_the_classes():
 # --------------------------------------------------------------------------------------------------------
 
 
-def _finished_run(folder):
-    (folder / "checkpoint-4").mkdir(parents=True)
-    (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
-    (folder / "lora").mkdir()
-    (folder / "model.safetensors").write_bytes(b"weights")
-    (folder / "config.json").write_text('{"model_type": "skinclip_vl"}')
-    (folder / "README.md").write_text("# SkinCLIP-VL checkpoint\n")
-    (folder / "test_metrics.json").write_text('{"balanced_accuracy": 0.5}')
-    (folder / "test_predictions.csv").write_text("image_id,label,MEL\n")
+def _finished_run(folder, manifest=True):
+    """A run's files; with ``manifest`` they are written under `OutputFolder`, which lists them as the run's."""
+    from skinclip.output_folder import OutputFolder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with OutputFolder(folder, "test") if manifest else contextlib.nullcontext():
+        (folder / "checkpoint-4").mkdir(parents=True)
+        (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
+        (folder / "lora").mkdir()
+        (folder / "lora" / "adapter_config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"weights")
+        (folder / "config.json").write_text('{"model_type": "skinclip_vl"}')
+        (folder / "README.md").write_text("# SkinCLIP-VL checkpoint\n")
+        (folder / "test_metrics.json").write_text('{"balanced_accuracy": 0.5}')
+        (folder / "test_predictions.csv").write_text("image_id,label,MEL\n")
     return folder
 
 
@@ -180,8 +187,9 @@ def test_a_missing_or_empty_output_dir_is_fine(tmp_path):
     assert validation.check_output_dir(tmp_path, False, None) == []
 
 
-def test_a_finished_run_is_refused_without_overwrite(tmp_path):
-    _finished_run(tmp_path)
+@pytest.mark.parametrize("manifest", [True, False])
+def test_a_finished_run_is_refused_without_overwrite(tmp_path, manifest):
+    _finished_run(tmp_path, manifest)
     with pytest.raises(UserError, match=r"already holds a finished run; .*--overwrite_output_dir=true"):
         validation.check_output_dir(tmp_path, False, None)
     assert validation.check_output_dir(tmp_path, False, "true") == []  # resuming into it is fine
@@ -193,33 +201,47 @@ def test_unfinished_checkpoints_and_foreign_files_are_refused(tmp_path):
         validation.check_output_dir(tmp_path, False, None)
     (tmp_path / "checkpoint-3").rmdir()
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match=r"files not written by SkinCLIP-VL and other files \(notes.txt\)"):
+    with pytest.raises(UserError, match=r"holds files not written by SkinCLIP-VL \(notes.txt\)"):
         validation.check_output_dir(tmp_path, False, None)
 
 
-def test_overwrite_returns_only_the_runs_own_entries(tmp_path):
+def test_overwrite_returns_exactly_the_files_the_manifest_lists(tmp_path):
     _finished_run(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "checkpoint-old").mkdir()  # not checkpoint-<number>: not Trainer's
-    entries = validation.check_output_dir(tmp_path, True, None)
-    assert sorted(entry.name for entry in entries) == sorted(
-        [
-            "checkpoint-4",
-            "lora",
-            "model.safetensors",
-            "config.json",
-            "README.md",
-            "test_metrics.json",
-            "test_predictions.csv",
-        ]
-    )
+    (tmp_path / "runs" / "other_experiment").mkdir(parents=True)  # TensorBoard's folder, but not this run's
+    (tmp_path / "runs" / "other_experiment" / "events").write_text("someone else's")
+    assert validation.check_output_dir(tmp_path, True, None) == [
+        "README.md",
+        "checkpoint-4/trainer_state.json",
+        "config.json",
+        "lora/adapter_config.json",
+        "model.safetensors",
+        "test_metrics.json",
+        "test_predictions.csv",
+    ]
 
 
-def test_overwrite_refuses_a_foreign_file_the_run_would_overwrite(tmp_path):
+def test_overwrite_refuses_what_no_manifest_lists_where_the_run_writes(tmp_path):
+    _finished_run(tmp_path, manifest=False)  # a folder named like a run's, not written by SkinCLIP-VL
+    with pytest.raises(UserError, match=r"not listed in its manifest.*would overwrite or mix"):
+        validation.check_output_dir(tmp_path, True, None)
+
+
+def test_overwrite_refuses_a_listed_file_changed_since_the_run(tmp_path):
     _finished_run(tmp_path)
     (tmp_path / "README.md").write_text("# My notes on this experiment\n")  # the model card would replace it
     with pytest.raises(UserError, match=r"README.md.*would overwrite"):
         validation.check_output_dir(tmp_path, True, None)
+
+
+def test_a_symlink_in_the_output_dir_is_refused_even_with_overwrite(tmp_path):
+    _finished_run(tmp_path / "out")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "checkpoint-8").symlink_to(tmp_path / "elsewhere")
+    for overwrite, resume in ((True, None), (False, "true"), (False, None)):
+        with pytest.raises(UserError, match=r"symlinks that this command would write through.*checkpoint-8 ->"):
+            validation.check_output_dir(tmp_path / "out", overwrite, resume)
 
 
 def test_output_dir_that_is_a_file_is_refused(tmp_path):

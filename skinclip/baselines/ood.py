@@ -27,6 +27,7 @@ import numpy as np
 from skinclip.classification_metrics import malignant_score, ood_metrics, to_strict_json
 from skinclip.labels import OOD_CLASSES
 from skinclip.run_io import image_ids_of, write_predictions
+from skinclip.validation import cli_number
 
 OOD_PREFIX = "ood"
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", required=True, help="binary DatasetDict (datasets_scripts.isic2024)")
     parser.add_argument("--split", default="test", help="split to score, or 'all'")
     parser.add_argument("--output_dir", default=None, help="where to write ood_*.* (default: the checkpoint)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=cli_number(int, 1), default=16)
     args = parser.parse_args(argv)
     metrics = evaluate_skinclip_checkpoint(args.checkpoint, args.dataset, args.split, args.output_dir, args.batch_size)
     print(to_strict_json(metrics))

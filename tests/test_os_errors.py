@@ -1,0 +1,288 @@
+"""Every OS error is one ``error:`` line naming the path and the fix, and the previous good output survives.
+
+Fault injection: every ``open`` for writing (Python's and ``os.open``, which ``tempfile`` uses) of a file under an
+output folder raises the chosen OS error, at the first write or at a named write site; the commands run in-process
+through their console entry points. A real full disk: a small tmpfs in a private mount namespace (``unshare``),
+skipped where the machine does not allow one.
+"""
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from skinclip import cli
+from skinclip.errors import describe_os_error, run_entry_point
+from tests.conftest import REPO_ROOT
+
+FIXES = {
+    errno.ENOSPC: "no space left on the device while writing {path}; free some space or write to another disk",
+    errno.EROFS: "{path} is on a read-only file system; choose a writable folder",
+    errno.EACCES: "permission denied: {path}; make it accessible to this user or choose another path",
+}
+
+
+@contextlib.contextmanager
+def failing_writes(folder: Path, number: int, site: str = ""):
+    """Opening for writing a file under ``folder`` whose name contains ``site`` raises OSError(``number``).
+
+    Yields the list of paths that failed (the first is the one the error must name).
+    """
+    folder = os.path.abspath(folder)
+    real_open, real_os_open = io.open, os.open
+    failed = []
+
+    def check(path, writing):
+        if not writing or not isinstance(path, (str, bytes, os.PathLike)):
+            return
+        path = os.path.abspath(os.fsdecode(path))
+        if path.startswith(folder + os.sep) and site in os.path.basename(path):
+            failed.append(path)
+            raise OSError(number, os.strerror(number), path)
+
+    def patched_open(file, mode="r", *args, **kwargs):
+        check(file, any(flag in mode for flag in "wax+"))
+        return real_open(file, mode, *args, **kwargs)
+
+    def patched_os_open(path, flags, *args, **kwargs):
+        check(path, flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        return real_os_open(path, flags, *args, **kwargs)
+
+    with (
+        mock.patch("builtins.open", patched_open),
+        mock.patch("io.open", patched_open),
+        mock.patch("os.open", patched_os_open),
+    ):
+        yield failed
+
+
+def _hashes(folder: Path) -> dict:
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.is_symlink()
+    }
+
+
+def _single_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The message
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", sorted(FIXES))
+def test_an_os_error_is_one_line_naming_the_path_and_the_fix(number, capsys):
+    def main(argv):
+        raise OSError(number, os.strerror(number), "/data/out/metrics.json")
+
+    assert run_entry_point(main, []) == 1
+    assert _single_error_line(capsys) == "error: " + FIXES[number].format(path="/data/out/metrics.json")
+
+
+def test_a_name_too_long_names_the_path_and_the_longest_part():
+    name = "x" * 300
+    message = describe_os_error(OSError(errno.ENAMETOOLONG, "File name too long", f"/data/{name}.csv"))
+    assert message.startswith(f"file name too long: /data/{name}.csv (a name of 304 bytes)")
+    assert message.endswith("choose shorter names (most file systems allow 255 bytes per name)")
+
+
+def test_an_os_error_without_a_path_names_the_commands_output_folder(tmp_path):
+    from skinclip.output_folder import OutputFolder
+
+    with OutputFolder(tmp_path / "out", "test"):
+        inside = describe_os_error(OSError(errno.ENAMETOOLONG, "File name too long", ""))
+    assert inside.startswith(f"file name too long: a file in {tmp_path / 'out'};")
+    # Reported after the folder's block has ended, as run_entry_point does.
+    with pytest.raises(OSError) as raised:
+        with OutputFolder(tmp_path / "out", "test"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert describe_os_error(raised.value).startswith(
+        f"no space left on the device while writing a file in {tmp_path / 'out'};"
+    )
+    assert describe_os_error(OSError(errno.ENOSPC, "No space left on device")).startswith(
+        "no space left on the device while writing a file (the OS did not say which)"
+    )
+
+
+def test_an_os_error_wrapped_by_a_library_is_recognised_by_its_text():
+    # safetensors' own exception, as raised on a full disk.
+    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
+    assert describe_os_error(wrapped).startswith("no space left on the device while writing")
+    chained = ValueError("could not save")
+    chained.__cause__ = OSError(errno.EROFS, "Read-only file system", "/ro/x")
+    assert describe_os_error(chained) == "/ro/x is on a read-only file system; choose a writable folder"
+    assert describe_os_error(ValueError("not an OS error")) is None
+
+
+def test_debug_shows_the_traceback_of_an_os_error():
+    def main(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/x")
+
+    with pytest.raises(OSError):
+        run_entry_point(main, ["--debug"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fault injection at the write sites of each command
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_data(tmp_path_factory, make_config):
+    from datasets_scripts.demo import build_demo_dataset
+    from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
+
+    root = tmp_path_factory.mktemp("os-errors")
+    dataset = build_demo_dataset(num_per_class=6, image_size=32, seed=0)
+    dataset.save_to_disk(str(root / "data"))
+    config = make_config(class_names=tuple(dataset["train"].features["label"].names))
+    model = SkinClipVLModel(config, device="cpu")
+    with torch.no_grad():
+        for tensor in model.trained_state_dict().values():
+            tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    model.save_pretrained(root / "model")
+    SkinClipVLProcessor.from_pretrained(None, config=config).save_pretrained(root / "model")
+    return root
+
+
+def _evaluate(root, out):
+    argv = ["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out), "--bootstrap", "0"]
+    return cli.evaluate(argv + ["--batch-size", "8"])
+
+
+@pytest.fixture(scope="module")
+def previous_evaluation(checkpoint_and_data):
+    assert _evaluate(checkpoint_and_data, checkpoint_and_data / "eval") == 0
+    return checkpoint_and_data / "eval"
+
+
+# Every write site of an evaluation with a full disk; the other errors at the first write (the lock).
+EVALUATION_FAULTS = [("", number) for number in sorted(FIXES)] + [
+    (site, errno.ENOSPC) for site in ("predictions.csv", "reliability.png", "metrics.json", "metrics.md")
+]
+
+
+@pytest.mark.parametrize("site, number", EVALUATION_FAULTS)
+def test_evaluate_fails_in_one_line_and_keeps_the_previous_evaluation(
+    checkpoint_and_data, previous_evaluation, tmp_path, capsys, site, number
+):
+    out = tmp_path / "eval"
+    shutil.copytree(previous_evaluation, out)
+    before = _hashes(out)
+    capsys.readouterr()
+    with failing_writes(out, number, site) as failed:
+        assert _evaluate(checkpoint_and_data, out) == 1
+    assert _single_error_line(capsys) == "error: " + FIXES[number].format(path=failed[0])
+    after = _hashes(out)
+    assert set(after) == set(before)  # nothing torn, nothing left half-written beside
+    target = next((name for name in before if site and name.endswith(site)), None)
+    if target is not None:
+        assert after[target] == before[target]  # the file whose write failed is the previous run's, whole
+
+
+def test_predict_into_a_read_only_out_is_one_line(checkpoint_and_data, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    root = checkpoint_and_data
+    image = tmp_path / "lesion.png"
+    load_from_disk(str(root / "data"))["test"][0]["image"].save(image)
+    out = tmp_path / "maps"
+    with failing_writes(out, errno.EROFS) as failed:
+        assert cli.predict(["--model", str(root / "model"), "--no-rationale", "--out", str(out), str(image)]) == 1
+    assert _single_error_line(capsys) == "error: " + FIXES[errno.EROFS].format(path=failed[0])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "site, number",
+    [
+        ("", errno.EROFS),
+        ("", errno.ENOSPC),
+        ("dataset_dict.json", errno.ENOSPC),
+        (".skinclip-conversion", errno.ENOSPC),
+    ],
+)
+def test_a_conversion_fails_in_one_line_and_keeps_the_previous_dataset(tmp_path, capsys, site, number):
+    from datasets_scripts import demo
+
+    argv = ["--output-dir", str(tmp_path / "data"), "--num-per-class", "5", "--image-size", "16"]
+    assert run_entry_point(demo.main, argv) == 0
+    before = _hashes(tmp_path)
+    capsys.readouterr()
+    with failing_writes(tmp_path, number, site) as failed:
+        assert run_entry_point(demo.main, argv + ["--seed", "1"]) == 1
+    assert _single_error_line(capsys) == "error: " + FIXES[number].format(path=failed[0])
+    assert _hashes(tmp_path) == before  # the previous dataset, whole; no temporary folder left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site", ["", "validation_predictions.csv", "README.md"])
+def test_train_fails_in_one_line_and_never_reports_success(checkpoint_and_data, tmp_path, capsys, site):
+    root = checkpoint_and_data
+    out = tmp_path / "out"
+    argv = ["configs/demo.yaml", f"--output_dir={out}", f"--dataset_path={root / 'data'}", "--demo_dataset=false"]
+    argv += [f"--tiny_bases_dir={tmp_path / 'bases'}", "--max_steps=1", "--save_strategy=no", "--eval_strategy=no"]
+    argv += ["--test_split=null", "--disable_tqdm=true"]
+    with failing_writes(out, errno.ENOSPC, site) as failed:
+        assert cli.train(argv) == 1
+    captured = capsys.readouterr()
+    assert "Checkpoint:" not in captured.out  # the summary of a successful run
+    assert "Traceback" not in captured.err
+    [line] = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert line == "error: " + FIXES[errno.ENOSPC].format(path=failed[0])
+
+
+# --------------------------------------------------------------------------------------------------------
+# A real full disk
+# --------------------------------------------------------------------------------------------------------
+
+
+def _private_tmpfs_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt && test -w /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _private_tmpfs_works(), reason="no private tmpfs (unshare -rm) on this machine")
+def test_a_conversion_onto_a_full_tmpfs_is_one_line_and_leaves_nothing(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    script = (
+        f"mount -t tmpfs -o size=96k tmpfs {mount} && "
+        f"{sys.executable} -m datasets_scripts.demo --output-dir {mount}/data --num-per-class 40 --image-size 64; "
+        f"code=$?; ls -A {mount}; exit $code"
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: no space left on the device while writing ")
+    assert str(mount) in line and line.endswith("free some space or write to another disk")
+    assert result.stdout.strip() == ""  # no torn dataset, no temporary folder left on the full disk
