@@ -6,6 +6,7 @@ the trained model's prediction back.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,21 @@ from benchmarks import bench_skinclip as bench
 from benchmarks import gpu_check
 from tests.conftest import REPO_ROOT
 
+# Loaded at interpreter start (PYTHONPATH): `import datasets` fails and find_spec says it is not installed.
+HIDE_DATASETS = """
+import importlib.util
+import sys
+
+_find_spec = importlib.util.find_spec
+sys.modules["datasets"] = None
+
+
+def find_spec(name, package=None):
+    return None if name.split(".")[0] == "datasets" else _find_spec(name, package)
+
+
+importlib.util.find_spec = find_spec
+"""
 PHASES = ["environment", "build", "train_speed", "train_lean", "inference", "save", "reload", "plain"]
 
 
@@ -23,11 +39,17 @@ PHASES = ["environment", "build", "train_speed", "train_lean", "inference", "sav
 def test_tiny_gpu_check_runs_every_phase_on_the_cpu(tmp_path):
     command = [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--size", "tiny"]
     command += ["--device", "cpu"]
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    # The GPU image has no `datasets` (too large to carry as wheels): the check must run without it.
+    hide = tmp_path / "hide_datasets"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE_DATASETS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hide), str(REPO_ROOT)])}
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     results = json.loads((tmp_path / "gpu-check-tiny-cpu.json").read_text())
     log = (tmp_path / "gpu-check-tiny-cpu.log").read_text()
     assert "[gpu_check] all phases ok" in log and "reload: loaded in" in log  # the reload process's output too
+    assert "halted; None in sys.modules" not in log  # nothing tried to import datasets
 
     assert list(results["phases"]) == PHASES
     for name, phase in results["phases"].items():
@@ -108,3 +130,29 @@ def test_paper_check_shape_is_the_real_bases_and_the_benchmarks_paper_shape():
     assert shape.clip_vision == paper.clip_vision and shape.clip_projection == paper.clip_projection
     assert (shape.batch, shape.dtype, shape.quantization) == (8, "bfloat16", "nf4")
     assert shape.warmup + shape.steps < paper.warmup + paper.steps  # fewer steps, to fit the 8 minutes
+
+
+def test_wheel_requirements_are_read_from_the_wheels_metadata(tmp_path):
+    import zipfile
+
+    from benchmarks import gpu_wheels
+
+    wheel = tmp_path / "open_clip_torch-3.3.0-py3-none-any.whl"
+    metadata = "\n".join(
+        [
+            "Metadata-Version: 2.1",
+            "Name: open_clip_torch",
+            "Requires-Dist: torch>=2.0",
+            "Requires-Dist: huggingface_hub",
+            "Requires-Dist: ftfy",
+            "Requires-Dist: typing_extensions ; python_version < '3.9'",
+            "Requires-Dist: pytest ; extra == 'test'",
+        ]
+    )
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("open_clip_torch-3.3.0.dist-info/METADATA", metadata)
+    assert gpu_wheels.requirements(wheel) == ["torch", "huggingface-hub", "ftfy", "typing-extensions"]
+    # Every requirement of the fetched set is fetched too or on the GPU image (checked for real by `fetch`).
+    fetched = {gpu_wheels._normalise(spec.split("==")[0]) for spec in gpu_wheels.WHEELS}
+    assert {"bitsandbytes", "open-clip-torch", "ftfy", "wcwidth"} == fetched
+    assert "datasets" not in fetched  # too large with its own needs; the check does not import it
