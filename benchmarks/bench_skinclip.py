@@ -608,9 +608,9 @@ TRAINING_VARIANTS = {
 }
 
 
-def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, results: dict) -> None:
+def build_skinclip(shape: Shape, bases: dict, args, device, results: dict):
+    """The SkinCLIP-VL model at the shape, its benchmark rows (with cached CLIP features) and the decoder's N."""
     from modeling_skinclip import SkinClipVLModel
-    from trainer_cfa import CFATrainer
 
     config = skinclip_config(shape, bases, args.dtype, args.quantization)
     model = SkinClipVLModel(config, device=device)
@@ -621,50 +621,64 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
     add_cached_features(model, rows, args.batch)
     results["cached_features_dtype"] = str(rows[0]["vision_features"].dtype).removeprefix("torch.")
     results["skinclip_image_tokens"] = model.num_image_tokens
+    return model, rows, n_params
 
-    training = []
-    for name in args.variants:
-        if name not in TRAINING_VARIANTS:
-            raise ValueError(f"unknown variant {name!r}; choose from {sorted(TRAINING_VARIANTS)}")
-        cached, all_positions, checkpointing, overrides = TRAINING_VARIANTS[name]
-        if overrides.get("optim", "").endswith("8bit") and device.type != "cuda":
-            # bitsandbytes' paged optimisers need CUDA; the CPU run keeps torch AdamW
-            overrides = {k: v for k, v in overrides.items() if k != "optim"}
-        # image_token_pooling is a model setting, not a TrainingArguments field.
-        pooling = overrides.get("image_token_pooling", 1)
-        overrides = {k: v for k, v in overrides.items() if k != "image_token_pooling"}
-        model.config.image_token_pooling = pooling
-        tokens = skinclip_tokens(rows, model.num_image_tokens)
-        model.lm_head_on_all_positions = all_positions
-        model.train()
-        result = time_training(
-            CFATrainer,
-            model,
-            rows,
-            BenchCollator(cached),
-            shape,
-            args,
-            device,
-            activation_checkpointing=checkpointing,
-            **overrides,
-        )
-        model.activation_checkpointing_disable()
-        result.update(
-            cached_features=cached,
-            lm_head_all_positions=all_positions,
-            gradient_checkpointing=checkpointing,
-            image_tokens=model.num_image_tokens,
-            image_token_pooling=pooling,
-            **overrides,
-        )
-        training.append(_report(f"skinclip/{name}", result, tokens, n_params, peak_flops, args.batch))
-        print(_line(training[-1]), flush=True)
+
+def variant_overrides(name: str, device: torch.device) -> tuple[bool, bool, bool, dict, int]:
+    """(cached features, LM head on all positions, checkpointing, TrainingArguments overrides, pooling) of a variant."""
+    if name not in TRAINING_VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {sorted(TRAINING_VARIANTS)}")
+    cached, all_positions, checkpointing, overrides = TRAINING_VARIANTS[name]
+    if overrides.get("optim", "").endswith("8bit") and (device.type != "cuda" or not bitsandbytes_available()):
+        # bitsandbytes' paged optimisers need CUDA (and bitsandbytes); elsewhere the run keeps torch AdamW
+        overrides = {k: v for k, v in overrides.items() if k != "optim"}
+    # image_token_pooling is a model setting, not a TrainingArguments field.
+    pooling = overrides.get("image_token_pooling", 1)
+    overrides = {k: v for k, v in overrides.items() if k != "image_token_pooling"}
+    return cached, all_positions, checkpointing, overrides, pooling
+
+
+def train_skinclip_variant(model, name: str, rows, n_params: int, shape: Shape, args, device, peak_flops: float):
+    """Time one training variant (real CFATrainer steps) on the model; returns its report entry."""
+    from trainer_cfa import CFATrainer
+
+    cached, all_positions, checkpointing, overrides, pooling = variant_overrides(name, device)
+    model.config.image_token_pooling = pooling
+    tokens = skinclip_tokens(rows, model.num_image_tokens)
+    model.lm_head_on_all_positions = all_positions
+    model.train()
+    result = time_training(
+        CFATrainer,
+        model,
+        rows,
+        BenchCollator(cached),
+        shape,
+        args,
+        device,
+        activation_checkpointing=checkpointing,
+        **overrides,
+    )
+    model.activation_checkpointing_disable()
+    result.update(
+        cached_features=cached,
+        lm_head_all_positions=all_positions,
+        gradient_checkpointing=checkpointing,
+        image_tokens=model.num_image_tokens,
+        image_token_pooling=pooling,
+        **overrides,
+    )
+    entry = _report(f"skinclip/{name}", result, tokens, n_params, peak_flops, args.batch)
+    print(_line(entry), flush=True)
+    model.lm_head_on_all_positions = False
+    model.config.image_token_pooling = 1
+    return entry
+
+
+def time_skinclip_inference(model, rows, shape: Shape, args, device, results: dict) -> None:
+    """Classification only (the decoder stops at CLS), and classification + rationale (KV cache)."""
     model.lm_head_on_all_positions = False
     model.config.image_token_pooling = 1
     model.trailing_padding, model.fused_lm_loss = True, True  # inference runs the model as `speed` trains it
-    results["training"].extend(training)
-
-    # Inference: classification only (the decoder stops at CLS), and classification + rationale (KV cache).
     model.eval()
     batch = BenchCollator(True)(rows[: args.batch])
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -701,7 +715,15 @@ def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, r
             entry["generated_tokens_per_s"] = args.batch * new_tokens / seconds
         results["inference"].append(entry)
         print(_line(entry), flush=True)
-    model = None  # frees the weights before the next model is built (the timed closures above are done)
+    model.config.image_token_pooling = 1
+
+
+def bench_skinclip(shape: Shape, bases: dict, args, device, peak_flops: float, results: dict) -> None:
+    model, rows, n_params = build_skinclip(shape, bases, args, device, results)
+    for name in args.variants:
+        results["training"].append(train_skinclip_variant(model, name, rows, n_params, shape, args, device, peak_flops))
+    time_skinclip_inference(model, rows, shape, args, device, results)
+    model = None  # frees the weights before the next model is built
     gc.collect()
     reset_peak_memory(device)
 
@@ -737,7 +759,9 @@ def _plain_model(bases: dict, args, device):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=["visual", "lm_head"],
+            # transformers 5 matches these from the start of a module's name (or as its suffix), so the ViT,
+            # nested as model.visual, needs its full prefix; "visual" serves the older flat layout.
+            llm_int8_skip_modules=["model.visual", "visual", "lm_head"],
         )
     device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
     model = AutoModelForImageTextToText.from_pretrained(
@@ -918,17 +942,28 @@ def goals(ratios: dict) -> dict:
     }
 
 
+def bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def environment(device: torch.device, cpu: dict) -> dict:
-    import bitsandbytes
     import peft
     import transformers
 
+    if bitsandbytes_available():
+        import bitsandbytes
+
+        bnb_version = bitsandbytes.__version__
+    else:
+        bnb_version = None  # not installed: the run falls back to a bf16 decoder and torch AdamW (gpu_check.py)
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "bitsandbytes": bitsandbytes.__version__,
+        "bitsandbytes": bnb_version,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -134,28 +134,95 @@ def test_accelerate_launch_trains_an_ablation_without_alignment_in_two_processes
 
 def _launch_demo_training(tmp_path, *fields: str) -> None:
     """`accelerate launch --config_file configs/accelerate/ddp.yaml train.py configs/demo.yaml` (two processes)."""
+    _train_demo(tmp_path, tmp_path / "out", *fields, launch=("--config_file", "configs/accelerate/ddp.yaml"))
+
+
+def _train_demo(tmp_path, out, *fields: str, launch: tuple[str, ...] | None = None) -> None:
+    """`train.py configs/demo.yaml` in one process, or under `accelerate launch` with the given launcher flags;
+    the generated data and tiny bases are shared through tmp_path."""
     import subprocess
     import sys
 
     from tests.conftest import REPO_ROOT
 
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        "configs/accelerate/ddp.yaml",
-        "--main_process_port",
-        str(_free_port()),
+    command = [sys.executable]
+    if launch is not None:
+        command += ["-m", "accelerate.commands.launch", *launch, "--main_process_port", str(_free_port())]
+    command += [
         "train.py",
         "configs/demo.yaml",
-        f"--output_dir={tmp_path / 'out'}",
+        f"--output_dir={out}",
         f"--dataset_path={tmp_path / 'data'}",
         f"--tiny_bases_dir={tmp_path / 'bases'}",
         *fields,
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# configs/accelerate/fsdp.yaml as shipped, with the two settings a CPU run needs: torch refuses
+# sync_module_states on the CPU ("FSDP parameter initialization with sync_module_states=True is not supported
+# on cpu"; every process builds the same seeded model, so nothing needs broadcasting), and float32 (the demo's
+# compute dtype) instead of bf16 mixed precision, so that the two runs can be compared to float32 rounding.
+FSDP_ON_CPU = (
+    "--config_file",
+    "configs/accelerate/fsdp.yaml",
+    "--fsdp_sync_module_states",
+    "false",
+    "--mixed_precision",
+    "no",
+)
+
+
+@pytest.mark.slow  # three train.py runs: FSDP in 2 processes, 1 process, FSDP resumed
+def test_fsdp_launch_matches_one_process_saves_a_loadable_checkpoint_and_resumes(tmp_path):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml train.py` on CPU (gloo), 2 processes x 8,
+    against `train.py` in one process x 16 (the same 16 samples a step: accelerate gives process k the k-th
+    batch of the one-process order): the same loss and gradient norm at each step, the same weights after the
+    second (lr 0 at step 1 under the demo's warm-up, so step 2 applies the gradients), a checkpoint that
+    `SkinClipVLModel.from_pretrained` loads, and a resume from step 1 that ends with the same weights."""
+    import json
+    import shutil
+
+    from modeling_skinclip import SkinClipVLModel
+
+    fields = ("--max_steps=2", "--logging_steps=1", "--save_strategy=steps", "--save_steps=1", "--eval_strategy=no")
+    fields += ("--disable_tqdm=true",)
+    # Both steps are full batches (the demo's training split has more than 32 rows): a short last batch would be
+    # padded with repeated samples by accelerate (even_batches) and differ from the one-process batch.
+    _train_demo(tmp_path, tmp_path / "fsdp", *fields, "--per_device_train_batch_size=8", launch=FSDP_ON_CPU)
+    _train_demo(tmp_path, tmp_path / "single", *fields, "--per_device_train_batch_size=16")
+
+    def steps(out):
+        history = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+        return [entry for entry in history if "loss" in entry]
+
+    fsdp_steps, single_steps = steps(tmp_path / "fsdp"), steps(tmp_path / "single")
+    assert [e["step"] for e in fsdp_steps] == [e["step"] for e in single_steps] == [1, 2]
+    for sharded, single in zip(fsdp_steps, single_steps):
+        for key in ("loss", "grad_norm", "loss_focal", "loss_align", "loss_cal", "loss_gen"):
+            assert sharded[key] == pytest.approx(single[key], rel=1e-4), (sharded["step"], key)
+    sharded_weights = load_file(tmp_path / "fsdp" / "model.safetensors")
+    single_weights = load_file(tmp_path / "single" / "model.safetensors")
+    assert set(sharded_weights) == set(single_weights)
+    moved = 0
+    for name, tensor in single_weights.items():
+        torch.testing.assert_close(sharded_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        moved += not torch.equal(tensor, load_file(tmp_path / "single" / "checkpoint-1" / "model.safetensors")[name])
+    assert moved > len(single_weights) // 2  # step 2 moved the weights: the comparison is not of untouched ones
+
+    # The FSDP-gathered checkpoint loads with from_pretrained and holds the trained tensors.
+    model = SkinClipVLModel.from_pretrained(tmp_path / "fsdp" / "checkpoint-2", device="cpu")
+    for name, tensor in model.trained_state_dict().items():
+        torch.testing.assert_close(tensor, sharded_weights[name], rtol=0, atol=0, msg=name)
+
+    # Resume the sharded run from its step-1 checkpoint: the same final weights as the uninterrupted run.
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoint-2")
+    resume = ("--per_device_train_batch_size=8", "--resume_from_checkpoint=true")
+    _train_demo(tmp_path, tmp_path / "fsdp", *fields, *resume, launch=FSDP_ON_CPU)
+    resumed = load_file(tmp_path / "fsdp" / "model.safetensors")
+    for name, tensor in sharded_weights.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_fsdp_config_wraps_the_decoder_layers(make_config):
