@@ -576,6 +576,13 @@ class CFATrainingArguments(TrainingArguments):
         },
     )
     augment: bool = field(default=True, metadata={"help": "Random flips / right-angle rotations of training images."})
+    final_rationale_rows: int = field(
+        default=0,
+        metadata={
+            "help": "After training, generate the rationales of the first N test rows and report how many name the "
+            "class head's top class (test_metrics.json: rationale_agreement; rationales.csv). 0 = off."
+        },
+    )
     max_consecutive_nonfinite: int = field(
         default=5,
         metadata={"help": "Stop after this many optimizer steps in a row skipped for a non-finite loss or gradient."},

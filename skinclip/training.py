@@ -29,6 +29,7 @@ from transformers import TrainerCallback, set_seed
 from configuration_skinclip import SkinClipVLConfig
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from skinclip import validation
+from skinclip.classification_metrics import to_strict_json
 from skinclip.output_folder import OutputFolder, atomic_write_text, remove_owned
 from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config, write_split_outputs
 from trainer_cfa import CFATrainer, CFATrainingArguments, SkinClipVLCollator, compute_classification_metrics
@@ -419,6 +420,10 @@ def _train(
             write_split_outputs(
                 output_dir, split, image_ids_of(dataset[split]), result.label_ids, probs, class_names, metrics[split]
             )
+    test_split = data_args.test_split
+    if training_args.final_rationale_rows > 0 and test_split in metrics and trainer.is_world_process_zero():
+        add_rationale_agreement(model, processor, dataset[test_split], training_args, metrics[test_split], output_dir)
+        atomic_write_text(output_dir / f"{test_split}_metrics.json", to_strict_json(metrics[test_split]))
     model.include_bases = model_args.include_bases  # the final checkpoint only; the epoch checkpoints stay small
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
@@ -428,6 +433,24 @@ def _train(
             trainer.push_to_hub(commit_message="SkinCLIP-VL checkpoint")
         print(run_summary(output_dir, metrics, data_args), flush=True)
     return metrics
+
+
+def add_rationale_agreement(model, processor, split_dataset, training_args, split_metrics: dict, output_dir) -> None:
+    """``final_rationale_rows``: generate the first N test rows' rationales (``rationales.csv``) and add how many
+    name the class head's top class to the test metrics (``rationale_agreement``: the rate; ``_counts``: all)."""
+    from skinclip.evaluation import rationale_agreement
+
+    result = rationale_agreement(
+        model,
+        processor,
+        split_dataset,
+        training_args.final_rationale_rows,
+        Path(output_dir),
+        batch_size=training_args.per_device_eval_batch_size,
+        progress=not training_args.disable_tqdm,
+    )
+    split_metrics["rationale_agreement"] = result.get("rate")
+    split_metrics["rationale_agreement_counts"] = result
 
 
 def run_summary(output_dir: Path, metrics: dict[str, dict], data_args: DataArguments) -> str:

@@ -111,6 +111,7 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "per_device_eval_batch_size": (1, True),
     "gradient_accumulation_steps": (1, True),
     "max_consecutive_nonfinite": (1, True),
+    "final_rationale_rows": (0, True),
     "logging_steps": (0, False),
     "dataloader_num_workers": (0, True),
     "save_total_limit": (1, True),
