@@ -30,6 +30,7 @@ def demo_run(tmp_path_factory):
         "--num_train_epochs=3",
         "--save_strategy=no",
         "--disable_tqdm=true",
+        "--final_rationale_rows=3",
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -55,6 +56,10 @@ def test_demo_writes_checkpoint_metrics_and_card(demo_run):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert {"balanced_accuracy", "auroc_macro", "ece", "loss"} <= set(metrics)
+    # final_rationale_rows: the first 3 test rows' rationales, read against the class head's top class.
+    counts = metrics["rationale_agreement_counts"]
+    assert counts["rows"] == 3 and metrics["rationale_agreement"] == counts["agree"] / 3
+    assert len(pd.read_csv(out / "rationales.csv")) == 3
     # The folder shared on the Hub holds no pickle: the run's arguments are JSON (Trainer's training_args.bin
     # is replaced), weights are safetensors.
     assert json.loads((out / "training_args.json").read_text())["num_train_epochs"] == 3
