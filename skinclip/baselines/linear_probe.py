@@ -96,9 +96,21 @@ def split_features(split_dataset, num_prefix_tokens: int, batch_size: int = 256)
     return np.concatenate(parts)
 
 
-def dataset_with_features(dataset, splits: list[str], model_args, args, class_names: list[str]) -> tuple[dict, str]:
-    """``{split: Dataset with vision_features}`` and where the features came from (the cache or the tower)."""
-    from skinclip.feature_cache import FEATURES_COLUMN, KEY_COLUMN, add_vision_features, vision_features_key
+def dataset_with_features(
+    dataset, splits: list[str], model_args, args, class_names: list[str], dataset_path: str
+) -> tuple[dict, str]:
+    """``{split: Dataset with vision_features}`` and where the features came from: a column of the dataset, the
+    store train.py keeps beside it (`skinclip.feature_cache.with_stored_vision_features`), or the tower."""
+    from datasets import load_from_disk
+
+    from skinclip.feature_cache import (
+        FEATURES_COLUMN,
+        KEY_COLUMN,
+        stored_features_folder,
+        vision_features_key,
+        with_stored_vision_features,
+    )
+    from skinclip.run_io import image_ids_of
     from skinclip.training import build_config
 
     config = build_config(model_args, class_names)
@@ -112,6 +124,10 @@ def dataset_with_features(dataset, splits: list[str], model_args, args, class_na
                     f"is {expected!r}: set the config's vision fields to that tower, or drop the column"
                 )
         return {split: dataset[split] for split in splits}, f"cached column {FEATURES_COLUMN} ({expected})"
+    stores = [stored_features_folder(dataset_path, expected, split, image_ids_of(dataset[split])) for split in splits]
+    if all((store / "state.json").is_file() for store in stores):
+        # The tower's output for these rows, stored by an earlier train.py run (or probe) on the same dataset.
+        return {split: load_from_disk(str(store)) for split, store in zip(splits, stores)}, f"stored ({expected})"
 
     from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 
@@ -122,11 +138,9 @@ def dataset_with_features(dataset, splits: list[str], model_args, args, class_na
             f"{model.vision.num_prefix_tokens} tokens before its patches: set probe_prefix_tokens to that"
         )
     processor = SkinClipVLProcessor.from_pretrained(None, config=config)
-    with_features = {
-        split: add_vision_features(dataset[split], model, processor, batch_size=args.per_device_eval_batch_size)
-        for split in splits
-    }
-    return with_features, f"computed with {expected}"
+    with_features = {split: dataset[split] for split in splits}
+    with_stored_vision_features(with_features, splits, dataset_path, model, processor, image_ids_of)
+    return with_features, f"computed with {expected} (stored beside the dataset)"
 
 
 def cross_validation(train_dataset, labels: np.ndarray, args):
@@ -200,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = load_training_data(data_args, args.seed)
     class_names = dataset[data_args.train_split].features["label"].names
     scored = [s for s in (data_args.eval_split, data_args.test_split) if s]
-    splits, source = dataset_with_features(dataset, [data_args.train_split, *scored], model_args, args, class_names)
+    splits, source = dataset_with_features(
+        dataset, [data_args.train_split, *scored], model_args, args, class_names, data_args.dataset_path
+    )
     labels = np.asarray(splits[data_args.train_split]["label"], dtype=int)
     features = split_features(splits[data_args.train_split], args.probe_prefix_tokens)
     cv, groups = cross_validation(splits[data_args.train_split], labels, args)
