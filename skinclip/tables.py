@@ -771,6 +771,7 @@ HAM10000_MINI_COLUMNS = [c for c, *_ in HAM10000_MINI_METRICS] + [
 ROW_SETTINGS = ("focal_gamma", "focal_alpha", "lambda_align", "lambda_cal", "lambda_gen", "use_metadata")
 BUDGET_SETTINGS = (
     "num_train_epochs",
+    "max_steps",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "learning_rate",
