@@ -776,6 +776,7 @@ BUDGET_SETTINGS = (
     "gradient_accumulation_steps",
     "learning_rate",
     "seed",
+    "load_best_model_at_end",  # true: the validation split also chose the epoch (the probe never sees it)
 )
 
 
@@ -828,7 +829,9 @@ def _budget_note(trained: list[str], plan: Plan) -> str:
     readable = {name: values for name, values in settings.items() if values is not None}
     if not readable:
         return "Training budget: the row configs cannot be read yet (see each run's error.txt)."
-    budgets = {name: {k: values.get(k) for k in BUDGET_SETTINGS} for name, values in readable.items()}
+    budgets = {
+        name: {k: values.get(k, _field_default(k)) for k in BUDGET_SETTINGS} for name, values in readable.items()
+    }
     first = next(iter(budgets.values()))
     if all(budget == first for budget in budgets.values()) and len(readable) == len(trained):
         shown = ", ".join(f"{k} = {v}" for k, v in first.items() if v is not None)
@@ -953,7 +956,8 @@ def _ham10000_mini_verdict(bacc: dict[str, tuple[float, list | None]]) -> tuple[
     """Which row has the highest measured B-ACC, and whether (c) full CFA reaches the probe's; from the values."""
     probe, full = HAM10000_MINI_ROWS[0][0], HAM10000_MINI_ROWS[2][0]
     if not bacc:
-        return ["Highest B-ACC: no row has been scored yet."], {"best_bacc_rows": [], "full_cfa_reaches_probe": None}
+        lines = ["Highest B-ACC: no row has been scored yet.", "(c) against the probe: cannot be compared yet."]
+        return lines, {"best_bacc_rows": [], "full_cfa_reaches_probe": None}
     best = max(value for value, _ in bacc.values())
     winners = [label for label, (value, _) in bacc.items() if value == best]
     lines = [
