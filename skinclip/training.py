@@ -177,6 +177,14 @@ def write_model_card(
         f"- decoder: `{config.decoder_config.model_name_or_path}` ({config.decoder_config.quantization}, "
         f"LoRA r={config.decoder_config.lora_r}, alpha={config.decoder_config.lora_alpha})",
         *pooling,
+        *(
+            [
+                '- rationale: written after "Diagnosis: <class>." of the class head\'s top class '
+                "(`rationale_conditioning: class`; the paper's rationale does not read the class head)"
+            ]
+            if config.rationale_conditioning == "class"
+            else []
+        ),
         "",
         "```python",
         "from transformers import AutoModel",
