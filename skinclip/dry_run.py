@@ -7,7 +7,8 @@
 2. builds the processor from the bases' tokenizer/preprocessor files and the whole model on the meta device
    (``SkinClipVLModel(config, device="meta")``: shapes from the config files, no weight file is opened);
 3. tokenises ``per_device_train_batch_size`` real training rows through ``SkinClipVLCollator`` and reports the
-   decoder sequence ``[image][prompt][CLS][rationale]`` and what ``max_prompt_tokens`` / ``max_rationale_tokens``
+   decoder sequence ``[image][prompt][CLS][rationale]`` (``[condition]`` before the rationale with
+   ``rationale_conditioning: class``) and what ``max_prompt_tokens`` / ``max_rationale_tokens``
    cut (in the batch and over the whole training split);
 4. prints the parameter table (frozen / trained / LoRA, bytes by storage type) and a GPU memory plan (weights,
    gradients, optimizer states, activations with and without activation checkpointing, LM-head logits), with the
@@ -210,11 +211,22 @@ def batch_layout(model, processor, train_split, training_args) -> dict:
         if with_report and full["report"] is not None
         else None,
     }
+    # rationale_conditioning="class": "Diagnosis: <class>." between CLS and the rationale, every row padded to the
+    # longest class's tokens (the table generation uses too), so that width is also the most it adds.
+    layout["condition"] = (
+        {
+            "lengths": [int(n) for n in batch["condition_attention_mask"].sum(dim=1).tolist()],
+            "padded": int(batch["condition_ids"].shape[1]),
+        }
+        if "condition_ids" in batch
+        else None
+    )
+    padded_condition = layout["condition"]["padded"] if layout["condition"] else 0
     padded_rationale = layout["rationale"]["padded"] if with_rationale else 0
     maximum_rationale = config.max_rationale_tokens if with_rationale else 0
     layout["decoder_tokens"] = {
-        "this_batch": image_tokens + layout["prompt"]["padded"] + 1 + padded_rationale,
-        "maximum": image_tokens + config.max_prompt_tokens + 1 + maximum_rationale,
+        "this_batch": image_tokens + layout["prompt"]["padded"] + 1 + padded_condition + padded_rationale,
+        "maximum": image_tokens + config.max_prompt_tokens + 1 + padded_condition + maximum_rationale,
     }
     return layout
 
@@ -663,6 +675,16 @@ def _pooling_note(batch: dict) -> str:
 
 def _format_batch(report: dict) -> list[str]:
     batch, split = report["batch"], report["train_split_truncation"]
+    condition = batch.get("condition")
+    condition_lines = (
+        [
+            f'  {"condition":<10} {condition["padded"]} tokens ("Diagnosis: <class>.", the true class; '
+            "left-padded to the longest class; no LM loss)"
+        ]
+        if condition
+        else []
+    )
+    sequence = "[image][prompt][CLS][condition][rationale]" if condition else "[image][prompt][CLS][rationale]"
     lines = [
         f"batch layout ({batch['rows']} training rows through SkinClipVLCollator; pixel_values "
         f"{batch['pixel_values']}):",
@@ -670,9 +692,10 @@ def _format_batch(report: dict) -> list[str]:
         f"patches{_pooling_note(batch)}, projected)",
         _format_part("prompt", batch["prompt"]),
         f"  {'CLS':<10} 1",
+        *condition_lines,
         _format_part("rationale", batch["rationale"]),
         _format_part("report", batch["report"]) + "  (CLIP text tower, alignment)",
-        f"  decoder sequence [image][prompt][CLS][rationale]: {batch['decoder_tokens']['this_batch']} tokens in "
+        f"  decoder sequence {sequence}: {batch['decoder_tokens']['this_batch']} tokens in "
         f"this batch, at most {batch['decoder_tokens']['maximum']}",
     ]
     cut = [

@@ -262,6 +262,14 @@ def write_model_card(
         f"LoRA r={config.decoder_config.lora_r}, alpha={config.decoder_config.lora_alpha})",
         *pooling,
         *([] if config.use_metadata else ["- prompt: image only, no metadata sentence (`use_metadata: false`)"]),
+        *(
+            [
+                '- rationale: written after "Diagnosis: <class>." of the class head\'s top class '
+                "(`rationale_conditioning: class`; the paper's rationale does not read the class head)"
+            ]
+            if config.rationale_conditioning == "class"
+            else []
+        ),
         "",
         "```python",
         "from transformers import pipeline",

@@ -199,7 +199,14 @@ def _check_training_length(training_args) -> None:
 
 
 def _check_choices(model_args) -> None:
-    from configuration_skinclip import DTYPES, PROJECTOR_TYPES, QUANTIZATION_MODES, TEXT_ENCODERS, VISION_BACKENDS
+    from configuration_skinclip import (
+        DTYPES,
+        PROJECTOR_TYPES,
+        QUANTIZATION_MODES,
+        RATIONALE_CONDITIONING,
+        TEXT_ENCODERS,
+        VISION_BACKENDS,
+    )
 
     choices = {
         "vision_backend": VISION_BACKENDS,
@@ -207,6 +214,7 @@ def _check_choices(model_args) -> None:
         "compute_dtype": DTYPES,
         "text_encoder": TEXT_ENCODERS,
         "projector_type": PROJECTOR_TYPES,
+        "rationale_conditioning": RATIONALE_CONDITIONING,
     }
     for name, allowed in choices.items():
         value = getattr(model_args, name, None)
@@ -493,7 +501,8 @@ def is_checkpoint_dir(path: str | Path) -> bool:
 
 
 def check_evaluation_arguments(args) -> None:
-    """``--coverage``, ``--bootstrap``, ``--batch-size`` and ``--out`` (never a checkpoint folder)."""
+    """``--coverage``, ``--bootstrap``, ``--batch-size``, ``--rationales``, ``--max-new-tokens`` and ``--out`` (never
+    a checkpoint folder)."""
     coverage = _number("--coverage", args.coverage)
     if not 0 < coverage < 1:
         raise UserError(f"--coverage must be in (0, 1), got {coverage}")
@@ -507,6 +516,10 @@ def check_evaluation_arguments(args) -> None:
             "images it is scored on reports a calibration it does not have; choose another split, or "
             "--calibration-split '' to skip calibration"
         )
+    if getattr(args, "rationales", 0) < 0:
+        raise UserError(f"--rationales must be >= 0 (0 = no rationales), got {args.rationales}")
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")

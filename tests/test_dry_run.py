@@ -265,6 +265,24 @@ def test_image_token_pooling_shortens_the_planned_sequence(isic_small, base_dirs
     assert activations[0] < activations[1]
 
 
+def test_rationale_conditioning_adds_its_tokens_to_the_planned_sequence(
+    isic_small, base_dirs, tmp_path, no_weight_loading
+):
+    from transformers import AutoTokenizer
+
+    from skinclip import training
+
+    argv = _argv(isic_small, base_dirs, tmp_path / "out", "--max_prompt_tokens=4", "--max_rationale_tokens=8")
+    plain = training.main(argv)
+    conditioned = training.main([*argv, "--rationale_conditioning=class"])
+    tokenizer = AutoTokenizer.from_pretrained(base_dirs[0])
+    # Every row is padded to the longest class's " Diagnosis: <class>." in the Qwen2.5 tokenizer.
+    width = max(len(tokenizer(f" Diagnosis: {name}.", add_special_tokens=False)["input_ids"]) for name in CLASSES)
+    assert plain["batch"]["condition"] is None and conditioned["batch"]["condition"]["padded"] == width
+    for key in ("this_batch", "maximum"):
+        assert conditioned["batch"]["decoder_tokens"][key] == plain["batch"]["decoder_tokens"][key] + width
+
+
 def _save_variant(isic_small, folder, change):
     from datasets import load_from_disk
 

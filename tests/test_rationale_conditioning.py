@@ -136,3 +136,13 @@ def test_setting_survives_save_and_an_old_checkpoint_loads_as_none(tmp_path, con
     del saved["rationale_conditioning"]
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
     assert SkinClipVLModel.from_pretrained(tmp_path / "ckpt", device="cpu").config.rationale_conditioning == "none"
+
+
+@pytest.mark.parametrize("conditioning", ["none", "class"])
+def test_model_card_says_when_the_rationale_follows_the_class(tmp_path, make_config, conditioning):
+    from skinclip.run_io import DataArguments
+    from skinclip.training import write_model_card
+
+    config = make_config(rationale_conditioning=conditioning)
+    write_model_card(tmp_path, config, {}, DataArguments(dataset_path="data/x"), {"trainable": 1, "lora": 1})
+    assert ("`rationale_conditioning: class`" in (tmp_path / "README.md").read_text()) is (conditioning == "class")

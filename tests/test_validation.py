@@ -50,6 +50,7 @@ def _parse(*overrides):
         ("--train_fraction=1.5", "train_fraction must be <= 1"),
         ("--demo_num_per_class=2", "demo_num_per_class must be >= 5"),
         ("--quantization=nf3", "quantization='nf3' is not supported"),
+        ("--rationale_conditioning=label", r"rationale_conditioning='label' is not supported; choose one of \['none'"),
         ("--focal_alpha=1,x", "focal_alpha must be"),
         ("--focal_alpha=1,-2", "focal_alpha must be"),
         ("--no_such_field=1", r"Some keys are not used.*no_such_field"),
