@@ -30,7 +30,7 @@ def ham_subset(shared_data, tmp_path_factory):
     """40 lesions per class in the official HAM10000 layout (metadata CSV + image folder)."""
     source = shared_data / "ham10000-mini"
     table = pd.read_csv(source / "HAM10000_metadata.csv", dtype=str)
-    subset = table.groupby("dx", group_keys=False).apply(lambda rows: rows.sample(PER_CLASS, random_state=0))
+    subset = table.groupby("dx").sample(n=PER_CLASS, random_state=0)
     raw = tmp_path_factory.mktemp("ham-subset")
     (raw / "HAM10000_images_200px").mkdir()
     for image_id in subset["image_id"]:
