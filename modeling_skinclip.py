@@ -233,23 +233,26 @@ class VisionTower(nn.Module):
         raise NotImplementedError
 
 
+def _load_auto_model(vision_config, dtype: torch.dtype, device: torch.device, hub_kwargs: dict | None):
+    """The transformers model a vision config names, via ``AutoModel``: shapes only on the meta device (its config
+    file alone), else loaded straight onto its device (device_map), never built on the CPU and moved."""
+    from transformers import AutoConfig, AutoModel
+
+    name, revision, hub_kwargs = vision_config.model_name_or_path, vision_config.revision, hub_kwargs or {}
+    if device.type == "meta":
+        base_config = AutoConfig.from_pretrained(name, revision=revision, **hub_kwargs)
+        with torch.device("meta"):
+            return AutoModel.from_config(base_config, dtype=dtype)
+    return AutoModel.from_pretrained(name, revision=revision, dtype=dtype, device_map={"": device}, **hub_kwargs)
+
+
 class HFClipTower(VisionTower):
     """A transformers CLIP-style model with vision and text towers (e.g. ``openai/clip-vit-large-patch14``)."""
 
     def __init__(self, vision_config, dtype: torch.dtype, device: torch.device, hub_kwargs: dict | None = None):
-        from transformers import AutoConfig, AutoModel
-
         super().__init__(vision_config)
-        name, hub_kwargs = vision_config.model_name_or_path, hub_kwargs or {}
-        if device.type == "meta":
-            base_config = AutoConfig.from_pretrained(name, revision=vision_config.revision, **hub_kwargs)
-            with torch.device("meta"):
-                self.model = AutoModel.from_config(base_config, dtype=dtype)
-        else:
-            # Loaded straight onto its device (device_map), never built on the CPU and moved.
-            self.model = AutoModel.from_pretrained(
-                name, revision=vision_config.revision, dtype=dtype, device_map={"": device}, **hub_kwargs
-            )
+        name = vision_config.model_name_or_path
+        self.model = _load_auto_model(vision_config, dtype, device, hub_kwargs)
         if not hasattr(self.model, "vision_model") or not hasattr(self.model, "get_text_features"):
             raise ValueError(
                 f"vision_config.model_name_or_path={name!r} is a {type(self.model).__name__}, "
@@ -323,18 +326,9 @@ class HFVisionTower(VisionTower):
     """
 
     def __init__(self, vision_config, dtype: torch.dtype, device: torch.device, hub_kwargs: dict | None = None):
-        from transformers import AutoConfig, AutoModel
-
         super().__init__(vision_config)
         name, hub_kwargs = vision_config.model_name_or_path, hub_kwargs or {}
-        if device.type == "meta":
-            base_config = AutoConfig.from_pretrained(name, revision=vision_config.revision, **hub_kwargs)
-            with torch.device("meta"):
-                self.model = AutoModel.from_config(base_config, dtype=dtype)
-        else:
-            self.model = AutoModel.from_pretrained(
-                name, revision=vision_config.revision, dtype=dtype, device_map={"": device}, **hub_kwargs
-            )
+        self.model = _load_auto_model(vision_config, dtype, device, hub_kwargs)
         if hasattr(self.model, "get_text_features") or not hasattr(self.model, "embeddings"):
             raise ValueError(
                 f"vision_config.model_name_or_path={name!r} is a {type(self.model).__name__}, not an image-only "
