@@ -1392,9 +1392,18 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         model.load_trained_tensors(tensors, source=str(weights))
         calibration = folder / CALIBRATION_NAME
         if calibration.is_file():
-            temperature = float(json.loads(calibration.read_text()).get("temperature", 1.0))
-            if not math.isfinite(temperature) or temperature <= 0:
-                raise ValueError(f"{calibration}: temperature must be a positive number, got {temperature}")
+            try:
+                stored = json.loads(calibration.read_text())
+            except ValueError as error:  # invalid JSON or UTF-8: name the file
+                raise ValueError(f"{calibration}: not valid JSON ({error})") from error
+            temperature = stored.get("temperature", 1.0) if isinstance(stored, dict) else None
+            if (
+                isinstance(temperature, bool)
+                or not isinstance(temperature, (int, float))
+                or not math.isfinite(temperature)
+                or temperature <= 0
+            ):
+                raise ValueError(f"{calibration}: temperature must be a positive number, got {temperature!r}")
             model.calibration_temperature.fill_(temperature)
         model.source_folder = folder  # where the processor, calibration.json and the bundled bases are
         model.eval()

@@ -409,8 +409,8 @@ def bound_image_sides(paths: Sequence[str], max_side: int, folder: Path | None =
     """Each image larger than ``max_side`` on its long side → a copy at ``max_side`` (`_bounded_copy`) in
     ``folder``, or as ``{"bytes": ...}`` without one; the others stay as they are.
 
-    Returns (the image column, how many were downscaled). A 169-megapixel image stored as it was made a training
-    run peak at 4.17 GB against 1.70 GB without it (the probe's measurement): every image is decoded whole.
+    Returns (the image column, how many were downscaled). Training decodes every stored image whole, so one huge
+    image stored as it was set the run's peak memory (issue 22).
     """
     bounded, downscaled = [], 0
     for position, path in enumerate(tqdm(paths, desc="bounding image sizes", leave=False)):

@@ -23,6 +23,7 @@ Temperature scaling and split-conformal prediction are fitted on ``--calibration
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from skinclip import classification_metrics as sm
 from skinclip import validation
 from skinclip.errors import UserError
 from skinclip.inference import split_logits
-from skinclip.labels import ISIC2019_CLASSES, MALIGNANT_CLASSES
+from skinclip.labels import ISIC2019_CLASSES
 from skinclip.output_folder import OutputFolder, atomic_write_text, refuse_symlinks
 
 SUBGROUP_COLUMNS = {
@@ -89,11 +90,16 @@ def evaluate(
     seed: int = 0,
     rationales: int = 0,
     max_new_tokens: int | None = None,
+    positive_class: str | None = None,
+    malignant_classes: list[str] | None = None,
 ) -> dict:
     """Run the whole evaluation and write every report file; returns the metrics dict.
 
     ``rationales`` > 0 generates the rationales of the split's first rows (at most ``max_new_tokens`` tokens each,
     default the checkpoint's ``max_rationale_tokens``) and adds their agreement with the class head.
+    A binary split scored with a multi-class model takes its positive class and the malignant classes from
+    ``positive_class`` / ``malignant_classes`` or the split's own labels (`validation.binary_positive_class`,
+    `validation.malignant_class_set`); the report names both and where they came from.
     """
     import pandas as pd
 
@@ -103,8 +109,16 @@ def evaluate(
         dataset, split_name, calibration_split, class_names, "dataset"
     )
     split = dataset[split_name]
-    out_dir.mkdir(parents=True, exist_ok=True)
     data_classes = split.features["label"].names
+    if not in_model_classes:
+        positive, positive_from = validation.binary_positive_class(data_classes, class_names, positive_class)
+        malignant, malignant_from = validation.malignant_class_set(positive, class_names, malignant_classes)
+        print(
+            f"note: binary split scored out of distribution: positive class {positive!r} (from {positive_from}); "
+            f"malignant score = sum of P({', '.join(malignant)}) (from {malignant_from})",
+            file=sys.stderr,
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(split["label"], dtype=int)
     logits = split_logits(model, processor, split, batch_size, progress)
 
@@ -187,10 +201,13 @@ def evaluate(
             sm.write_isic2019_submission(out_dir / "isic2019_submission.csv", [str(i) for i in ids], probs, class_names)
     else:
         # Out of distribution: a multi-class model scored on a binary benign/malignant dataset.
-        y_true = (labels == _positive_index(data_classes)).astype(int)
+        y_true = (labels == data_classes.index(positive)).astype(int)
         report["ood_binary"] = {
-            **sm.ood_metrics(y_true, sm.malignant_score(probs, class_names)),
-            "malignant_classes": [c for c in MALIGNANT_CLASSES if c in class_names],
+            **sm.ood_metrics(y_true, sm.malignant_score(probs, class_names, malignant)),
+            "malignant_classes": malignant,
+            "malignant_classes_from": malignant_from,
+            "positive_class": positive,
+            "positive_class_from": positive_from,
         }
 
     if rationales > 0:
@@ -297,14 +314,6 @@ def _largest_gaps(table) -> dict:
     return gaps
 
 
-def _positive_index(names: list[str]) -> int:
-    lowered = [n.lower() for n in names]
-    for word in ("malignant", "1", "positive", "mel"):
-        if word in lowered:
-            return lowered.index(word)
-    return 1
-
-
 def _has_tabulate() -> bool:
     try:
         import tabulate  # noqa: F401  (pandas.to_markdown needs it)
@@ -373,6 +382,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bootstrap", type=resamples, default=1000, help="bootstrap resamples for 95%% CIs (0 = off)")
     parser.add_argument("--batch-size", type=validation.cli_number(int, 1), default=16)
     parser.add_argument("--save-calibration", action="store_true", help="write calibration.json into the checkpoint")
+    parser.add_argument(
+        "--positive-class", default=None, help="binary split: its positive (malignant) class, when its names do not say"
+    )
+    parser.add_argument(
+        "--malignant-classes",
+        default=None,
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        help="binary split: the model's classes summed into the malignant score (default MEL,BCC,SCC)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument(
         "--rationales",
@@ -397,7 +415,13 @@ def main(argv: list[str] | None = None) -> dict:
     # Data and labels are checked against the checkpoint's config before the model is built.
     dataset = validation.load_dataset_dict(args.dataset, "--dataset")
     class_names = validation.load_checkpoint_config(args.model).class_names
-    validation.check_evaluation_splits(dataset, args.split, args.calibration_split or None, class_names, args.dataset)
+    in_model_classes = validation.check_evaluation_splits(
+        dataset, args.split, args.calibration_split or None, class_names, args.dataset
+    )
+    if not in_model_classes:  # refused before the model is built when the split does not say
+        names = dataset[args.split].features["label"].names
+        positive, _ = validation.binary_positive_class(names, class_names, args.positive_class)
+        validation.malignant_class_set(positive, class_names, args.malignant_classes)
     model = validation.load_checkpoint(args.model, device=args.device)
     model.calibration_temperature.fill_(1.0)  # evaluate raw logits; the calibration is refitted here
     processor = SkinClipVLProcessor.from_pretrained(args.model)
@@ -418,6 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
             args.batch_size,
             rationales=args.rationales,
             max_new_tokens=args.max_new_tokens,
+            positive_class=args.positive_class,
+            malignant_classes=args.malignant_classes,
         )
         if args.save_calibration:
             save_calibration(report["calibration"], Path(args.model))

@@ -266,8 +266,10 @@ def _jet_table() -> np.ndarray:
 
 def load_calibration(model_dir: str | Path) -> dict:
     """`calibration.json` written by evaluate_skinclip.py (temperature, conformal threshold), or {}."""
+    from skinclip.validation import check_calibration, read_json_file
+
     path = Path(model_dir) / "calibration.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return check_calibration(read_json_file(path, "calibration file"), path) if path.is_file() else {}
 
 
 def prediction_set(probs: np.ndarray, calibration: dict, class_names: list[str]) -> str | None:

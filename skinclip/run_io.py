@@ -69,14 +69,25 @@ def load_yaml_config(path: Path, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise UserError(f"training config {path} extends itself through {[str(p) for p in _seen]}")
     try:
-        values = read_yaml(path.read_text()) or {}
+        values = read_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"training config {path} is not UTF-8 text (byte {error.start})") from error
     except yaml.YAMLError as error:
-        raise UserError(f"training config {path} is not valid YAML: {error}") from error
+        raise UserError(f"training config {path} is not valid YAML: {' '.join(str(error).split())}") from error
+    values = {} if values is None else values
     if not isinstance(values, dict):
-        raise UserError(f"training config {path} must be a mapping of field: value")
+        raise UserError(f"training config {path} must be a mapping of field: value, got {type(values).__name__}")
+    odd_keys = [key for key in values if not isinstance(key, str)]
+    if odd_keys:
+        raise UserError(f"training config {path}: field names must be text, got {odd_keys[:3]}")
     parent = values.pop("extends", None)
+    if parent is not None and not (isinstance(parent, str) and parent.strip()):
+        raise UserError(f"training config {path}: extends must name one YAML file, got {parent!r}")
     if parent:
-        values = {**load_yaml_config(path.parent / parent, _seen + (path.resolve(),)), **values}
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise UserError(f"training config {path} extends {parent_path}, which does not exist")
+        values = {**load_yaml_config(parent_path, _seen + (path.resolve(),)), **values}
     return values
 
 

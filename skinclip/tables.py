@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from skinclip.errors import UserError
 from skinclip.output_folder import OutputFolder, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, train.py
@@ -526,15 +527,22 @@ def calibrate_collected(run_dir: Path, plan: Plan) -> None:
 
 def read_metrics(run_dir: Path, which: str) -> tuple[dict | None, Path]:
     """``which`` is "test" or "ood"; returns (metrics or None, the file)."""
+    from skinclip.validation import read_json_file
+
     path = run_dir / f"{which}_metrics.json"
-    return (json.loads(path.read_text()) if path.is_file() else None), path
+    return (read_json_file(path, "metrics file") if path.is_file() else None), path
 
 
 def trainable_parameters(run_dir: Path) -> int | None:
     """From the run's files: run_info.json (baselines) or the trained tensors in model.safetensors (SkinCLIP-VL)."""
     info = run_dir / "run_info.json"
     if info.is_file():
-        return json.loads(info.read_text()).get("trainable_parameters")
+        from skinclip.validation import read_json_file
+
+        count = read_json_file(info, "run info").get("trainable_parameters")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            raise UserError(f"{info}: trainable_parameters must be an integer >= 0, got {count!r}")
+        return count
     weights = run_dir / "model.safetensors"
     if weights.is_file():
         from safetensors import safe_open

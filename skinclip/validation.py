@@ -496,6 +496,63 @@ def is_checkpoint_dir(path: str | Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Files read back (validated like user input, the file named)
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_json_file(path: str | Path, what: str) -> dict:
+    """A JSON object from ``path``; unreadable, invalid (NaN included) or not an object is a UserError naming it."""
+    path = Path(path)
+
+    def reject_constant(name):
+        raise ValueError(f"{name} is not a number in strict JSON")
+
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"), parse_constant=reject_constant)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {error.start}); rewrite it or delete it") from error
+    except ValueError as error:  # json.JSONDecodeError names line and column
+        raise UserError(f"{what} {path} is not valid JSON: {error}; rewrite it or delete it") from error
+    if not isinstance(content, dict):
+        raise UserError(f"{what} {path} must hold a JSON object, got {type(content).__name__}")
+    return content
+
+
+def _finite(value: Any, where: str, low: float | None = None, high: float | None = None, open_ends=True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (open_ends and value == low)):
+        raise UserError(f"{where} must be {'>' if open_ends else '>='} {low}, got {value!r}")
+    if high is not None and (value > high or (open_ends and value == high)):
+        raise UserError(f"{where} must be {'<' if open_ends else '<='} {high}, got {value!r}")
+    return value
+
+
+def check_calibration(calibration: dict, path: str | Path) -> dict:
+    """``calibration.json`` as evaluate_skinclip.py writes it: a temperature > 0 and, optionally, a conformal
+    threshold (method aps/raps/lac, coverage in (0, 1), qhat finite). Returns it; a bad field names the file."""
+    where = f"{path}:"
+    if "temperature" in calibration:
+        _finite(calibration["temperature"], f"{where} temperature", low=0)
+    conformal = calibration.get("conformal")
+    if conformal is None:
+        return calibration
+    if not isinstance(conformal, dict):
+        raise UserError(f"{where} conformal must be an object, got {conformal!r}")
+    if conformal.get("method") not in ("aps", "raps", "lac"):
+        raise UserError(f"{where} conformal.method must be 'aps', 'raps' or 'lac', got {conformal.get('method')!r}")
+    _finite(conformal.get("coverage"), f"{where} conformal.coverage", low=0, high=1)
+    _finite(conformal.get("qhat"), f"{where} conformal.qhat")
+    if "raps_lambda" in conformal:
+        _finite(conformal["raps_lambda"], f"{where} conformal.raps_lambda", low=0, open_ends=False)
+    if "raps_k_reg" in conformal:
+        k_reg = conformal["raps_k_reg"]
+        if isinstance(k_reg, bool) or not isinstance(k_reg, int) or k_reg < 0:
+            raise UserError(f"{where} conformal.raps_k_reg must be an integer >= 0, got {k_reg!r}")
+    return calibration
+
+
+# --------------------------------------------------------------------------------------------------------
 # evaluate_skinclip.py
 # --------------------------------------------------------------------------------------------------------
 
@@ -594,7 +651,68 @@ def check_evaluation_splits(
     return in_model_classes
 
 
+_POSITIVE_NAMES = {"malignant", "positive", "1", "true", "yes"}
+_NEGATIVE_NAMES = {"benign", "negative", "0", "false", "no"}
+
+
+def binary_positive_class(names: Sequence[str], model_classes: Sequence[str], option: str | None) -> tuple[str, str]:
+    """(the positive class of a binary split, where that came from): ``--positive-class``, or the split's own
+    label names when exactly one says positive (malignant, positive, 1) and the other negative (benign, ...).
+
+    Anything else is refused: "MEL" vs "NV", two of the model's classes, says nothing about which is positive
+    (it was guessed, the first name matching a list, else index 1, without a word).
+    """
+    names = list(names)
+    if option is not None:
+        if option not in names:
+            raise UserError(f"--positive-class {option!r} is not a class of the evaluated split (it has {names})")
+        return option, "--positive-class"
+    lowered = [name.lower() for name in names]
+    positive = [name for name, low in zip(names, lowered) if low in _POSITIVE_NAMES]
+    negative = [name for name, low in zip(names, lowered) if low in _NEGATIVE_NAMES]
+    if len(positive) == 1 and len(negative) == 1:
+        return positive[0], "the split's label names"
+    overlap = sorted(set(names) & set(model_classes))
+    why = f" ({overlap} are classes of the model: a subset, not a benign/malignant set)" if overlap else ""
+    raise UserError(
+        f"cannot tell which of the split's classes {names} is the positive (malignant) one{why}; "
+        "pass --positive-class NAME"
+    )
+
+
+def malignant_class_set(
+    positive: str, model_classes: Sequence[str], option: Sequence[str] | None
+) -> tuple[list[str], str]:
+    """(the model's classes whose probabilities add up to the malignant score, where that came from).
+
+    ``--malignant-classes``; else, for a split whose positive class is one of the model's classes (a subset),
+    that class; else the ISIC malignant diagnoses the model has (`skinclip.labels.MALIGNANT_CLASSES`).
+    """
+    from skinclip.labels import MALIGNANT_CLASSES
+
+    model_classes = list(model_classes)
+    if option:
+        unknown = [name for name in option if name not in model_classes]
+        if unknown:
+            raise UserError(f"--malignant-classes {unknown} are not classes of the model ({model_classes})")
+        return list(dict.fromkeys(option)), "--malignant-classes"
+    if positive in model_classes:
+        return [positive], "the split's positive class"
+    chosen = [name for name in MALIGNANT_CLASSES if name in model_classes]
+    if not chosen:
+        raise UserError(
+            f"none of the malignant diagnoses {list(MALIGNANT_CLASSES)} is a class of the model ({model_classes}); "
+            "pass --malignant-classes NAME,NAME"
+        )
+    return chosen, f"the default malignant diagnoses {list(MALIGNANT_CLASSES)}"
+
+
 __all__ = [
+    "check_calibration",
+    "read_json_file",
+    "binary_positive_class",
+    "cli_number",
+    "malignant_class_set",
     "check_evaluation_arguments",
     "check_evaluation_splits",
     "check_field_types",

@@ -446,7 +446,7 @@ def test_describe_metadata_never_raises_on_hostile_values():
 
 
 def test_converters_store_large_images_downscaled_and_record_the_bound(tiny_isic):
-    """A 169-megapixel image stored as it was made training peak at 4.17 GB instead of 1.70 GB."""
+    """A huge image stored as it was set a training run's peak memory (issue 22): it is stored downscaled."""
     from datasets import load_from_disk
 
     from datasets_scripts.common import MARKER_NAME

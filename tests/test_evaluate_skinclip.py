@@ -10,7 +10,8 @@ from datasets import ClassLabel, DatasetDict
 
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from skinclip import classification_metrics as sm
-from skinclip import evaluation
+from skinclip import evaluation, validation
+from skinclip.errors import UserError
 from skinclip.inference import split_logits
 
 
@@ -109,6 +110,58 @@ def test_binary_out_of_distribution_evaluation(checkpoint_and_data):
     assert 0.0 <= ood["pauc_above_tpr_0.8"] <= 0.2
     assert ood["num_malignant"] == y_true.sum() and set(ood["per_class"]) == {"benign", "malignant"}
     assert ood["malignant_classes"] == ["MEL", "BCC"]
+
+
+def test_a_subset_split_needs_its_positive_class_named_and_the_report_states_it(checkpoint_and_data, capsys):
+    """MEL vs NV: which is positive was guessed ('mel' in a word list), and the score summed MEL, BCC and SCC."""
+    root, dataset = checkpoint_and_data
+    names = dataset["test"].features["label"].names
+    kept = dataset["test"].filter(lambda row: names[row["label"]] in ("MEL", "NV"))
+    subset = kept.map(lambda row: {"label": ["MEL", "NV"].index(names[row["label"]])}).cast_column(
+        "label", ClassLabel(names=["MEL", "NV"])
+    )
+    DatasetDict({"test": subset}).save_to_disk(str(root / "subset"))
+    argv = ["--model", str(root / "model"), "--dataset", str(root / "subset"), "--out", str(root / "subset-eval")]
+    with pytest.raises(
+        UserError, match=r"which of the split's classes \['MEL', 'NV'\] is the positive .*--positive-class"
+    ):
+        evaluation.main(argv + ["--bootstrap", "0"])
+    assert not (root / "subset-eval").exists()
+    report = evaluation.main(argv + ["--bootstrap", "0", "--positive-class", "MEL"])
+    ood = report["ood_binary"]
+    assert ood["positive_class"] == "MEL" and ood["positive_class_from"] == "--positive-class"
+    assert ood["malignant_classes"] == ["MEL"] and ood["malignant_classes_from"] == "the split's positive class"
+    predictions = pd.read_csv(root / "subset-eval" / "predictions.csv")
+    y_true = (predictions["label"] == "MEL").astype(int).to_numpy()
+    assert ood["num_malignant"] == y_true.sum()
+    assert ood["pauc_above_tpr_0.8"] == pytest.approx(sm.partial_auc_above_tpr(y_true, predictions["MEL"].to_numpy()))
+    assert "positive class 'MEL' (from --positive-class); malignant score = sum of P(MEL)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "names, option, expected",
+    [
+        (["benign", "malignant"], None, ("malignant", "the split's label names")),
+        (["1", "0"], None, ("1", "the split's label names")),
+        (["Negative", "Positive"], None, ("Positive", "the split's label names")),
+        (["low", "high"], "high", ("high", "--positive-class")),
+    ],
+)
+def test_the_positive_class_comes_from_the_labels_or_the_option(names, option, expected):
+    assert validation.binary_positive_class(names, ["MEL", "NV", "BCC"], option) == expected
+
+
+@pytest.mark.parametrize("names", [["low", "high"], ["malignant", "positive"], ["MEL", "NV"]])
+def test_an_ambiguous_positive_class_is_refused(names):
+    with pytest.raises(UserError, match="pass --positive-class NAME"):
+        validation.binary_positive_class(names, ["MEL", "NV", "BCC"], None)
+
+
+def test_calibrating_on_the_scored_split_is_refused(checkpoint_and_data):
+    root, _ = checkpoint_and_data
+    argv = ["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(root / "same")]
+    with pytest.raises(UserError, match="--calibration-split 'test' is the split being scored"):
+        evaluation.main(argv + ["--split", "test", "--calibration-split", "test"])
 
 
 def test_missing_split_is_named(checkpoint_and_data):

@@ -232,6 +232,20 @@ def test_a_checkpoint_with_a_nonfinite_tensor_is_refused_at_load(tmp_path, make_
         SkinClipVLModel.from_pretrained(tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [('{"temperature": 1.5', "not valid JSON"), ('{"temperature": "hot"}', "temperature must be a positive number")],
+)
+def test_a_checkpoints_calibration_file_is_checked_and_named(tmp_path, make_config, text, message):
+    from skinclip import validation
+    from skinclip.errors import UserError
+
+    SkinClipVLModel(make_config(), device="cpu").save_pretrained(tmp_path)
+    (tmp_path / "calibration.json").write_text(text)
+    with pytest.raises(UserError, match=f"{tmp_path / 'calibration.json'}: {message}"):
+        validation.load_checkpoint(tmp_path, device="cpu")
+
+
 def test_continuing_from_a_corrupt_checkpoint_names_the_file(tmp_path, make_config, monkeypatch):
     from skinclip import training
     from skinclip.errors import UserError

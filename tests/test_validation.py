@@ -292,3 +292,97 @@ def test_entry_point_exit_codes(capsys):
     assert capsys.readouterr().err == "error: lambda_cal must be >= 0, got -5\n"
     with pytest.raises(UserError):
         run_entry_point(failing, ["--debug"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Files read back: validated like user input, the file named
+# --------------------------------------------------------------------------------------------------------
+
+GOOD_CALIBRATION = {"temperature": 1.5, "conformal": {"method": "aps", "coverage": 0.9, "qhat": 0.8}}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"temperature": 1.5', "is not valid JSON: Expecting"),
+        ('{"temperature": NaN}', "is not valid JSON: NaN is not a number"),
+        ("[1.5]", "must hold a JSON object, got list"),
+        ('{"temperature": "1.5"}', "temperature must be a finite number, got '1.5'"),
+        ('{"temperature": 0}', "temperature must be > 0, got 0"),
+        ('{"temperature": 1, "conformal": {"method": "top1", "coverage": 0.9, "qhat": 1}}', "conformal.method must"),
+        ('{"temperature": 1, "conformal": {"method": "aps", "coverage": 1.2, "qhat": 1}}', "coverage must be < 1"),
+        ('{"temperature": 1, "conformal": {"method": "aps", "coverage": 0.9}}', "conformal.qhat must be a finite"),
+        ('{"temperature": 1, "conformal": {"method": "raps", "coverage": 0.9, "qhat": 1, "raps_k_reg": -1}}', "k_reg"),
+    ],
+)
+def test_a_bad_calibration_file_is_a_user_error_naming_it(tmp_path, text, message):
+    from skinclip.prediction import load_calibration
+
+    (tmp_path / "calibration.json").write_text(text)
+    with pytest.raises(UserError) as error:
+        load_calibration(tmp_path)
+    assert str(tmp_path / "calibration.json") in str(error.value) and message in str(error.value)
+
+
+def test_a_good_calibration_file_reads_back_as_written(tmp_path):
+    from skinclip.prediction import load_calibration
+
+    (tmp_path / "calibration.json").write_text(json.dumps(GOOD_CALIBRATION))
+    assert load_calibration(tmp_path) == GOOD_CALIBRATION
+    (tmp_path / "calibration.json").write_bytes(b'{"temperature": 1.5, "note": "\xff"}')
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        load_calibration(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- learning_rate: 1\n", "must be a mapping of field: value, got list"),
+        ("1: 2\n", r"field names must be text, got \[1\]"),
+        ("extends: [a.yaml, b.yaml]\n", r"extends must name one YAML file, got \['a.yaml', 'b.yaml'\]"),
+        ("extends: missing.yaml\n", "extends .*missing.yaml, which does not exist"),
+        ("a: [1\n", "is not valid YAML"),
+    ],
+)
+def test_yaml_shapes_the_reader_does_not_expect_are_user_errors_naming_the_file(tmp_path, text, message):
+    from skinclip.run_io import load_yaml_config
+
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(UserError, match=f"training config {tmp_path / 'run.yaml'}.*{message}"):
+        load_yaml_config(tmp_path / "run.yaml")
+
+
+def test_cli_numbers_are_range_checked_when_parsed():
+    import argparse
+
+    batch = validation.cli_number(int, 1)
+    coverage = validation.cli_number(float, 0, 1, low_open=True, high_open=True)
+    assert batch("8") == 8 and coverage("0.9") == 0.9
+    for parse, text, message in [
+        (batch, "0", "must be >= 1, got 0"),
+        (batch, "2.5", "must be an integer, got '2.5'"),
+        (coverage, "1", "must be < 1, got 1"),
+        (coverage, "nan", "must be a finite number, got 'nan'"),
+        (coverage, "0", "must be > 0, got 0"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("skinclip.prediction", ["--model", "m", "x.png", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+        ("skinclip.prediction", ["--model", "m", "x.png", "--top-k", "0"], "argument --top-k: must be >= 1"),
+        ("skinclip.evaluation", ["--model", "m", "--dataset", "d", "--out", "o", "--coverage", "1.5"], "< 1"),
+        ("skinclip.evaluation", ["--model", "m", "--dataset", "d", "--out", "o", "--bootstrap", "-1"], ">= 0"),
+        ("datasets_scripts.demo", ["--output-dir", "o", "--num-per-class", "2"], "--num-per-class: must be >= 5"),
+        ("datasets_scripts.isic2019", ["--output-dir", "o", "--val-fraction", "1"], "--val-fraction: must be < 1"),
+    ],
+)
+def test_every_entry_point_refuses_out_of_range_numbers_when_parsing(module, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_code:
+        importlib.import_module(module).main(argv)
+    assert exit_code.value.code == 2 and message in capsys.readouterr().err
