@@ -5,6 +5,7 @@
 # runs benchmarks/gpu_check.py at the paper's shapes (<= 8 min). Its JSON and log land in the folder given.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_first_run.sh OUT_DIR}"
+mkdir -p "$out"
 python3 -m benchmarks.gpu_wheels install || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
