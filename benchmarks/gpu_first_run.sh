@@ -2,7 +2,7 @@
 # The first GPU run, on the GPU machine, from the repository root, with .whl/ carried beside the working tree:
 #   bash benchmarks/gpu_first_run.sh "$OUT"
 # Installs the wheels the image lacks (benchmarks/gpu_wheels.py; fetched beforehand on a machine with pip), then
-# runs benchmarks/gpu_check.py at the paper's shapes (<= 8 min). Its JSON and log land in the folder given.
+# runs benchmarks/gpu_check.py at the paper's shapes (an 8-minute budget). Its JSON and log land in the folder given.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_first_run.sh OUT_DIR}"
 mkdir -p "$out"
