@@ -1,6 +1,6 @@
 """The first GPU run in one command: environment, NF4 build, training, save/reload, inference, memory vs plan.
 
-    python -m benchmarks.gpu_check --out DIR                              # one GPU: the paper's shapes, <= 8 min
+    python -m benchmarks.gpu_check --out DIR                              # one GPU: paper shapes, 8-min budget
     python -m benchmarks.gpu_check --out DIR --size tiny --device cpu     # CI (tests/test_gpu_check.py), seconds
 
 At ``--size paper`` the bases are the paper's, with random weights: the real ``config.json`` of
