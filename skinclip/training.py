@@ -190,7 +190,7 @@ def write_model_card(
         "base_model": [name for name in (vision_name, decoder_name) if _is_hub_id(name)],
         "datasets": [dataset_name],
     }
-    split = next((name for name in ("test", "validation") if metrics.get(name)), None)
+    split = next((name for name in reversed(list(metrics)) if metrics[name]), None)  # test, else validation
     shown = {
         key: metrics[split][key]
         for key in CARD_METRICS

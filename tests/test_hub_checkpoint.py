@@ -128,6 +128,7 @@ def test_save_warns_push_refuses_and_include_bases_makes_it_stand_alone(make_con
     monkeypatch.setattr(modeling_skinclip.logger, "warning", warnings.append)
 
     model.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "plain-again")  # a Trainer's next checkpoint: not told twice
     assert len(warnings) == 1 and "names local folders outside it" in warnings[0]
     assert "Hub id" in warnings[0] and "include_bases=True" in warnings[0]
     with pytest.raises(ValueError, match=r"refusing to push.*include_bases=True"):
