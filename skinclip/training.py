@@ -273,11 +273,16 @@ def write_model_card(
 
 
 def _is_hub_id(name: str) -> bool:
-    """A Hub repo id (``org/name``), not a local folder, an open_clip model name or a ``local-dir:`` schema."""
+    """A Hub repo id (``org/name``), not a local folder (``bases/...`` inside the checkpoint included), an
+    open_clip model name or a ``local-dir:`` schema."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    from modeling_skinclip import BASES_SUBFOLDER
+
     name = name.removeprefix("hf-hub:")
-    if name.startswith("local-dir:") or name.count("/") != 1 or name.startswith((".", "/", "~")) or Path(name).exists():
+    if name.startswith(("local-dir:", f"{BASES_SUBFOLDER}/", ".", "/", "~")) or name.count("/") != 1:
+        return False
+    if Path(name).exists():
         return False
     try:
         validate_repo_id(name)
