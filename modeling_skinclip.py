@@ -1285,8 +1285,10 @@ class SkinClipVLModel(SkinClipVLPreTrainedModel):
         if self.include_bases if include_bases is None else include_bases:
             bundle_bases(save_directory)
         outside = bases_outside(save_directory)
-        if outside and not push_to_hub:
+        if outside and not push_to_hub and not getattr(self, "_warned_bases_outside", False):
+            # Once per model: Trainer saves a checkpoint per epoch, and the reason and fix do not change.
             logger.warning(standalone_problem(save_directory, outside, pushing=False))
+            self._warned_bases_outside = True
         if push_to_hub:
             if outside:
                 raise ValueError(standalone_problem(save_directory, outside, pushing=True))

@@ -215,7 +215,7 @@ def write_model_card(
         "base_model": [name for name in (vision_name, decoder_name) if _is_hub_id(name)],
         "datasets": [dataset_name],
     }
-    split = next((name for name in ("test", "validation") if metrics.get(name)), None)
+    split = next((name for name in reversed(list(metrics)) if metrics[name]), None)  # test, else validation
     shown = {
         key: metrics[split][key]
         for key in CARD_METRICS
@@ -307,11 +307,16 @@ def write_model_card(
 
 
 def _is_hub_id(name: str) -> bool:
-    """A Hub repo id (``org/name``), not a local folder, an open_clip model name or a ``local-dir:`` schema."""
+    """A Hub repo id (``org/name``), not a local folder (``bases/...`` inside the checkpoint included), an
+    open_clip model name or a ``local-dir:`` schema."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    from modeling_skinclip import BASES_SUBFOLDER
+
     name = name.removeprefix("hf-hub:")
-    if name.startswith("local-dir:") or name.count("/") != 1 or name.startswith((".", "/", "~")) or Path(name).exists():
+    if name.startswith(("local-dir:", f"{BASES_SUBFOLDER}/", ".", "/", "~")) or name.count("/") != 1:
+        return False
+    if Path(name).exists():
         return False
     try:
         validate_repo_id(name)

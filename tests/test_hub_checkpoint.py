@@ -128,6 +128,7 @@ def test_save_warns_push_refuses_and_include_bases_makes_it_stand_alone(make_con
     monkeypatch.setattr(modeling_skinclip.logger, "warning", warnings.append)
 
     model.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "plain-again")  # a Trainer's next checkpoint: not told twice
     assert len(warnings) == 1 and "names local folders outside it" in warnings[0]
     assert "Hub id" in warnings[0] and "include_bases=True" in warnings[0]
     with pytest.raises(ValueError, match=r"refusing to push.*include_bases=True"):
@@ -192,6 +193,17 @@ def test_model_card_of_local_bases_carries_no_machine_path(make_config, tiny_bas
     card = (tmp_path / "README.md").read_text()
     assert _card_header(tmp_path)["base_model"] == [] and "model-index" not in _card_header(tmp_path)
     assert str(Path(tiny_bases["clip"]).parent) not in card and "/data/x" not in card
+    # Bases copied inside (include_bases): named as config.json names them, and still not Hub bases.
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    saved = {
+        "vision_config": {"model_name_or_path": "bases/vision"},
+        "decoder_config": {"model_name_or_path": "bases/decoder"},
+    }
+    (bundled / "config.json").write_text(json.dumps(saved))
+    write_model_card(bundled, make_config(), {}, DataArguments(dataset_path="x"), {"trainable": 1, "lora": 1})
+    assert _card_header(bundled)["base_model"] == []
+    assert "`bases/decoder` (a copy inside this repository)" in (bundled / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------- fresh process, copied checkpoint

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from tests.conftest import REPO_ROOT
 
@@ -66,6 +67,15 @@ def test_demo_writes_checkpoint_metrics_and_card(demo_run):
     assert not [p.name for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     card = (out / "README.md").read_text()
     assert "SkinCLIP-VL checkpoint" in card and "MEL" in card
+    # configs/demo.yaml sets include_bases: the tiny bases are inside, and nothing names a path of this machine.
+    config = json.loads((out / "config.json").read_text())
+    assert config["decoder_config"]["model_name_or_path"] == "bases/decoder" and (out / "bases" / "vision").is_dir()
+    assert str(root) not in card and str(root) not in (out / "config.json").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["base_model"] == [] and header["license"] == "apache-2.0"  # tiny local bases, generated data
+    (result,) = header["model-index"][0]["results"]
+    balanced = next(m["value"] for m in result["metrics"] if m["type"] == "balanced_accuracy")
+    assert result["dataset"]["split"] == "test" and balanced == round(metrics["balanced_accuracy"], 4)
     for term in ("loss_focal", "loss_align", "loss_cal", "loss_gen"):
         assert term in result.stdout + result.stderr
     # The run ends with where the checkpoint is, the test metrics, and the command to run next.
