@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from skinclip.output_folder import current_umask
+
 FEATURES_COLUMN = "vision_features"
 KEY_COLUMN = "vision_features_key"
 
@@ -98,6 +100,7 @@ def with_stored_vision_features(dataset_dict, splits, dataset_path, model, proce
             computed = add_vision_features(dataset_dict[split], model, processor)
             folder.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would outlive the rename
             try:
                 computed.save_to_disk(str(staging))
                 if not (folder / "state.json").is_file():  # another run may have finished the same store first

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from skinclip.errors import UserError
+from skinclip.output_folder import current_umask
 
 
 def pip_download_command(requirement: str, dest: str | Path) -> list[str]:
@@ -74,9 +75,7 @@ def staged_folder(output_dir: Path) -> Iterator[Path]:
     """
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would outlive the rename
     try:
         yield staging
         if output_dir.exists():

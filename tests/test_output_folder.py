@@ -145,3 +145,15 @@ def test_atomic_write_replaces_a_symlink_instead_of_writing_through_it(tmp_path)
     output_folder.atomic_write_text(tmp_path / "out" / "metrics.json", "{}")
     assert outside.read_text() == "precious"
     assert not (tmp_path / "out" / "metrics.json").is_symlink()
+
+
+def test_atomic_writes_get_the_mode_an_ordinary_open_gives(tmp_path):
+    """mkstemp makes 0600 files; a metrics file or heatmap a user shares must get 0666 & ~umask like open()."""
+    previous = os.umask(0o022)
+    try:
+        output_folder.atomic_write_text(tmp_path / "metrics.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("metrics.json", "plain.json")}
+    assert modes == {"metrics.json": 0o644, "plain.json": 0o644}
