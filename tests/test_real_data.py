@@ -21,8 +21,10 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 PER_CLASS = 40
-# Held-out (validation + test, 84 images) B-ACC measured over seeds 0-2: see the README's real-data section.
-MIN_BALANCED_ACCURACY = 0.35
+# Held-out (validation + test, 84 images) B-ACC measured with seeds 0, 1, 2: 0.462, 0.410, 0.426 (65-76 s a run
+# on 2 busy cores). Chance is 1/7 = 0.143; the bound keeps a margin of 0.13 below the lowest run for other CPUs'
+# rounding.
+MIN_BALANCED_ACCURACY = 0.28
 
 
 @pytest.fixture(scope="module")
