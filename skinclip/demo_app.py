@@ -192,17 +192,19 @@ def build_app(
         gr.Markdown("# SkinCLIP-VL\nResearch demo, not a medical device. Uploaded images are not kept.")
         with gr.Row():
             with gr.Column():
-                image = UploadedImage(type="filepath", label="Dermoscopic image")
-                age = gr.Number(label="Age (years, optional)", value=None)
-                sex = gr.Dropdown(SEX_CHOICES, value="unknown", label="Sex")
-                site = gr.Textbox(label="Anatomical site (optional)", placeholder="posterior torso")
+                image = UploadedImage(type="filepath", label="Dermoscopic image", elem_id="upload")
+                age = gr.Number(label="Age (years, optional)", value=None, elem_id="age")
+                sex = gr.Dropdown(SEX_CHOICES, value="unknown", label="Sex", elem_id="sex")
+                site = gr.Textbox(label="Anatomical site (optional)", placeholder="posterior torso", elem_id="site")
                 with_rationale = gr.Checkbox(value=True, label="Generate a rationale")
-                button = gr.Button("Diagnose", variant="primary")
+                button = gr.Button("Diagnose", variant="primary", elem_id="diagnose")
             with gr.Column():
-                probabilities = gr.Label(num_top_classes=min(5, len(class_names)), label="Diagnosis")
-                conformal_set = gr.Textbox(label="Prediction set")
-                rationale = gr.Textbox(label="Rationale", lines=4)
-                heatmap = InlineImage(label="Focal attention")
+                probabilities = gr.Label(
+                    num_top_classes=min(5, len(class_names)), label="Diagnosis", elem_id="diagnosis"
+                )
+                conformal_set = gr.Textbox(label="Prediction set", elem_id="prediction-set")
+                rationale = gr.Textbox(label="Rationale", lines=4, elem_id="rationale")
+                heatmap = InlineImage(label="Focal attention", elem_id="heatmap")
         button.click(
             diagnose,
             [image, age, sex, site, with_rationale],
