@@ -28,6 +28,8 @@ def test_console_scripts_name_the_cli_functions_and_only_library_modules_are_top
         "configuration_skinclip",
         "modeling_skinclip",
         "processing_skinclip",
+        "metadata_skinclip",
+        "pipeline_skinclip",
         "trainer_cfa",
     ]
 

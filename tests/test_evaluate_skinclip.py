@@ -392,5 +392,6 @@ def test_rationales_option_reports_agreement_with_the_top_class(checkpoint_and_d
     saved = json.loads((out / "metrics.json").read_text())["rationale_agreement"]
     assert saved == report["rationale_agreement"] == {**expected, "max_new_tokens": 2, "conditioning": "none"}
     assert "Rationale agreement with the top class (6 rows" in (out / "metrics.md").read_text()
-    with pytest.raises(Exception, match="--rationales must be >= 0"):
+    with pytest.raises(SystemExit) as refused:  # a usage error of argparse (validation.cli_number), exit 2
         evaluation.main([*argv, "--rationales", "-1"])
+    assert refused.value.code == 2

@@ -275,7 +275,8 @@ def test_image_token_pooling_averages_patch_windows(pooled, batch, k, windows):
 def test_vision_features_of_another_shape_are_named(model_and_processor, batch, shape):
     model, _ = model_and_processor
     assert model.vision.hidden_size != 7 and model.vision.num_patches + 1 == 17
-    with pytest.raises(ValueError, match=r"the CLIP tower gives 17 tokens \(a 4x4 patch grid and 1 class token\)"):
+    expected = r"the CLIP tower gives 17 tokens \(a 4x4 patch grid and 1 prefix token\(s\)\)"
+    with pytest.raises(ValueError, match=expected):
         model(batch["prompt_ids"], batch["prompt_attention_mask"], vision_features=torch.zeros(shape))
 
 
