@@ -151,6 +151,8 @@ def test_browser_upload_with_metadata_shows_diagnosis_rationale_and_heatmap(demo
             and d.find_element(By.CSS_SELECTOR, "#rationale textarea").get_attribute("value")
         )
     )
+    if os.environ.get("SKINCLIP_DEMO_SCREENSHOT"):  # the README's picture of the page: set to a PNG path
+        driver.save_screenshot(os.environ["SKINCLIP_DEMO_SCREENSHOT"])
     probs, rationale, heatmap = _in_process_prediction(checkpoint, image)
 
     # The Label widget shows its label, the top class as a heading, then each class and its rounded percentage.
