@@ -73,9 +73,9 @@ def test_demo_writes_checkpoint_metrics_and_card(demo_run):
     assert str(root) not in card and str(root) not in (out / "config.json").read_text()
     header = yaml.safe_load(card.split("---")[1])
     assert header["base_model"] == [] and header["license"] == "apache-2.0"  # tiny local bases, generated data
-    (result,) = header["model-index"][0]["results"]
-    balanced = next(m["value"] for m in result["metrics"] if m["type"] == "balanced_accuracy")
-    assert result["dataset"]["split"] == "test" and balanced == round(metrics["balanced_accuracy"], 4)
+    (indexed,) = header["model-index"][0]["results"]
+    balanced = next(m["value"] for m in indexed["metrics"] if m["type"] == "balanced_accuracy")
+    assert indexed["dataset"]["split"] == "test" and balanced == round(metrics["balanced_accuracy"], 4)
     for term in ("loss_focal", "loss_align", "loss_cal", "loss_gen"):
         assert term in result.stdout + result.stderr
     # The run ends with where the checkpoint is, the test metrics, and the command to run next.
