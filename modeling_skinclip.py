@@ -1445,36 +1445,61 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` (a frozen LM head) with the gradient computed in the forward.
 
     The vocabulary-wide logits (rationale tokens × 152k) are the step's largest tensors: F.cross_entropy keeps
-    the logits and their log-softmax for backward, then fills and writes a gradient of the same size. Here one
-    buffer turns into ``softmax - onehot`` in place and is multiplied back by the head at once; only the
-    `(tokens, hidden)` gradient is kept.
+    the logits and their log-softmax for backward, then fills and writes a gradient of the same size. Here the
+    tokens go through in chunks of rows: one chunk-sized buffer is reused, turned into ``softmax - onehot`` in
+    place and multiplied back by the head at once; only the `(tokens, hidden)` gradient is kept.
+
+    Why chunks (measured, benchmarks/RESULTS.md "The demo on a 2-core AVX2 CPU"): at the demo's shapes (768 tokens,
+    hidden 64, 152,064 words) one whole-logits buffer is 467 MB, which the kernel zero-fills afresh on every call
+    (114k page faults, ~25% of the call's CPU time as system time) and which every elementwise pass streams from
+    memory. A ~40 MB chunk is faulted in once per call and stays in cache between the passes.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        logits = (hidden @ weight.T).float()
-        target_logits = logits.gather(1, targets[:, None]).squeeze(1)
-        # Softmax in place (no temporary of the logits' size, as torch.logsumexp would allocate).
-        peak = logits.amax(dim=-1, keepdim=True)
-        probs = logits.sub_(peak).exp_()
-        total = probs.sum(dim=-1, keepdim=True)
-        loss = (peak.squeeze(1) + total.squeeze(1).log() - target_logits).mean()
-        grad = None
-        if ctx.needs_input_grad[0]:
-            probs.div_(total)[torch.arange(len(targets), device=targets.device), targets] -= 1
-            grad = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        tokens = len(targets)
+        logits_buffer = torch.empty(min(chunk_rows, tokens), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for first in range(0, tokens, chunk_rows):
+            rows = slice(first, min(first + chunk_rows, tokens))
+            chunk_targets = targets[rows]
+            logits = logits_buffer[: len(chunk_targets)]
+            if hidden.dtype == weight.dtype == torch.float32:
+                torch.mm(hidden[rows], weight.T, out=logits)
+            else:
+                logits.copy_(hidden[rows] @ weight.T)
+            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            # Softmax in place (no temporary of the logits' size, as torch.logsumexp would allocate).
+            peak = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            loss += (peak.squeeze(1) + total.squeeze(1).log() - target_logits).sum()
+            if grad is not None:
+                probs.div_(total)[torch.arange(len(chunk_targets), device=targets.device), chunk_targets] -= 1
+                grad[rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
-        ctx.count = len(targets)
-        return loss
+        ctx.count = tokens
+        return loss / tokens
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * (grad_loss / ctx.count).to(grad.dtype), None, None
+        return grad * (grad_loss / ctx.count).to(grad.dtype), None, None, None
+
+
+# Bytes of float32 logits per chunk of `_LinearCrossEntropy`: on the CPU small enough to stay in cache between
+# the elementwise passes (40 MiB: 68 rows of a 152k vocabulary; 64 rows measured fastest of 16-128, 1.38× the
+# whole-buffer version, see the class docstring); on an accelerator big enough that the chunk loop adds only a
+# few kernel launches (1 GiB: 1,765 rows of 152k, the paper's whole batch of rationale tokens in ~2 chunks).
+_LM_CHUNK_BYTES = {"cpu": 40 * 2**20}
+_LM_CHUNK_BYTES_ACCELERATOR = 2**30
 
 
 def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return _LinearCrossEntropy.apply(hidden, weight, targets)
+    chunk_bytes = _LM_CHUNK_BYTES.get(hidden.device.type, _LM_CHUNK_BYTES_ACCELERATOR)
+    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
 
 
 @functools.cache  # asked per forward call: read each signature once (functions and classes, no instances)

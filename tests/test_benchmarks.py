@@ -211,6 +211,24 @@ def test_fused_lm_loss_gives_the_same_loss_and_gradients(model_and_batch):
     _assert_same_loss_and_grads(model, batch, "fused_lm_loss")
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+def test_fused_lm_loss_in_chunks_matches_cross_entropy(chunk_rows):
+    """Every chunking of the tokens (one row, an uneven last chunk, one chunk) gives F.cross_entropy's loss and
+    hidden-state gradient of the whole logits."""
+    from modeling_skinclip import _LinearCrossEntropy
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3001, 16, generator=generator)
+    hidden = torch.randn(50, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 3001, (50,), generator=generator)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    (expected_grad,) = torch.autograd.grad(expected * 3.0, hidden)
+    loss = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+    (grad,) = torch.autograd.grad(loss * 3.0, hidden)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_cfa_trainer_sets_the_speed_switches_from_its_arguments(model_and_batch, tmp_path):
     from trainer_cfa import CFATrainer
 
