@@ -391,6 +391,17 @@ CHECKPOINT_COMPLETE_MARKER = "checkpoint_complete.json"
 TRAINING_ARGS_JSON = "training_args.json"  # the run's arguments, in place of Trainer's pickled training_args.bin
 
 
+def shareable_arguments_json(args: TrainingArguments) -> str:
+    """The run's arguments as JSON for the folder that is shared: tokens redacted (``to_json_string``), and every
+    absolute path (``output_dir``, ``logging_dir``, a resumed checkpoint, an FSDP config file...) cut to its last
+    part, so a pushed checkpoint does not tell which machine, user or folder tree it was trained in."""
+    arguments = json.loads(args.to_json_string())
+    for key, value in arguments.items():
+        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+            arguments[key] = os.path.basename(value.rstrip("/\\")) or value
+    return json.dumps(arguments, indent=2, sort_keys=True) + "\n"
+
+
 class NonFiniteGuard(TrainerCallback, ExportableState):
     """Skips every optimizer step with a non-finite loss or gradient, and stops a run that keeps producing them.
 
@@ -766,7 +777,7 @@ class CFATrainer(Trainer):
             if os.path.isfile(pickled):
                 os.remove(pickled)
             with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as handle:
-                handle.write(self.args.to_json_string())
+                handle.write(shareable_arguments_json(self.args))
 
     def _save_checkpoint(self, model, trial) -> None:
         # Trainer writes checkpoint-N in place; a kill mid-save leaves a partial folder that its own

@@ -71,6 +71,8 @@ def test_demo_writes_checkpoint_metrics_and_card(demo_run):
     config = json.loads((out / "config.json").read_text())
     assert config["decoder_config"]["model_name_or_path"] == "bases/decoder" and (out / "bases" / "vision").is_dir()
     assert str(root) not in card and str(root) not in (out / "config.json").read_text()
+    arguments = json.loads((out / "training_args.json").read_text())
+    assert str(root) not in json.dumps(arguments) and arguments["output_dir"] == out.name
     header = yaml.safe_load(card.split("---")[1])
     assert header["base_model"] == [] and header["license"] == "apache-2.0"  # tiny local bases, generated data
     (indexed,) = header["model-index"][0]["results"]
