@@ -616,26 +616,31 @@ def finish_conversion(
         table = table.assign(image=images)
         dataset_dict = build_dataset_dict(table, features, description=description)
         if output_dir is not None:
-            _save_conversion(
+            save_conversion(
                 dataset_dict,
                 table,
                 output_dir,
                 overwrite,
                 report,
                 metadata_issues,
-                input_dirs,
-                input_files,
                 recorded={"max_image_side": max_image_side, "images_downscaled": downscaled},
+                input_dirs=input_dirs,
+                input_files=input_files,
             )
     dataset_dict.skip_report = report  # read by the CLIs and tests; not saved by save_to_disk
     dataset_dict.metadata_issues = list(metadata_issues)
     return dataset_dict
 
 
-def _save_conversion(
-    dataset_dict, table, output_dir, overwrite, report, metadata_issues, input_dirs, input_files, recorded
+def save_conversion(
+    dataset_dict, table, output_dir, overwrite, report, metadata_issues, recorded, num_shards=None, **inputs
 ) -> None:
-    paths = {name: table.loc[table["split"] == name, "image"].tolist() for name in SPLIT_NAMES}
+    """`atomic_save` with what every converter writes beside its splits: the skip report, the split of every
+    image and the metadata warnings. ``num_shards`` defaults to ~500 MB shards of the files in ``table['image']``;
+    ``inputs`` are `atomic_save`'s ``input_dirs``/``input_files`` (never overwritten)."""
+    if num_shards is None:
+        paths = {name: table.loc[table["split"] == name, "image"].tolist() for name in SPLIT_NAMES}
+        num_shards = {name: min(shards_for(paths[name]), max(1, len(paths[name]))) for name in SPLIT_NAMES}
     atomic_save(
         dataset_dict,
         output_dir,
@@ -645,10 +650,9 @@ def _save_conversion(
             SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]],
             METADATA_WARNINGS_NAME: metadata_issue_table(metadata_issues),
         },
-        num_shards={name: min(shards_for(paths[name]), max(1, len(paths[name]))) for name in SPLIT_NAMES},
-        input_dirs=input_dirs,
-        input_files=input_files,
+        num_shards=num_shards,
         recorded=recorded,
+        **inputs,
     )
 
 

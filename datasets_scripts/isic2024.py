@@ -37,27 +37,23 @@ from skinclip.labels import OOD_CLASSES
 
 from .common import (
     DEFAULT_MAX_IMAGE_SIDE,
-    METADATA_WARNINGS_NAME,
-    SKIP_REPORT_NAME,
-    SPLITS_FILE_NAME,
     DataError,
     SkipReport,
     add_common_arguments,
     apply_offline_descriptions,
     apply_train_fraction,
     assign_splits,
-    atomic_save,
     bound_image_bytes,
     check_labels,
     check_unique_ids,
     common_options,
     image_problem,
-    metadata_issue_table,
     none_if_missing,
     prepare_output_dir,
     print_conversion,
     print_metadata_issues,
     read_csv,
+    save_conversion,
     schema_features,
 )
 from .metadata_text import clean_age, clean_number, clean_text, describe_metadata
@@ -237,18 +233,9 @@ def convert(
             dataset_dict[name].info.description = info.description
     if output_dir is not None:
         try:
-            atomic_save(
-                dataset_dict,
-                output_dir,
-                overwrite=overwrite,
-                **inputs,
-                extra_files={
-                    SKIP_REPORT_NAME: report,
-                    SPLITS_FILE_NAME: table[["image_id", "group_id", "split"]],
-                    METADATA_WARNINGS_NAME: metadata_issue_table(issues),
-                },
-                recorded={"max_image_side": max_image_side or DEFAULT_MAX_IMAGE_SIDE},
-            )
+            # The images come from one HDF5 file, not one file each: datasets' default shards ({}).
+            recorded = {"max_image_side": max_image_side or DEFAULT_MAX_IMAGE_SIDE}
+            save_conversion(dataset_dict, table, output_dir, overwrite, report, issues, recorded, {}, **inputs)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         from datasets import load_from_disk
