@@ -92,6 +92,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     positive_class: str | None = None,
     malignant_classes: list[str] | None = None,
+    checkpoint: str | None = None,
 ) -> dict:
     """Run the whole evaluation and write every report file; returns the metrics dict.
 
@@ -100,6 +101,8 @@ def evaluate(
     A binary split scored with a multi-class model takes its positive class and the malignant classes from
     ``positive_class`` / ``malignant_classes`` or the split's own labels (`validation.binary_positive_class`,
     `validation.malignant_class_set`); the report names both and where they came from.
+    Logits that are not finite (a checkpoint whose weights overflow) are a `UserError` naming ``checkpoint``
+    (default: the model's ``name_or_path``), raised before any file is written.
     """
     import pandas as pd
 
@@ -118,14 +121,21 @@ def evaluate(
             f"malignant score = sum of P({', '.join(malignant)}) (from {malignant_from})",
             file=sys.stderr,
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = checkpoint or getattr(model, "name_or_path", "") or "the checkpoint"
     labels = np.asarray(split["label"], dtype=int)
-    logits = split_logits(model, processor, split, batch_size, progress)
+    logits = require_finite(
+        split_logits(model, processor, split, batch_size, progress), "logits", split_name, checkpoint
+    )
 
     calibration: dict = {}
     predictor = None
     if calibration_split and calibration_split in dataset and in_model_classes:
-        calibration_logits = split_logits(model, processor, dataset[calibration_split], batch_size, progress)
+        calibration_logits = require_finite(
+            split_logits(model, processor, dataset[calibration_split], batch_size, progress),
+            "logits",
+            calibration_split,
+            checkpoint,
+        )
         calibration_labels = np.asarray(dataset[calibration_split]["label"], dtype=int)
         temperature = float(sm.fit_temperature(calibration_logits, calibration_labels, bounds=TEMPERATURE_BOUNDS))
         predictor = sm.SplitConformal(method=conformal_method, coverage=coverage, seed=seed)
@@ -155,7 +165,8 @@ def evaluate(
 
     temperature = calibration.get("temperature", 1.0)
     probs_raw = sm.apply_temperature(logits, 1.0)
-    probs = sm.apply_temperature(logits, temperature)
+    probs = require_finite(sm.apply_temperature(logits, temperature), "probabilities", split_name, checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a checkpoint that cannot be scored writes nothing
     ids = split["image_id"] if "image_id" in split.column_names else [str(i) for i in range(len(split))]
 
     frame = pd.DataFrame(probs, columns=class_names)
@@ -220,6 +231,23 @@ def evaluate(
     if calibration:
         atomic_write_text(out_dir / "calibration.json", sm.to_strict_json(calibration))
     return report
+
+
+def require_finite(values: np.ndarray, what: str, split_name: str, checkpoint: str) -> np.ndarray:
+    """``values`` (one row per image) if every one is finite; else a `UserError` naming the checkpoint and cause.
+
+    A checkpoint whose weights are finite can still give inf logits (a product overflows float32), and softmax
+    turns those into NaN probabilities: scored, they crashed the metrics after predictions.csv had been written
+    with empty cells (issue 22).
+    """
+    bad_rows = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum()) if len(values) else 0
+    if bad_rows:
+        raise UserError(
+            f"{checkpoint}: the model gives non-finite {what} (inf or NaN) for {bad_rows} of {len(values)} images of "
+            f"the {split_name!r} split: its weights overflow float32 (a diverged or corrupted training run); "
+            "nothing was written"
+        )
+    return values
 
 
 def rationale_agreement(
@@ -444,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_new_tokens=args.max_new_tokens,
             positive_class=args.positive_class,
             malignant_classes=args.malignant_classes,
+            checkpoint=args.model,
         )
         if args.save_calibration:
             save_calibration(report["calibration"], Path(args.model))
