@@ -555,3 +555,26 @@ def test_a_checkpoint_whose_logits_overflow_is_an_error_per_image(checkpoint, sa
         for image in images
     ]
     assert not list(out_dir.rglob("*.png"))
+
+
+def test_an_unreadable_csv_row_is_named_by_its_line_with_the_rows_lost(checkpoint, sample_data, tmp_path, capsys):
+    """A quoted field spans lines; a field over csv's size limit stops the file there: named, rest counted."""
+    image = sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[0]
+    table = tmp_path / "cases.csv"
+    huge = "x" * 200_000  # over csv.field_size_limit() (128 KiB)
+    table.write_text(
+        "image,age,site\n"
+        f'{image},40,"back,\nleft side"\n'  # lines 2-3
+        f'{image},50,"{huge}\nmore"\n'  # lines 4-5: unreadable
+        f"{image},60,arm\n{image},70,leg\n"  # lines 6-7: lost with it
+    )
+    code = prediction.main(
+        [str(a) for a in ("--model", checkpoint, table, "--json", "--out", tmp_path / "o", "--no-rationale")]
+    )
+    results = json.loads(capsys.readouterr().out)
+    assert code == EXIT_PARTIAL
+    assert [r.get("source") for r in results] == [f"{table} line 2", f"{table} line 4"]
+    assert results[1]["error"] == (
+        f"{table} line 4: unreadable CSV (field larger than field limit (131072)); "
+        "not read: this row and the 2 after it"
+    )
