@@ -248,6 +248,51 @@ def test_train_fails_in_one_line_and_never_reports_success(checkpoint_and_data, 
     assert line == "error: " + FIXES[errno.ENOSPC].format(path=failed[0])
 
 
+def _train_argv(root, out, bases):
+    argv = ["configs/demo.yaml", f"--output_dir={out}", f"--dataset_path={root / 'data'}", "--demo_dataset=false"]
+    argv += [f"--tiny_bases_dir={bases}", "--max_steps=1", "--save_strategy=no", "--eval_strategy=no"]
+    return argv + ["--test_split=null", "--disable_tqdm=true"]
+
+
+@pytest.fixture(scope="module")
+def previous_training_run(checkpoint_and_data, tmp_path_factory):
+    """A finished training run: its output_dir and the tiny bases it was built with."""
+    root = checkpoint_and_data
+    out, bases = tmp_path_factory.mktemp("previous-run") / "out", root / "train-bases"
+    assert cli.train(_train_argv(root, out, bases)) == 0
+    return out, bases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site", ["", "validation_predictions.csv", "README.md"])
+def test_an_overwriting_train_run_that_fails_gives_the_previous_run_back(
+    checkpoint_and_data, previous_training_run, tmp_path, capsys, site
+):
+    """--overwrite_output_dir replaces the previous run only once the new one has finished: a full disk on the
+    way (at any write) is one line, and the folder holds the previous run's files again, byte for byte."""
+    previous, bases = previous_training_run
+    out = tmp_path / "out"
+    shutil.copytree(previous, out, symlinks=True)
+    before = _hashes(out)
+    capsys.readouterr()
+    argv = _train_argv(checkpoint_and_data, out, bases) + ["--overwrite_output_dir=true", "--seed=7"]
+    with failing_writes(out, errno.ENOSPC, site) as failed:
+        assert cli.train(argv) == 1
+    captured = capsys.readouterr()
+    assert "Checkpoint:" not in captured.out and "Traceback" not in captured.err
+    [line] = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert line == "error: " + FIXES[errno.ENOSPC].format(path=failed[0])
+    after = _hashes(out)
+    assert {name: after.get(name) for name in before if name != ".skinclip-manifest.json"} == {
+        name: digest for name, digest in before.items() if name != ".skinclip-manifest.json"
+    }
+    assert set(after) == set(before)  # nothing of the failed run is left beside it
+    # The manifest still lists the previous run: a later --overwrite_output_dir replaces it, as before.
+    from skinclip.output_folder import owned_and_foreign
+
+    assert owned_and_foreign(out) == owned_and_foreign(previous)
+
+
 # --------------------------------------------------------------------------------------------------------
 # A real full disk
 # --------------------------------------------------------------------------------------------------------
