@@ -34,7 +34,7 @@ from skinclip import validation
 from skinclip.errors import UserError
 from skinclip.inference import split_logits
 from skinclip.labels import ISIC2019_CLASSES
-from skinclip.output_folder import OutputFolder, atomic_write_text, refuse_symlinks
+from skinclip.output_folder import OutputFolder, PreviousRun, atomic_write_text, owned_and_foreign, refuse_symlinks
 
 SUBGROUP_COLUMNS = {
     "sex": ("sex", "gender"),
@@ -455,25 +455,28 @@ def main(argv: list[str] | None = None) -> dict:
     processor = SkinClipVLProcessor.from_pretrained(args.model)
     out_dir = Path(args.out)
     # --out is locked while written (a second evaluation into it is refused), and no write follows a symlink.
-    with OutputFolder(out_dir, "evaluate_skinclip.py"):
+    # A previous evaluation in --out is set aside while this one runs: replaced by it whole if it finishes, given
+    # back if it fails (a full disk half-way would have left the two evaluations' files mixed).
+    with OutputFolder(out_dir, "evaluate_skinclip.py") as folder:
         refuse_symlinks(out_dir)
-        report = evaluate(
-            model,
-            processor,
-            dataset,
-            args.split,
-            out_dir,
-            args.calibration_split or None,
-            args.coverage,
-            args.conformal_method,
-            args.bootstrap,
-            args.batch_size,
-            rationales=args.rationales,
-            max_new_tokens=args.max_new_tokens,
-            positive_class=args.positive_class,
-            malignant_classes=args.malignant_classes,
-            checkpoint=args.model,
-        )
+        with PreviousRun(folder, owned_and_foreign(out_dir)[0]):
+            report = evaluate(
+                model,
+                processor,
+                dataset,
+                args.split,
+                out_dir,
+                args.calibration_split or None,
+                args.coverage,
+                args.conformal_method,
+                args.bootstrap,
+                args.batch_size,
+                rationales=args.rationales,
+                max_new_tokens=args.max_new_tokens,
+                positive_class=args.positive_class,
+                malignant_classes=args.malignant_classes,
+                checkpoint=args.model,
+            )
         if args.save_calibration:
             save_calibration(report["calibration"], Path(args.model))
     print((out_dir / "metrics.md").read_text())

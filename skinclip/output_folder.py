@@ -311,10 +311,11 @@ def _write_manifest(folder: Path, files: dict[str, list[int]]) -> None:
 class PreviousRun:
     """The files of the run an overwrite replaces, set aside (`ASIDE_NAME`) until the new run has finished.
 
-    Deleting them first (so that the two runs' checkpoints cannot mix) lost the only good run whenever the new one
+    Deleting them first (so that the two runs' outputs cannot mix) lost the only good run whenever the new one
     failed, e.g. on a full disk (issue 22). ``with PreviousRun(folder, files):`` moves them aside (renames: no
     space needed), and on leaving deletes them if the block finished, or else deletes what the failed run wrote
-    and moves them back. A folder left by a run killed before either is named, never guessed at.
+    and moves them back. The manifest follows by itself (`OutputFolder.record` lists what is there when the
+    command ends). A folder left by a run killed in between is named, never guessed at.
     """
 
     def __init__(self, folder: OutputFolder, files: Iterable[str]):
@@ -329,12 +330,8 @@ class PreviousRun:
                 "killed): move them back into the folder, or delete it if the run there is not wanted"
             )
         if self.files:
-            self._stamps = {
-                name: stamp for name, stamp in read_manifest(self.folder.path).items() if name in self.files
-            }
             _move_files(self.folder.path, self.aside, self.files)
             self.folder.forget_removed(self.files)
-            self._rewrite_manifest(without=self.files)
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -352,34 +349,34 @@ class PreviousRun:
 
     def _give_back(self) -> None:
         written = self.folder.written_since_start()
-        remove_owned(self.folder.path, written)
+        for relative in written:
+            (self.folder.path / relative).unlink()
+        _prune_empty_folders(self.folder.path, written)
         self.folder.forget_removed(written)
         _move_files(self.aside, self.folder.path, self.files)
         shutil.rmtree(self.aside)
-        manifest = read_manifest(self.folder.path)
-        _write_manifest(self.folder.path, {**manifest, **self._stamps})
-
-    def _rewrite_manifest(self, without: Iterable[str]) -> None:
-        manifest = read_manifest(self.folder.path)
-        for relative in without:
-            manifest.pop(relative, None)
-        _write_manifest(self.folder.path, manifest)
 
 
-def _move_files(source: Path, target: Path, files: Iterable[str]) -> None:
-    """Rename each relative path from ``source`` to ``target`` (same file system), then prune emptied folders."""
+def _prune_empty_folders(root: Path, files: Iterable[str]) -> None:
+    """Remove the folders above these files (relative to ``root``) that are now empty, deepest first."""
     parents = set()
     for relative in files:
-        destination = target / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source / relative, destination)
-        parent = (source / relative).parent
-        while parent != source:
+        parent = (root / relative).parent
+        while parent != root:
             parents.add(parent)
             parent = parent.parent
     for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
         with contextlib.suppress(OSError):  # not empty: it holds something the project did not write
             parent.rmdir()
+
+
+def _move_files(source: Path, target: Path, files: Iterable[str]) -> None:
+    """Rename each relative path from ``source`` to ``target`` (same file system), then prune emptied folders."""
+    for relative in files:
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source / relative, destination)
+    _prune_empty_folders(source, files)
 
 
 # --------------------------------------------------------------------------------------------------------

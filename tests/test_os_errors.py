@@ -24,6 +24,7 @@ from skinclip import cli
 from skinclip.errors import describe_os_error, run_entry_point
 from tests.conftest import REPO_ROOT
 
+MANIFEST = ".skinclip-manifest.json"  # rewritten by every command that writes into a folder
 FIXES = {
     errno.ENOSPC: "no space left on the device while writing {path}; free some space or write to another disk",
     errno.EROFS: "{path} is on a read-only file system; choose a writable folder",
@@ -161,9 +162,9 @@ def checkpoint_and_data(tmp_path_factory, make_config):
     return root
 
 
-def _evaluate(root, out):
+def _evaluate(root, out, *options):
     argv = ["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out), "--bootstrap", "0"]
-    return cli.evaluate(argv + ["--batch-size", "8"])
+    return cli.evaluate([*argv, "--batch-size", "8", *options])
 
 
 @pytest.fixture(scope="module")
@@ -186,14 +187,18 @@ def test_evaluate_fails_in_one_line_and_keeps_the_previous_evaluation(
     shutil.copytree(previous_evaluation, out)
     before = _hashes(out)
     capsys.readouterr()
-    with failing_writes(out, number, site) as failed:
-        assert _evaluate(checkpoint_and_data, out) == 1
+    with failing_writes(out, number, site) as failed:  # uncalibrated: every file it writes differs from before
+        assert _evaluate(checkpoint_and_data, out, "--calibration-split", "") == 1
     assert _single_error_line(capsys) == "error: " + FIXES[number].format(path=failed[0])
     after = _hashes(out)
     assert set(after) == set(before)  # nothing torn, nothing left half-written beside
     target = next((name for name in before if site and name.endswith(site)), None)
     if target is not None:
         assert after[target] == before[target]  # the file whose write failed is the previous run's, whole
+    # Every file is the previous evaluation's: none replaced by the failed one's before the disk filled up.
+    assert {name: digest for name, digest in after.items() if name != MANIFEST} == {
+        name: digest for name, digest in before.items() if name != MANIFEST
+    }
 
 
 def test_predict_into_a_read_only_out_is_one_line(checkpoint_and_data, tmp_path, capsys):
