@@ -336,3 +336,70 @@ def test_a_conversion_onto_a_full_tmpfs_is_one_line_and_leaves_nothing(tmp_path)
     assert line.startswith("error: no space left on the device while writing ")
     assert str(mount) in line and line.endswith("free some space or write to another disk")
     assert result.stdout.strip() == ""  # no torn dataset, no temporary folder left on the full disk
+
+
+def _folder_kib(folder: Path) -> int:
+    return sum(-(-path.stat().st_size // 4096) * 4 for path in folder.rglob("*") if path.is_file())  # 4 KiB pages
+
+
+def _run_on_a_small_tmpfs(tmp_path: Path, previous: Path, free_kib: int, command: str) -> tuple:
+    """Copies ``previous`` onto a tmpfs with ``free_kib`` KiB left, runs ``command`` (``{out}``: the copy) there;
+    (the result, the copy's file hashes before, after). The manifest is left out: the command rewrites it."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    out = mount / "out"
+    hashes = f"(cd {out} && find . -type f ! -name {MANIFEST} -print0 | sort -z | xargs -0 sha256sum)"
+    script = (
+        f"set -e; mount -t tmpfs -o size={_folder_kib(previous) + free_kib}k tmpfs {mount}; cp -a {previous} {out}; "
+        f"{hashes} > {tmp_path / 'before.txt'}; set +e; {command.format(out=out)}; code=$?; "
+        f"{hashes} > {tmp_path / 'after.txt'}; exit $code"
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        timeout=300,
+    )
+    return result, (tmp_path / "before.txt").read_text(), (tmp_path / "after.txt").read_text()
+
+
+def _full_disk_line(result, out: Path) -> str:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: no space left on the device while writing ") and str(out) in line, line
+    return line
+
+
+@pytest.mark.skipif(not _private_tmpfs_works(), reason="no private tmpfs (unshare -rm) on this machine")
+def test_an_evaluation_onto_a_full_tmpfs_is_one_line_and_keeps_the_previous_one(
+    checkpoint_and_data, previous_evaluation, tmp_path
+):
+    root = checkpoint_and_data
+    command = (
+        f"{sys.executable} evaluate_skinclip.py --model {root / 'model'} --dataset {root / 'data'} --out {{out}} "
+        "--bootstrap 0 --calibration-split ''"  # uncalibrated: every file differs from the previous evaluation's
+    )
+    # Room for about half of a new evaluation: it fails half-way, after some of its files are written.
+    result, before, after = _run_on_a_small_tmpfs(tmp_path, previous_evaluation, 40, command)
+    _full_disk_line(result, tmp_path / "small" / "out")
+    assert "# Evaluation" not in result.stdout  # the report of a finished evaluation
+    assert after == before and "predictions.csv" in before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _private_tmpfs_works(), reason="no private tmpfs (unshare -rm) on this machine")
+def test_an_overwriting_train_run_onto_a_full_tmpfs_is_one_line_and_keeps_the_previous_run(
+    checkpoint_and_data, previous_training_run, tmp_path
+):
+    previous, bases = previous_training_run
+    argv = _train_argv(checkpoint_and_data, "{out}", bases) + ["--overwrite_output_dir=true", "--seed=7"]
+    command = f"{sys.executable} train.py " + " ".join(argv)
+    # Less room than the new model needs: the disk fills up while the checkpoint is written (by safetensors, in
+    # Rust, where no Python-level fault injection reaches).
+    result, before, after = _run_on_a_small_tmpfs(tmp_path, previous, _folder_kib(previous) // 2, command)
+    _full_disk_line(result, tmp_path / "small" / "out")
+    assert "Checkpoint:" not in result.stdout  # the summary of a successful run
+    assert after == before and "model.safetensors" in before
