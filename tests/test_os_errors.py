@@ -131,6 +131,16 @@ def test_an_os_error_wrapped_by_a_library_is_recognised_by_its_text():
     assert describe_os_error(ValueError("not an OS error")) is None
 
 
+def test_a_full_disk_during_a_copy_names_the_copy_not_its_source(tmp_path):
+    """shutil.copyfile names its source first: the full disk is the destination's (the remote code copied into a
+    checkpoint was reported as "no space ... while writing .../modeling_skinclip.py", the checkout's own file)."""
+    source, destination = str(tmp_path / "modeling_skinclip.py"), "/full/out/checkpoint-1/modeling_skinclip.py"
+    message = describe_os_error(OSError(errno.ENOSPC, "No space left on device", source, None, destination))
+    assert message == FIXES[errno.ENOSPC].format(path=destination)
+    unreadable = OSError(errno.EACCES, "Permission denied", source, None, destination)
+    assert describe_os_error(unreadable) == FIXES[errno.EACCES].format(path=source)  # may be either: as raised
+
+
 def test_debug_shows_the_traceback_of_an_os_error():
     def main(argv):
         raise OSError(errno.ENOSPC, "No space left on device", "/x")
@@ -382,8 +392,9 @@ def test_an_evaluation_onto_a_full_tmpfs_is_one_line_and_keeps_the_previous_one(
         f"{sys.executable} evaluate_skinclip.py --model {root / 'model'} --dataset {root / 'data'} --out {{out}} "
         "--bootstrap 0 --calibration-split ''"  # uncalibrated: every file differs from the previous evaluation's
     )
-    # Room for about half of a new evaluation: it fails half-way, after some of its files are written.
-    result, before, after = _run_on_a_small_tmpfs(tmp_path, previous_evaluation, 40, command)
+    # 8 KiB free: room for the new predictions.csv, not for the new reliability.png beside the old one. Written in
+    # place, the folder held a mix of two evaluations; set aside, the previous one comes back whole.
+    result, before, after = _run_on_a_small_tmpfs(tmp_path, previous_evaluation, 8, command)
     _full_disk_line(result, tmp_path / "small" / "out")
     assert "# Evaluation" not in result.stdout  # the report of a finished evaluation
     assert after == before and "predictions.csv" in before
@@ -396,10 +407,12 @@ def test_an_overwriting_train_run_onto_a_full_tmpfs_is_one_line_and_keeps_the_pr
 ):
     previous, bases = previous_training_run
     argv = _train_argv(checkpoint_and_data, "{out}", bases) + ["--overwrite_output_dir=true", "--seed=7"]
+    argv += ["--save_strategy=steps", "--save_steps=1"]  # a checkpoint too: the new run needs more than the old
     command = f"{sys.executable} train.py " + " ".join(argv)
-    # Less room than the new model needs: the disk fills up while the checkpoint is written (by safetensors, in
-    # Rust, where no Python-level fault injection reaches).
-    result, before, after = _run_on_a_small_tmpfs(tmp_path, previous, _folder_kib(previous) // 2, command)
+    # 8 KiB free: deleting the previous run first made room for most of the new one, which then failed half-way
+    # with the previous run gone. Set aside, the previous run comes back whole. Some writes are safetensors' (in
+    # Rust), which no Python-level fault injection reaches.
+    result, before, after = _run_on_a_small_tmpfs(tmp_path, previous, 8, command)
     _full_disk_line(result, tmp_path / "small" / "out")
     assert "Checkpoint:" not in result.stdout  # the summary of a successful run
     assert after == before and "model.safetensors" in before
