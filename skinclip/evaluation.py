@@ -42,6 +42,22 @@ SUBGROUP_COLUMNS = {
 }
 AGE_COLUMNS = ("age_approx", "age", "age_years")
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # the search interval of the fitted temperature
+# Every file an evaluation may write into --out: a previous evaluation's (listed in the manifest) is replaced whole;
+# other files the project wrote there (predict.py's heatmaps, say) are not this command's to replace.
+EVALUATION_FILES = frozenset(
+    {
+        "predictions.csv",
+        "metrics.json",
+        "metrics.md",
+        "calibration.json",
+        "reliability.png",
+        "confusion_matrix.png",
+        "subgroups.csv",
+        "subgroups.md",
+        "isic2019_submission.csv",
+        "rationales.csv",
+    }
+)
 
 
 def subgroup_values(split, num_rows: int) -> dict[str, list]:
@@ -459,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
     # back if it fails (a full disk half-way would have left the two evaluations' files mixed).
     with OutputFolder(out_dir, "evaluate_skinclip.py") as folder:
         refuse_symlinks(out_dir)
-        with PreviousRun(folder, owned_and_foreign(out_dir)[0]):
+        previous_evaluation = [name for name in owned_and_foreign(out_dir)[0] if name in EVALUATION_FILES]
+        with PreviousRun(folder, previous_evaluation):
             report = evaluate(
                 model,
                 processor,

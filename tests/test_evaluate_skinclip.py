@@ -432,3 +432,23 @@ def test_overflowing_logits_are_one_line_and_leave_no_torn_predictions(checkpoin
     assert cli.evaluate(arguments) == 1
     after = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
     assert after.keys() == before.keys() and all(after[name] == before[name] for name in before if name[0] != ".")
+
+
+def test_an_evaluation_replaces_only_a_previous_evaluation_in_out(checkpoint_and_data, tmp_path):
+    """A previous evaluation's files are replaced whole (a stale rationales.csv is gone); other files the
+    project wrote into --out (predict.py's heatmaps) and a user's own files stay."""
+    from skinclip.output_folder import OutputFolder
+
+    root, _ = checkpoint_and_data
+    out = tmp_path / "eval"
+    with OutputFolder(out, "evaluate_skinclip.py"):
+        (out / "rationales.csv").write_text("image_id,label,top_class,rationale_names,rationale\n")
+    with OutputFolder(out, "predict.py"):
+        (out / "ISIC_0000000_focal_attention.png").write_bytes(b"a heatmap")
+    (out / "notes.txt").write_text("mine")
+    evaluation.main(
+        ["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out), "--bootstrap", "0"]
+    )
+    assert not (out / "rationales.csv").exists() and (out / "predictions.csv").is_file()
+    assert (out / "ISIC_0000000_focal_attention.png").read_bytes() == b"a heatmap"
+    assert (out / "notes.txt").read_text() == "mine" and not (out / ".skinclip-previous-run").exists()
