@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from skinclip.csv_rows import find_problem
 from skinclip.errors import UserError
 from skinclip.output_folder import writing_into
 from skinclip.validation import cli_number
@@ -86,8 +87,13 @@ def read_csv(path, required_columns: Sequence[str] = (), aliases: dict[str, str]
         raise DataError(
             f"{path}: line {line}, column {column} is not UTF-8 text ({error.reason}); save the file as UTF-8"
         ) from error
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+    except pd.errors.EmptyDataError as error:
         raise DataError(f"{path}: not a readable CSV ({' '.join(str(error).split())})") from error
+    except pd.errors.ParserError as error:
+        # pandas names a record number or a 0-based row, not the file line, and not what was lost with it.
+        problem = find_problem(path.read_text(encoding=CSV_ENCODING, errors="replace"))
+        detail = str(problem) if problem is not None else " ".join(str(error).split())
+        raise DataError(f"{path}: not a readable CSV ({detail})") from error
     table.columns = [column.strip() for column in table.columns]
     for alias, canonical in (aliases or {}).items():
         if alias in table.columns and canonical not in table.columns:

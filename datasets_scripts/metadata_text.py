@@ -16,7 +16,6 @@ Ids must be unique and texts non-blank; an error names the file and the line.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from metadata_skinclip import (  # noqa: F401  (re-exported: the converters impo
     is_missing,
     to_float,
 )
+from skinclip.csv_rows import UnreadableRow, rows_after, rows_with_lines
 
 
 def load_offline_descriptions(path) -> dict[str, str]:
@@ -54,11 +54,21 @@ def load_offline_descriptions(path) -> dict[str, str]:
                 rows.append((line_number, record))
     elif path.suffix.lower() == ".csv":
         with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            for column in ("image_id", "text"):
-                if column not in (reader.fieldnames or []):
-                    raise ValueError(f"{path}: missing required column {column!r}")
-            rows.extend((line_number, record) for line_number, record in enumerate(reader, start=2))
+            # Each row with the line it starts on: a quoted text may span lines (enumerate counted rows).
+            lines = rows_with_lines(handle)
+            try:
+                _, header = next(lines, (1, []))
+                for column in ("image_id", "text"):
+                    if column not in header:
+                        raise ValueError(f"{path}: missing required column {column!r}")
+                rows.extend((line_number, dict(zip(header, fields))) for line_number, fields in lines)
+            except UnreadableRow as error:
+                handle.seek(0)
+                rest = rows_after(handle, error.line)
+                raise ValueError(
+                    f"{path}: line {error.line} is not a readable CSV row ({error.reason}); "
+                    f"not read: that row and the {rest} after it"
+                ) from error
     else:
         raise ValueError(f"{path}: offline descriptions must be .jsonl or .csv, got {path.suffix!r}")
 

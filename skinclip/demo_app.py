@@ -8,6 +8,12 @@ patient's metadata are health data. What is kept: nothing. Gradio's uploads go t
 the app owns (``GRADIO_TEMP_DIR``); each upload is read into memory and deleted before its result is returned,
 the heatmap is sent back inline (a PNG data URL) and never written, and the folder is deleted when the app
 closes or exits. A bad upload gets a message that names the problem, never a server path.
+
+No upload outlives its request, whatever the outcome (`UploadLedger`): a request Gradio refuses before the
+handler runs (a payload it cannot read, a choice not offered, too few inputs) deletes the uploads it names as
+it ends; the part of an upload refused or cut off mid-way is deleted as soon as no request is under way; an
+upload no request ever names (a page closed after choosing an image) is deleted after
+``UNCLAIMED_UPLOAD_SECONDS``. Uploads are limited to ``MAX_UPLOAD_BYTES``.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import atexit
 import base64
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -31,6 +40,12 @@ UPLOAD_NAME = "the uploaded image"  # how messages name the upload: never by its
 
 logger = logging.getLogger("skinclip.demo")
 
+
+# The browser uploads an image when it is chosen and names it in the request sent by "Diagnose": an upload
+# no request names within this time is taken to be abandoned (the page was closed) and deleted.
+UNCLAIMED_UPLOAD_SECONDS = 600.0
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # far above a dermoscopic image; Gradio refuses larger uploads while reading
+MAX_KEPT_REQUEST_BYTES = 4 * 1024 * 1024  # a request body read for the uploads it names (JSON: small)
 
 FOLDER_PREFIX = "skinclip-demo-"  # then the owning process id and a random part: skinclip-demo-<pid>-<random>
 
@@ -54,13 +69,19 @@ class PrivateFolder:
         return Path(path).resolve().is_relative_to(self.path.resolve())
 
     def discard(self, path) -> None:
-        """Delete an uploaded file and its per-upload folder (``<hash>/``), if they are ours."""
+        """Delete an uploaded file and its per-upload folder (``<hash>/``) once empty, if they are ours."""
         if not path or not self.holds(path):
             return
         path = Path(path)
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
         if path.parent != self.path and self.holds(path.parent):
-            shutil.rmtree(path.parent, ignore_errors=True)
+            with contextlib.suppress(OSError):  # not empty: another upload of the same bytes, still live
+                path.parent.rmdir()
+
+    def files(self) -> list[Path]:
+        """Every file now in the folder (uploads, and parts of uploads Gradio is writing or gave up on)."""
+        return [path for path in self.path.rglob("*") if not path.is_dir()] if self.path.is_dir() else []
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -104,6 +125,152 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+class UploadLedger:
+    """The live uploads of a `PrivateFolder`, each deleted when the first request naming it ends (issue 22).
+
+    Gradio stores an upload (``POST /upload``) before any request names it, and serves every file of its upload
+    folder to any client that asks for it by path (``/gradio_api/file=``) until the app exits. Here an upload
+    is deleted when the request that names it ends, whatever the outcome: the event (`end_of_event`, also when
+    Gradio's preprocessing refuses it before the handler) or the HTTP request itself when Gradio refuses it
+    before it becomes an event (`UploadLifetime`). One that no request names is deleted after
+    ``unclaimed_seconds``. Any other file in the folder (the part of an upload refused for its size, or cut off
+    by its client) is deleted whenever no request is under way (`sweep`), as it may be one being written.
+    """
+
+    def __init__(self, folder: PrivateFolder, unclaimed_seconds: float = UNCLAIMED_UPLOAD_SECONDS) -> None:
+        self.folder = folder
+        self.unclaimed_seconds = unclaimed_seconds
+        self._lock = threading.Lock()
+        self._timers: dict[str, threading.Timer] = {}  # server path of a live upload -> its deadline
+        self._requests = 0  # under way: uploads being written, events being processed
+
+    def uploaded(self, paths) -> None:
+        """Record uploads Gradio has stored; each is deleted after ``unclaimed_seconds`` if nothing names it."""
+        with self._lock:
+            for path in map(str, paths):
+                if self.folder.holds(path) and path not in self._timers:
+                    timer = threading.Timer(self.unclaimed_seconds, self.release, args=([path],))
+                    timer.daemon = True  # never keeps the process alive
+                    self._timers[path] = timer
+                    timer.start()
+
+    def named_in(self, value) -> list[str]:
+        """The live uploads whose server path appears in ``value`` (a request's payload, or its raw text)."""
+        texts = list(_texts_in(value))
+        with self._lock:
+            return [path for path in self._timers if any(path in text for text in texts)]
+
+    def release(self, paths) -> None:
+        """Delete these uploads now (their request has ended) and forget them."""
+        for path in paths:
+            with self._lock:
+                timer = self._timers.pop(str(path), None)
+            if timer is not None:
+                timer.cancel()
+            self.folder.discard(path)
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Marks a request under way; the last one to end sweeps the folder."""
+        with self._lock:
+            self._requests += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._requests -= 1
+            self.sweep()
+
+    def end_of_event(self, inputs) -> None:
+        self.release(self.named_in(inputs))
+
+    def sweep(self) -> None:
+        """With no request under way, delete every file of the folder that is not a live upload."""
+        with self._lock:
+            if self._requests:
+                return
+            live = {Path(path).resolve() for path in self._timers}
+            for path in self.folder.files():
+                if path.resolve() not in live:
+                    self.folder.discard(path)
+
+    def close(self) -> None:
+        with self._lock:
+            timers, self._timers = list(self._timers.values()), {}
+        for timer in timers:
+            timer.cancel()
+
+
+def _texts_in(value) -> Iterator[str]:
+    """Every string in a decoded JSON payload; raw bytes (a body that is not JSON) as one text."""
+    if isinstance(value, (bytes, bytearray)):
+        text = bytes(value).decode("utf-8", errors="replace")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            yield text.replace("\\/", "/")  # JSON may escape "/"
+            return
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _texts_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _texts_in(item)
+
+
+class UploadLifetime:
+    """ASGI middleware: records each stored upload, and deletes the uploads named by a request Gradio refuses.
+
+    A request Gradio accepts as an event (``200``) leaves its uploads to the end of that event
+    (`UploadLedger.end_of_event`); one it refuses (a body it cannot read, an unknown endpoint, a full queue, a
+    validator) or that fails never becomes one, so its uploads are deleted when its response is sent.
+    """
+
+    def __init__(self, app, ledger: UploadLedger) -> None:
+        self.app = app
+        self.ledger = ledger
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        is_upload = scope["path"].rstrip("/").endswith("/upload")
+        body, response, status = bytearray(), bytearray(), []
+
+        async def receive_and_keep():
+            message = await receive()
+            if not is_upload and message["type"] == "http.request" and len(body) < MAX_KEPT_REQUEST_BYTES:
+                body.extend(message.get("body", b""))
+            return message
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            elif is_upload and message["type"] == "http.response.body" and status == [200]:
+                response.extend(message.get("body", b""))
+            await send(message)
+
+        with self.ledger.request():
+            try:
+                await self.app(scope, receive_and_keep, send_and_note)
+            finally:
+                if is_upload and status == [200]:
+                    self.ledger.uploaded(_stored_paths(response))
+                elif not is_upload and status != [200]:
+                    self.ledger.release(self.ledger.named_in(body))
+
+
+def _stored_paths(response: bytes) -> list[str]:
+    """The server paths in the answer of ``POST /upload`` (a JSON list)."""
+    try:
+        paths = json.loads(bytes(response))
+    except ValueError:
+        return []
+    return [path for path in paths if isinstance(path, str)] if isinstance(paths, list) else []
 
 
 def png_data_url(picture) -> str:
@@ -168,24 +335,48 @@ def _define_components(gr):
 
 
 def build_app(
-    model, processor, calibration: dict | None = None, max_new_tokens: int = 64, folder: PrivateFolder | None = None
+    model,
+    processor,
+    calibration: dict | None = None,
+    max_new_tokens: int = 64,
+    folder: PrivateFolder | None = None,
+    unclaimed_upload_seconds: float = 600,
 ):
     """A Gradio Blocks app whose `/diagnose` endpoint returns (probabilities, prediction set, rationale, heatmap).
 
-    ``folder`` (default: a new `PrivateFolder`) receives Gradio's uploads; ``app.close()`` deletes it.
+    ``folder`` (default: a new `PrivateFolder`) receives Gradio's uploads; ``app.close()`` deletes it. An upload
+    lives until the request naming it ends, or ``unclaimed_upload_seconds`` if none does (`UploadLedger`).
     """
     folder = folder or PrivateFolder()
     import gradio as gr
+    from starlette.middleware import Middleware
+
+    uploads = UploadLedger(folder, unclaimed_upload_seconds)
 
     UploadedImage, InlineImage = _components(gr)
     diagnose = _diagnose_function(gr, model, processor, calibration or {}, max_new_tokens, folder)
     class_names = model.config.class_names
 
     class PrivateBlocks(gr.Blocks):
+        def launch(self, *args, app_kwargs: dict | None = None, max_file_size=MAX_UPLOAD_BYTES, **kwargs):
+            app_kwargs = dict(app_kwargs or {})
+            app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(UploadLifetime, ledger=uploads)]
+            return super().launch(*args, app_kwargs=app_kwargs, max_file_size=max_file_size, **kwargs)
+
+        async def process_api(self, *args, **kwargs):
+            # Every event passes here, refused by Gradio's preprocessing or not: its uploads end with it.
+            inputs = kwargs.get("inputs", args[1] if len(args) > 1 else None)
+            with uploads.request():
+                try:
+                    return await super().process_api(*args, **kwargs)
+                finally:
+                    uploads.end_of_event(inputs)
+
         def close(self, *args, **kwargs):
             try:
                 return super().close(*args, **kwargs)
             finally:
+                uploads.close()
                 folder.remove()
 
     with PrivateBlocks(title="SkinCLIP-VL", analytics_enabled=False) as app:
@@ -212,6 +403,7 @@ def build_app(
             api_name="diagnose",
         )
     app.private_folder = folder
+    app.uploads = uploads
     return app
 
 

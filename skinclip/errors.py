@@ -67,6 +67,7 @@ _OS_ERRORS = {
         "choose shorter names (most file systems allow 255 bytes per name)",
     ),
 }
+_DESTINATION_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # only ever about the path written
 # Libraries that wrap an OS error in their own exception keep only its text (safetensors: "os error 28").
 _OS_ERROR_TEXTS = (
     (re.compile(r"No space left on device|os error 28\b|StorageFull"), errno.ENOSPC),
@@ -86,13 +87,22 @@ def _os_error_in(error: BaseException) -> tuple[int, str | None] | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno is not None:
-            path = current.filename if current.filename not in (None, "") else current.filename2
-            return current.errno, None if path in (None, "") else os.fsdecode(path)
+            return current.errno, _path_of(current)
         current = current.__cause__ or current.__context__
     for pattern, number in _OS_ERROR_TEXTS:
         if pattern.search(str(error)):
             return number, None
     return None
+
+
+def _path_of(error: OSError) -> str | None:
+    """The path an OS error is about. A copy (`shutil.copyfile`) names its source first and its destination
+    second: a full or read-only disk is the destination's, which is then the one named."""
+    first, second = error.filename, error.filename2
+    if error.errno in _DESTINATION_ERRORS and second not in (None, ""):
+        first, second = second, first
+    path = first if first not in (None, "") else second
+    return None if path in (None, "") else os.fsdecode(path)
 
 
 def describe_os_error(error: BaseException) -> str | None:

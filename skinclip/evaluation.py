@@ -34,7 +34,7 @@ from skinclip import validation
 from skinclip.errors import UserError
 from skinclip.inference import split_logits
 from skinclip.labels import ISIC2019_CLASSES
-from skinclip.output_folder import OutputFolder, atomic_write_text, refuse_symlinks
+from skinclip.output_folder import OutputFolder, PreviousRun, atomic_write_text, owned_and_foreign, refuse_symlinks
 
 SUBGROUP_COLUMNS = {
     "sex": ("sex", "gender"),
@@ -42,6 +42,22 @@ SUBGROUP_COLUMNS = {
 }
 AGE_COLUMNS = ("age_approx", "age", "age_years")
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # the search interval of the fitted temperature
+# Every file an evaluation may write into --out: a previous evaluation's (listed in the manifest) is replaced whole;
+# other files the project wrote there (predict.py's heatmaps, say) are not this command's to replace.
+EVALUATION_FILES = frozenset(
+    {
+        "predictions.csv",
+        "metrics.json",
+        "metrics.md",
+        "calibration.json",
+        "reliability.png",
+        "confusion_matrix.png",
+        "subgroups.csv",
+        "subgroups.md",
+        "isic2019_submission.csv",
+        "rationales.csv",
+    }
+)
 
 
 def subgroup_values(split, num_rows: int) -> dict[str, list]:
@@ -92,6 +108,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     positive_class: str | None = None,
     malignant_classes: list[str] | None = None,
+    checkpoint: str | None = None,
 ) -> dict:
     """Run the whole evaluation and write every report file; returns the metrics dict.
 
@@ -100,6 +117,8 @@ def evaluate(
     A binary split scored with a multi-class model takes its positive class and the malignant classes from
     ``positive_class`` / ``malignant_classes`` or the split's own labels (`validation.binary_positive_class`,
     `validation.malignant_class_set`); the report names both and where they came from.
+    Logits that are not finite (a checkpoint whose weights overflow) are a `UserError` naming ``checkpoint``
+    (default: the model's ``name_or_path``), raised before any file is written.
     """
     import pandas as pd
 
@@ -118,14 +137,21 @@ def evaluate(
             f"malignant score = sum of P({', '.join(malignant)}) (from {malignant_from})",
             file=sys.stderr,
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = checkpoint or getattr(model, "name_or_path", "") or "the checkpoint"
     labels = np.asarray(split["label"], dtype=int)
-    logits = split_logits(model, processor, split, batch_size, progress)
+    logits = require_finite(
+        split_logits(model, processor, split, batch_size, progress), "logits", split_name, checkpoint
+    )
 
     calibration: dict = {}
     predictor = None
     if calibration_split and calibration_split in dataset and in_model_classes:
-        calibration_logits = split_logits(model, processor, dataset[calibration_split], batch_size, progress)
+        calibration_logits = require_finite(
+            split_logits(model, processor, dataset[calibration_split], batch_size, progress),
+            "logits",
+            calibration_split,
+            checkpoint,
+        )
         calibration_labels = np.asarray(dataset[calibration_split]["label"], dtype=int)
         temperature = float(sm.fit_temperature(calibration_logits, calibration_labels, bounds=TEMPERATURE_BOUNDS))
         predictor = sm.SplitConformal(method=conformal_method, coverage=coverage, seed=seed)
@@ -155,7 +181,8 @@ def evaluate(
 
     temperature = calibration.get("temperature", 1.0)
     probs_raw = sm.apply_temperature(logits, 1.0)
-    probs = sm.apply_temperature(logits, temperature)
+    probs = require_finite(sm.apply_temperature(logits, temperature), "probabilities", split_name, checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a checkpoint that cannot be scored writes nothing
     ids = split["image_id"] if "image_id" in split.column_names else [str(i) for i in range(len(split))]
 
     frame = pd.DataFrame(probs, columns=class_names)
@@ -220,6 +247,23 @@ def evaluate(
     if calibration:
         atomic_write_text(out_dir / "calibration.json", sm.to_strict_json(calibration))
     return report
+
+
+def require_finite(values: np.ndarray, what: str, split_name: str, checkpoint: str) -> np.ndarray:
+    """``values`` (one row per image) if every one is finite; else a `UserError` naming the checkpoint and cause.
+
+    A checkpoint whose weights are finite can still give inf logits (a product overflows float32), and softmax
+    turns those into NaN probabilities: scored, they crashed the metrics after predictions.csv had been written
+    with empty cells (issue 22).
+    """
+    bad_rows = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum()) if len(values) else 0
+    if bad_rows:
+        raise UserError(
+            f"{checkpoint}: the model gives non-finite {what} (inf or NaN) for {bad_rows} of {len(values)} images of "
+            f"the {split_name!r} split: its weights overflow float32 (a diverged or corrupted training run); "
+            "nothing was written"
+        )
+    return values
 
 
 def rationale_agreement(
@@ -427,24 +471,29 @@ def main(argv: list[str] | None = None) -> dict:
     processor = SkinClipVLProcessor.from_pretrained(args.model)
     out_dir = Path(args.out)
     # --out is locked while written (a second evaluation into it is refused), and no write follows a symlink.
-    with OutputFolder(out_dir, "evaluate_skinclip.py"):
+    # A previous evaluation in --out is set aside while this one runs: replaced by it whole if it finishes, given
+    # back if it fails (a full disk half-way would have left the two evaluations' files mixed).
+    with OutputFolder(out_dir, "evaluate_skinclip.py") as folder:
         refuse_symlinks(out_dir)
-        report = evaluate(
-            model,
-            processor,
-            dataset,
-            args.split,
-            out_dir,
-            args.calibration_split or None,
-            args.coverage,
-            args.conformal_method,
-            args.bootstrap,
-            args.batch_size,
-            rationales=args.rationales,
-            max_new_tokens=args.max_new_tokens,
-            positive_class=args.positive_class,
-            malignant_classes=args.malignant_classes,
-        )
+        previous_evaluation = [name for name in owned_and_foreign(out_dir)[0] if name in EVALUATION_FILES]
+        with PreviousRun(folder, previous_evaluation):
+            report = evaluate(
+                model,
+                processor,
+                dataset,
+                args.split,
+                out_dir,
+                args.calibration_split or None,
+                args.coverage,
+                args.conformal_method,
+                args.bootstrap,
+                args.batch_size,
+                rationales=args.rationales,
+                max_new_tokens=args.max_new_tokens,
+                positive_class=args.positive_class,
+                malignant_classes=args.malignant_classes,
+                checkpoint=args.model,
+            )
         if args.save_calibration:
             save_calibration(report["calibration"], Path(args.model))
     print((out_dir / "metrics.md").read_text())

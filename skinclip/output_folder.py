@@ -11,6 +11,9 @@
   is written, so no write lands outside the folder.
 * **Atomic writes** (`atomic_write_bytes`, `atomic_write_text`): written beside, flushed, renamed into place; a
   failure leaves the previous file as it was.
+* **A replaced run comes back if its replacement fails** (`PreviousRun`): the files an overwrite replaces (those
+  the manifest lists) are moved into `ASIDE_NAME` while the new run writes, deleted once it has finished, and
+  moved back, with the failed run's files deleted, when it fails (a full disk half-way through a checkpoint).
 
 Used as ``with OutputFolder(path, "train.py") as folder: ...``; ``folder.record()`` updates the manifest (also
 called on exit, whatever the outcome, so the files of a failed run are known to the next one).
@@ -22,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -35,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".skinclip.lock"
 MANIFEST_NAME = ".skinclip-manifest.json"
+ASIDE_NAME = ".skinclip-previous-run"  # the replaced run's files while its replacement runs (`PreviousRun`)
 CONTROL_FILES = frozenset({LOCK_NAME, MANIFEST_NAME})
 
 # The output folder of the command now running in this process, named by `skinclip.errors` when an OS error
@@ -198,6 +203,8 @@ def _walk_files(folder: Path) -> dict[str, list[int]]:
     files = {}
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        if root == os.fspath(folder):
+            dirs[:] = [d for d in dirs if d != ASIDE_NAME]  # not this run's: the run it replaces
         for name in names:
             path = Path(root, name)
             if path.is_symlink() or not path.is_file():
@@ -301,6 +308,77 @@ def _write_manifest(folder: Path, files: dict[str, list[int]]) -> None:
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(content, indent=1) + "\n")
 
 
+class PreviousRun:
+    """The files of the run an overwrite replaces, set aside (`ASIDE_NAME`) until the new run has finished.
+
+    Deleting them first (so that the two runs' outputs cannot mix) lost the only good run whenever the new one
+    failed, e.g. on a full disk (issue 22). ``with PreviousRun(folder, files):`` moves them aside (renames: no
+    space needed), and on leaving deletes them if the block finished, or else deletes what the failed run wrote
+    and moves them back. The manifest follows by itself (`OutputFolder.record` lists what is there when the
+    command ends). A folder left by a run killed in between is named, never guessed at.
+    """
+
+    def __init__(self, folder: OutputFolder, files: Iterable[str]):
+        self.folder = folder
+        self.files = sorted(files)
+        self.aside = folder.path / ASIDE_NAME
+
+    def __enter__(self) -> PreviousRun:
+        if self.aside.exists() or self.aside.is_symlink():
+            raise UserError(
+                f"{self.aside} holds the files of a run that an overwrite set aside and did not finish (it was "
+                "killed): move them back into the folder, or delete it if the run there is not wanted"
+            )
+        if self.files:
+            _move_files(self.folder.path, self.aside, self.files)
+            self.folder.forget_removed(self.files)
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if not self.files:
+            return
+        if kind is None:
+            shutil.rmtree(self.aside)
+            return
+        try:
+            self._give_back()
+        except OSError as failure:  # the new run's error is the one reported; this one is said beside it
+            logger.error("could not move the previous run back from %s: %s", self.aside, failure)
+        else:
+            logger.warning("the run did not finish: %s holds the previous run's files again", self.folder.path)
+
+    def _give_back(self) -> None:
+        written = self.folder.written_since_start()
+        for relative in written:
+            (self.folder.path / relative).unlink()
+        _prune_empty_folders(self.folder.path, written)
+        self.folder.forget_removed(written)
+        _move_files(self.aside, self.folder.path, self.files)
+        shutil.rmtree(self.aside)
+
+
+def _prune_empty_folders(root: Path, files: Iterable[str]) -> None:
+    """Remove the folders above these files (relative to ``root``) that are now empty, deepest first."""
+    parents = set()
+    for relative in files:
+        parent = (root / relative).parent
+        while parent != root:
+            parents.add(parent)
+            parent = parent.parent
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: it holds something the project did not write
+            parent.rmdir()
+
+
+def _move_files(source: Path, target: Path, files: Iterable[str]) -> None:
+    """Rename each relative path from ``source`` to ``target`` (same file system), then prune emptied folders."""
+    for relative in files:
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source / relative, destination)
+    _prune_empty_folders(source, files)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Symlinks
 # --------------------------------------------------------------------------------------------------------
@@ -401,6 +479,10 @@ class OutputFolder:
         files = {**kept, **changed}
         if files or listed:
             _write_manifest(self.path, files)
+
+    def written_since_start(self) -> list[str]:
+        """The files this command created or changed in the folder (compared with when it started)."""
+        return sorted(name for name, stamp in _walk_files(self.path).items() if self._before.get(name) != stamp)
 
     def forget_removed(self, deleted: Iterable[str]) -> None:
         for relative in deleted:

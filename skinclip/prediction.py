@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from skinclip.csv_rows import UnreadableRow, rows_after, rows_with_lines
 from skinclip.errors import (
     EXIT_FATAL,
     EXIT_OK,
@@ -123,8 +123,11 @@ def _cases_from_csv(path: Path) -> list[Case]:
     """One case per row; a row that cannot be used becomes a case with an error naming the file and line."""
     # surrogateescape: a non-UTF-8 byte spoils only its own row (found below), not the whole file.
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
+        rows = rows_with_lines(handle)
+        try:
+            _, header = next(rows, (1, []))
+        except UnreadableRow as error:
+            raise ImageInputError(f"{path}: line 1 (the header) is not a readable CSV row ({error.reason})") from None
         if not header:
             raise ImageInputError(f"{path}: CSV is empty")
         if any(_undecodable(name) for name in header):
@@ -134,11 +137,14 @@ def _cases_from_csv(path: Path) -> list[Case]:
             raise ImageInputError(f"{path}: CSV needs an 'image' or 'path' column, has {header}")
         cases = []
         try:
-            for row in reader:
-                cases.append(_case_from_row(row, column, path, reader.line_num))
-        except csv.Error as error:  # e.g. a field over csv.field_size_limit(): the rest cannot be parsed
-            source = f"{path} line {reader.line_num}"
-            cases.append(Case(path, source=source, error=f"{source}: unreadable CSV ({error}); rest of file not read"))
+            for line, fields in rows:
+                cases.append(_case_from_row(dict(zip(header, fields)), column, path, line))
+        except UnreadableRow as error:  # e.g. a field over csv.field_size_limit(): the rest cannot be parsed
+            handle.seek(0)  # the rows after the unreadable one, lost with it, counted from the start
+            rest = rows_after(handle, error.line)
+            source = f"{path} line {error.line}"
+            message = f"{source}: unreadable CSV ({error.reason}); not read: this row and the {rest} after it"
+            cases.append(Case(path, source=source, error=message))
     if not cases:
         raise ImageInputError(f"{path}: CSV has no rows")
     return cases

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from skinclip import classification_metrics as sm
+from skinclip.csv_rows import find_problem, rows_with_lines
 from skinclip.errors import UserError
 
 CALIBRATION_FILE = "test_calibration.json"
@@ -31,13 +32,32 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
     if not path.is_file():
         raise UserError(f"{path} does not exist: the run wrote no predictions for that split")
-    frame = pd.read_csv(path, dtype={"image_id": str, "label": str})
+    # Read back like user input: a file cut short or edited by hand is named, never a traceback or NaN metrics.
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str, "label": str})
+    except pd.errors.ParserError as error:
+        problem = find_problem(path.read_text(encoding="utf-8", errors="replace"))
+        raise UserError(f"{path}: not a readable CSV ({problem or ' '.join(str(error).split())})") from error
+    except (pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a readable CSV ({' '.join(str(error).split())})") from error
+    if list(frame.columns[:2]) != ["image_id", "label"] or len(frame.columns) < 4:
+        raise UserError(f"{path}: expected the columns image_id, label and 2+ classes, found {list(frame.columns)}")
     class_names = [str(name) for name in frame.columns[2:]]
     index = {name: i for i, name in enumerate(class_names)}
     unknown = sorted(set(frame["label"]) - set(index))
     if unknown:
         raise UserError(f"{path}: labels {unknown} are not among its probability columns {class_names}")
-    return frame["label"].map(index).to_numpy(dtype=int), frame[class_names].to_numpy(dtype=np.float64), class_names
+    probs = frame[class_names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(probs) & (probs >= 0) & (probs <= 1)).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+            starts = [line for line, _ in rows_with_lines(handle)]  # the header's, then each row's first line
+        raise UserError(
+            f"{path}: {len(rows)} row(s) hold a probability that is empty, not a number or outside [0, 1] "
+            f"(the first on line {starts[rows[0] + 1]}); write the predictions again"
+        )
+    return frame["label"].map(index).to_numpy(dtype=int), probs, class_names
 
 
 def log_probabilities(probs: np.ndarray) -> np.ndarray:

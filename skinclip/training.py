@@ -14,6 +14,7 @@ with a short summary: where the checkpoint is, the held-out metrics, and the com
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from configuration_skinclip import SkinClipVLConfig
 from modeling_skinclip import SkinClipVLModel, SkinClipVLProcessor
 from skinclip import validation
 from skinclip.classification_metrics import to_strict_json
-from skinclip.output_folder import OutputFolder, atomic_write_text, remove_owned
+from skinclip.output_folder import OutputFolder, PreviousRun, atomic_write_text
 from skinclip.run_io import DataArguments, image_ids_of, load_training_data, parse_config, write_split_outputs
 from trainer_cfa import CFATrainer, CFATrainingArguments, SkinClipVLCollator, compute_classification_metrics
 
@@ -419,9 +420,25 @@ def _train(
         callbacks=[RecordOutputs(folder)],
     )
 
-    if previous_run and trainer.is_world_process_zero():
-        remove_previous_run(folder, previous_run)
-    trainer.accelerator.wait_for_everyone()  # no process writes a checkpoint before the old ones are gone
+    # --overwrite_output_dir: the previous run's files are set aside while this one runs, and come back if it fails.
+    replaced = PreviousRun(folder, previous_run) if previous_run and trainer.is_world_process_zero() else None
+    with replaced or contextlib.nullcontext():
+        if replaced is not None:
+            logger.warning("overwrite_output_dir: %d files of the previous run set aside", len(previous_run))
+        trainer.accelerator.wait_for_everyone()  # no process writes a checkpoint before the old ones are gone
+        metrics = _train_and_write(trainer, model, processor, dataset, config, counts, model_args, data_args)
+    output_dir = Path(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        if training_args.push_to_hub:  # only now: the folder no longer holds the run it replaced
+            trainer.push_to_hub(commit_message="SkinCLIP-VL checkpoint")
+        print(run_summary(output_dir, metrics, data_args), flush=True)
+    return metrics
+
+
+def _train_and_write(trainer, model, processor, dataset, config, counts, model_args, data_args) -> dict:
+    """Train, then write every output of the run: split predictions and metrics, the model, the card."""
+    training_args = trainer.args
+    class_names = config.class_names
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     output_dir = Path(training_args.output_dir)
     metrics: dict[str, dict] = {}
@@ -442,9 +459,6 @@ def _train(
     if trainer.is_world_process_zero():
         description = dataset[data_args.train_split].info.description or ""
         write_model_card(output_dir, config, metrics, data_args, counts, description)
-        if training_args.push_to_hub:
-            trainer.push_to_hub(commit_message="SkinCLIP-VL checkpoint")
-        print(run_summary(output_dir, metrics, data_args), flush=True)
     return metrics
 
 
@@ -483,15 +497,6 @@ def run_summary(output_dir: Path, metrics: dict[str, dict], data_args: DataArgum
         f"--out {output_dir}-eval --save-calibration   (calibration and full report)",
     ]
     return "\n".join(lines)
-
-
-def remove_previous_run(folder: OutputFolder, files: list[str]) -> None:
-    """``--overwrite_output_dir``: delete the earlier run's files, exactly those output_dir's manifest lists (and
-    the folders they leave empty), before training, so that its checkpoints cannot mix with (or be rotated in
-    among) the new run's. A file or folder the project did not write is never deleted."""
-    deleted = remove_owned(folder.path, files)
-    logger.warning("overwrite_output_dir: removed %d files of the previous run from %s", len(files), folder.path)
-    folder.forget_removed(deleted)
 
 
 class RecordOutputs(TrainerCallback):

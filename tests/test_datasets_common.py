@@ -480,3 +480,33 @@ def test_the_image_bound_is_range_checked_on_the_command_line(tiny_isic, capsys)
         isic2019.main(["--data-dir", str(root), "--output-dir", str(root.parent / "out"), "--max-image-side", "10"])
     assert "argument --max-image-side: must be >= 224, got 10" in capsys.readouterr().err
     assert not (root.parent / "out").exists()
+
+
+# A CSV error names the file line it happens on (header = line 1; a quoted field may span lines) and what is lost.
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            'image,MEL,NV\nA,"two\nlines",0\nB,1,0\nC,1,0,9\nD,1,0\n\nE,1,0\n',
+            "line 5: 4 fields where the header (line 1) has 3; not read: that row and the 2 after it (lines 5-8)",
+        ),
+        (
+            'image,MEL,NV\nA,"two\nlines",0\nB,"never closed,0\nC,1,0\nD,1,0\n',
+            "line 4: a quoted field opened in this row is never closed, so it runs to the end of the file; "
+            "not read: that row (lines 4-6)",
+        ),
+    ],
+)
+def test_a_csv_error_names_the_file_line_and_the_rows_not_read(tmp_path, text, message):
+    table = tmp_path / "ground_truth.csv"
+    table.write_text(text)
+    with pytest.raises(DataError) as raised:
+        read_csv(table, ["image"])
+    assert str(raised.value) == f"{table}: not a readable CSV ({message})"
+
+
+def test_offline_descriptions_name_the_line_a_row_starts_on(tmp_path):
+    table = tmp_path / "descriptions.csv"
+    table.write_text('image_id,text\na,"A text\nover two lines."\nb,Other.\na,Again.\n')
+    with pytest.raises(ValueError, match=r"line 5 repeats image_id 'a'$"):
+        load_offline_descriptions(table)

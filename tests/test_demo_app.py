@@ -247,3 +247,139 @@ def test_a_rationale_naming_another_class_gets_a_note(make_config, sample_data, 
         top = max(probabilities, key=probabilities.get)
         note = f"Note: the rationale names {named} but the classifier's top class is {top}"
         assert rationale == (class_report(named) if named == top else f"{class_report(named)}\n\n{note}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# No upload outlives its request (issue 22): plain HTTP against the launched app, as any local client can
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def upload_app(make_config):
+    """Launches the app with a tiny model and a 1 MB upload limit; yields a factory of (app, API URL)."""
+    from skinclip import demo_app
+
+    config = make_config(class_names=("MEL", "NV"))
+    model = SkinClipVLModel(config, device="cpu").eval()
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    launched = []
+
+    def launch(unclaimed_upload_seconds: float = 600):
+        app = demo_app.build_app(model, processor, max_new_tokens=3, unclaimed_upload_seconds=unclaimed_upload_seconds)
+        launched.append(app)
+        port = _free_port()
+        app.launch(
+            server_name="127.0.0.1",
+            server_port=port,
+            share=False,
+            prevent_thread_lock=True,
+            quiet=True,
+            max_file_size=1_000_000,
+        )
+        return app, f"http://127.0.0.1:{port}/gradio_api"
+
+    try:
+        yield launch
+    finally:
+        for app in launched:
+            app.close()
+
+
+def _upload(api: str, path: Path) -> str:
+    """POST /upload as the browser does; the server path of the stored file."""
+    import httpx
+
+    with path.open("rb") as stream:
+        response = httpx.post(f"{api}/upload", files={"files": (path.name, stream, "image/jpeg")}, timeout=60)
+    assert response.status_code == 200, response.text
+    [server_path] = response.json()
+    return server_path
+
+
+def _fetchable(api: str, server_path: str) -> bool:
+    import httpx
+
+    return httpx.get(f"{api}/file={server_path}", timeout=60).status_code == 200
+
+
+def _call_diagnose(api: str, body: dict) -> str:
+    """POST /call/diagnose, then read its event stream to the end; the HTTP status, or the stream's last event."""
+    import httpx
+
+    response = httpx.post(f"{api}/call/diagnose", json=body, timeout=60)
+    if response.status_code != 200:
+        return f"rejected {response.status_code}"
+    stream = httpx.get(f"{api}/call/diagnose/{response.json()['event_id']}", timeout=120).text
+    return [line for line in stream.splitlines() if line.startswith("event:")][-1]
+
+
+def _file_data(server_path: str) -> dict:
+    return {"path": server_path, "meta": {"_type": "gradio.FileData"}}
+
+
+# Each request names an uploaded file and is refused by Gradio before the handler runs.
+REJECTED_BEFORE_THE_HANDLER = {
+    "a file entry Gradio cannot read": lambda upload: {
+        "data": [{**_file_data(upload), "size": "large"}, 40, "unknown", "", False]
+    },
+    "too few inputs": lambda upload: {"data": [_file_data(upload), 40]},
+    "a choice not offered": lambda upload: {"data": [_file_data(upload), 40, "other", "", False]},
+    "a body that is not a request": lambda upload: {"data": _file_data(upload), "fn_index": "first"},
+}
+
+
+@pytest.mark.slow  # a Gradio server
+@pytest.mark.parametrize("case", sorted(REJECTED_BEFORE_THE_HANDLER))
+def test_an_upload_is_gone_once_gradio_rejects_its_request(upload_app, sample_data, case):
+    app, api = upload_app()
+    image = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0]
+    upload = _upload(api, image)
+    assert _fetchable(api, upload)  # the browser shows its preview from here until the request
+    outcome = _call_diagnose(api, REJECTED_BEFORE_THE_HANDLER[case](upload))
+    assert outcome.startswith("rejected") or outcome == "event: error", outcome
+    assert not _fetchable(api, upload)  # another local client gets nothing
+    assert _files_under(app.private_folder.path) == []
+
+
+@pytest.mark.slow  # a Gradio server
+def test_an_upload_no_request_names_is_deleted_after_its_time(upload_app, sample_data):
+    app, api = upload_app(unclaimed_upload_seconds=2)
+    upload = _upload(api, sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0])
+    deadline = time.monotonic() + 20
+    while _files_under(app.private_folder.path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _fetchable(api, upload) and _files_under(app.private_folder.path) == []
+
+
+@pytest.mark.slow  # a Gradio server
+def test_an_upload_over_the_limit_or_cut_off_leaves_nothing(upload_app, tmp_path):
+    import httpx
+
+    app, api = upload_app()
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * (app.max_file_size + 1))
+    with big.open("rb") as stream:
+        response = httpx.post(f"{api}/upload", files={"files": ("big.jpg", stream, "image/jpeg")}, timeout=60)
+    assert response.status_code == 413
+    # A client that stops half-way through its upload: Gradio has already written the first part to disk.
+    port = int(api.split(":")[2].split("/")[0])
+    boundary = "skinclip-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="patient.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(
+            b"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 900000\r\n\r\n".encode()
+            + head
+            + b"\xff" * 200_000
+        )
+        deadline = time.monotonic() + 20  # until the server has the first part on disk
+        while not _files_under(app.private_folder.path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _files_under(app.private_folder.path), "the server never stored the first part"
+    deadline = time.monotonic() + 20
+    while _files_under(app.private_folder.path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _files_under(app.private_folder.path) == []

@@ -395,3 +395,60 @@ def test_rationales_option_reports_agreement_with_the_top_class(checkpoint_and_d
     with pytest.raises(SystemExit) as refused:  # a usage error of argparse (validation.cli_number), exit 2
         evaluation.main([*argv, "--rationales", "-1"])
     assert refused.value.code == 2
+
+
+def _overflowing_checkpoint(root, folder):
+    """A copy of the checkpoint whose class head is finite but so large that its logits overflow to inf/NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(root / "model", folder)
+    tensors = load_file(folder / "model.safetensors")
+    [head] = [name for name in tensors if name.startswith("classifier.") and name.endswith("weight")]
+    tensors[head] = tensors[head].sign() * 3e38  # finite weights; their products with features are not
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def test_overflowing_logits_are_one_line_and_leave_no_torn_predictions(checkpoint_and_data, tmp_path, capsys):
+    from skinclip import cli
+
+    root, _ = checkpoint_and_data
+    model = _overflowing_checkpoint(root, tmp_path / "overflowing")
+    out = tmp_path / "eval"
+    arguments = ["--model", str(model), "--dataset", str(root / "data"), "--bootstrap", "0", "--out", str(out)]
+    capsys.readouterr()
+    assert cli.evaluate(arguments) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert str(model) in line and "non-finite" in line and "'test'" in line
+    assert not out.exists()  # no predictions.csv with empty probabilities, nothing else either
+    # Over a previous good evaluation: its files survive as they were.
+    good = ["--model", str(root / "model"), "--dataset", str(root / "data"), "--bootstrap", "0", "--out", str(out)]
+    assert cli.evaluate(good) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert cli.evaluate(arguments) == 1
+    after = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert after.keys() == before.keys() and all(after[name] == before[name] for name in before if name[0] != ".")
+
+
+def test_an_evaluation_replaces_only_a_previous_evaluation_in_out(checkpoint_and_data, tmp_path):
+    """A previous evaluation's files are replaced whole (a stale rationales.csv is gone); other files the
+    project wrote into --out (predict.py's heatmaps) and a user's own files stay."""
+    from skinclip.output_folder import OutputFolder
+
+    root, _ = checkpoint_and_data
+    out = tmp_path / "eval"
+    with OutputFolder(out, "evaluate_skinclip.py"):
+        (out / "rationales.csv").write_text("image_id,label,top_class,rationale_names,rationale\n")
+    with OutputFolder(out, "predict.py"):
+        (out / "ISIC_0000000_focal_attention.png").write_bytes(b"a heatmap")
+    (out / "notes.txt").write_text("mine")
+    evaluation.main(
+        ["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out), "--bootstrap", "0"]
+    )
+    assert not (out / "rationales.csv").exists() and (out / "predictions.csv").is_file()
+    assert (out / "ISIC_0000000_focal_attention.png").read_bytes() == b"a heatmap"
+    assert (out / "notes.txt").read_text() == "mine" and not (out / ".skinclip-previous-run").exists()

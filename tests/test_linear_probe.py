@@ -173,3 +173,19 @@ def test_run_calibration_fits_the_temperature_of_the_logits_from_the_probabiliti
 def test_run_calibration_names_a_missing_prediction_file(tmp_path):
     with pytest.raises(UserError, match="validation_predictions.csv does not exist"):
         calibrate_run(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("image_id,label,A,B\n1,A,0.9,0.1\n2,B,,\n", r"1 row\(s\) hold a probability that is empty.*first on line 3\)"),
+        ('image_id,label,A,B\n"1\n",A,0.9,0.1\n2,B,nan,0.5\n', r"1 row\(s\) .*first on line 4\)"),
+        ("image_id,label,A,B\n1,A,0.9,0.1\n2,B,0.2,0.8,7\n", r"not a readable CSV \(line 3: 5 fields where"),
+        ("id,A,B\n1,0.9,0.1\n", r"expected the columns image_id, label and 2\+ classes"),
+    ],
+)
+def test_run_calibration_reads_predictions_back_like_user_input(tmp_path, text, message):
+    """A predictions file cut short or edited by hand is named with its line, not a traceback or NaN metrics."""
+    (tmp_path / "validation_predictions.csv").write_text(text)
+    with pytest.raises(UserError, match=message):
+        calibrate_run(tmp_path)

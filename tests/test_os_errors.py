@@ -24,6 +24,7 @@ from skinclip import cli
 from skinclip.errors import describe_os_error, run_entry_point
 from tests.conftest import REPO_ROOT
 
+MANIFEST = ".skinclip-manifest.json"  # rewritten by every command that writes into a folder
 FIXES = {
     errno.ENOSPC: "no space left on the device while writing {path}; free some space or write to another disk",
     errno.EROFS: "{path} is on a read-only file system; choose a writable folder",
@@ -130,6 +131,16 @@ def test_an_os_error_wrapped_by_a_library_is_recognised_by_its_text():
     assert describe_os_error(ValueError("not an OS error")) is None
 
 
+def test_a_full_disk_during_a_copy_names_the_copy_not_its_source(tmp_path):
+    """shutil.copyfile names its source first: the full disk is the destination's (the remote code copied into a
+    checkpoint was reported as "no space ... while writing .../modeling_skinclip.py", the checkout's own file)."""
+    source, destination = str(tmp_path / "modeling_skinclip.py"), "/full/out/checkpoint-1/modeling_skinclip.py"
+    message = describe_os_error(OSError(errno.ENOSPC, "No space left on device", source, None, destination))
+    assert message == FIXES[errno.ENOSPC].format(path=destination)
+    unreadable = OSError(errno.EACCES, "Permission denied", source, None, destination)
+    assert describe_os_error(unreadable) == FIXES[errno.EACCES].format(path=source)  # may be either: as raised
+
+
 def test_debug_shows_the_traceback_of_an_os_error():
     def main(argv):
         raise OSError(errno.ENOSPC, "No space left on device", "/x")
@@ -161,9 +172,9 @@ def checkpoint_and_data(tmp_path_factory, make_config):
     return root
 
 
-def _evaluate(root, out):
+def _evaluate(root, out, *options):
     argv = ["--model", str(root / "model"), "--dataset", str(root / "data"), "--out", str(out), "--bootstrap", "0"]
-    return cli.evaluate(argv + ["--batch-size", "8"])
+    return cli.evaluate([*argv, "--batch-size", "8", *options])
 
 
 @pytest.fixture(scope="module")
@@ -186,14 +197,18 @@ def test_evaluate_fails_in_one_line_and_keeps_the_previous_evaluation(
     shutil.copytree(previous_evaluation, out)
     before = _hashes(out)
     capsys.readouterr()
-    with failing_writes(out, number, site) as failed:
-        assert _evaluate(checkpoint_and_data, out) == 1
+    with failing_writes(out, number, site) as failed:  # uncalibrated: every file it writes differs from before
+        assert _evaluate(checkpoint_and_data, out, "--calibration-split", "") == 1
     assert _single_error_line(capsys) == "error: " + FIXES[number].format(path=failed[0])
     after = _hashes(out)
     assert set(after) == set(before)  # nothing torn, nothing left half-written beside
     target = next((name for name in before if site and name.endswith(site)), None)
     if target is not None:
         assert after[target] == before[target]  # the file whose write failed is the previous run's, whole
+    # Every file is the previous evaluation's: none replaced by the failed one's before the disk filled up.
+    assert {name: digest for name, digest in after.items() if name != MANIFEST} == {
+        name: digest for name, digest in before.items() if name != MANIFEST
+    }
 
 
 def test_predict_into_a_read_only_out_is_one_line(checkpoint_and_data, tmp_path, capsys):
@@ -248,6 +263,51 @@ def test_train_fails_in_one_line_and_never_reports_success(checkpoint_and_data, 
     assert line == "error: " + FIXES[errno.ENOSPC].format(path=failed[0])
 
 
+def _train_argv(root, out, bases):
+    argv = ["configs/demo.yaml", f"--output_dir={out}", f"--dataset_path={root / 'data'}", "--demo_dataset=false"]
+    argv += [f"--tiny_bases_dir={bases}", "--max_steps=1", "--save_strategy=no", "--eval_strategy=no"]
+    return argv + ["--test_split=null", "--disable_tqdm=true"]
+
+
+@pytest.fixture(scope="module")
+def previous_training_run(checkpoint_and_data, tmp_path_factory):
+    """A finished training run: its output_dir and the tiny bases it was built with."""
+    root = checkpoint_and_data
+    out, bases = tmp_path_factory.mktemp("previous-run") / "out", root / "train-bases"
+    assert cli.train(_train_argv(root, out, bases)) == 0
+    return out, bases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site", ["", "validation_predictions.csv", "README.md"])
+def test_an_overwriting_train_run_that_fails_gives_the_previous_run_back(
+    checkpoint_and_data, previous_training_run, tmp_path, capsys, site
+):
+    """--overwrite_output_dir replaces the previous run only once the new one has finished: a full disk on the
+    way (at any write) is one line, and the folder holds the previous run's files again, byte for byte."""
+    previous, bases = previous_training_run
+    out = tmp_path / "out"
+    shutil.copytree(previous, out, symlinks=True)
+    before = _hashes(out)
+    capsys.readouterr()
+    argv = _train_argv(checkpoint_and_data, out, bases) + ["--overwrite_output_dir=true", "--seed=7"]
+    with failing_writes(out, errno.ENOSPC, site) as failed:
+        assert cli.train(argv) == 1
+    captured = capsys.readouterr()
+    assert "Checkpoint:" not in captured.out and "Traceback" not in captured.err
+    [line] = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert line == "error: " + FIXES[errno.ENOSPC].format(path=failed[0])
+    after = _hashes(out)
+    assert {name: after.get(name) for name in before if name != ".skinclip-manifest.json"} == {
+        name: digest for name, digest in before.items() if name != ".skinclip-manifest.json"
+    }
+    assert set(after) == set(before)  # nothing of the failed run is left beside it
+    # The manifest still lists the previous run: a later --overwrite_output_dir replaces it, as before.
+    from skinclip.output_folder import owned_and_foreign
+
+    assert owned_and_foreign(out) == owned_and_foreign(previous)
+
+
 # --------------------------------------------------------------------------------------------------------
 # A real full disk
 # --------------------------------------------------------------------------------------------------------
@@ -286,3 +346,73 @@ def test_a_conversion_onto_a_full_tmpfs_is_one_line_and_leaves_nothing(tmp_path)
     assert line.startswith("error: no space left on the device while writing ")
     assert str(mount) in line and line.endswith("free some space or write to another disk")
     assert result.stdout.strip() == ""  # no torn dataset, no temporary folder left on the full disk
+
+
+def _folder_kib(folder: Path) -> int:
+    return sum(-(-path.stat().st_size // 4096) * 4 for path in folder.rglob("*") if path.is_file())  # 4 KiB pages
+
+
+def _run_on_a_small_tmpfs(tmp_path: Path, previous: Path, free_kib: int, command: str) -> tuple:
+    """Copies ``previous`` onto a tmpfs with ``free_kib`` KiB left, runs ``command`` (``{out}``: the copy) there;
+    (the result, the copy's file hashes before, after). The manifest is left out: the command rewrites it."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    out = mount / "out"
+    hashes = f"(cd {out} && find . -type f ! -name {MANIFEST} -print0 | sort -z | xargs -0 sha256sum)"
+    script = (
+        f"set -e; mount -t tmpfs -o size={_folder_kib(previous) + free_kib}k tmpfs {mount}; cp -a {previous} {out}; "
+        f"{hashes} > {tmp_path / 'before.txt'}; set +e; {command.format(out=out)}; code=$?; "
+        f"{hashes} > {tmp_path / 'after.txt'}; exit $code"
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        timeout=300,
+    )
+    return result, (tmp_path / "before.txt").read_text(), (tmp_path / "after.txt").read_text()
+
+
+def _full_disk_line(result, out: Path) -> str:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: no space left on the device while writing ") and str(out) in line, line
+    return line
+
+
+@pytest.mark.skipif(not _private_tmpfs_works(), reason="no private tmpfs (unshare -rm) on this machine")
+def test_an_evaluation_onto_a_full_tmpfs_is_one_line_and_keeps_the_previous_one(
+    checkpoint_and_data, previous_evaluation, tmp_path
+):
+    root = checkpoint_and_data
+    command = (
+        f"{sys.executable} evaluate_skinclip.py --model {root / 'model'} --dataset {root / 'data'} --out {{out}} "
+        "--bootstrap 0 --calibration-split ''"  # uncalibrated: every file differs from the previous evaluation's
+    )
+    # 8 KiB free: room for the new predictions.csv, not for the new reliability.png beside the old one. Written in
+    # place, the folder held a mix of two evaluations; set aside, the previous one comes back whole.
+    result, before, after = _run_on_a_small_tmpfs(tmp_path, previous_evaluation, 8, command)
+    _full_disk_line(result, tmp_path / "small" / "out")
+    assert "# Evaluation" not in result.stdout  # the report of a finished evaluation
+    assert after == before and "predictions.csv" in before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _private_tmpfs_works(), reason="no private tmpfs (unshare -rm) on this machine")
+def test_an_overwriting_train_run_onto_a_full_tmpfs_is_one_line_and_keeps_the_previous_run(
+    checkpoint_and_data, previous_training_run, tmp_path
+):
+    previous, bases = previous_training_run
+    argv = _train_argv(checkpoint_and_data, "{out}", bases) + ["--overwrite_output_dir=true", "--seed=7"]
+    argv += ["--save_strategy=steps", "--save_steps=1"]  # a checkpoint too: the new run needs more than the old
+    command = f"{sys.executable} train.py " + " ".join(argv)
+    # 8 KiB free: deleting the previous run first made room for most of the new one, which then failed half-way
+    # with the previous run gone. Set aside, the previous run comes back whole. Some writes are safetensors' (in
+    # Rust), which no Python-level fault injection reaches.
+    result, before, after = _run_on_a_small_tmpfs(tmp_path, previous, 8, command)
+    _full_disk_line(result, tmp_path / "small" / "out")
+    assert "Checkpoint:" not in result.stdout  # the summary of a successful run
+    assert after == before and "model.safetensors" in before

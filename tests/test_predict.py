@@ -531,3 +531,50 @@ def test_every_input_failing_is_fatal(checkpoint, tmp_path, capsys):
         f"{bad}: ERROR {bad}: not a readable image (not a JPEG, PNG, BMP, TIFF or WEBP file)",
         f"{tmp_path / 'absent.jpg'}: ERROR {tmp_path / 'absent.jpg'}: no such file",
     ]
+
+
+def test_a_checkpoint_whose_logits_overflow_is_an_error_per_image(checkpoint, sample_data, tmp_path, capsys):
+    """Finite weights whose products overflow float32: inf logits, NaN probabilities; never a traceback or a map."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    overflowing = checkpoint.parent / f"overflowing-{tmp_path.name}"  # a sibling: the bases are named relatively
+    shutil.copytree(checkpoint, overflowing)
+    tensors = load_file(overflowing / "model.safetensors")
+    [head] = [name for name in tensors if name.startswith("classifier.") and name.endswith("weight")]
+    tensors[head] = tensors[head].sign() * 3e38
+    save_file(tensors, overflowing / "model.safetensors")
+    images = sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[:2]
+    out_dir = tmp_path / "maps"
+    code, out = _run(capsys, "--model", overflowing, *images, "--out", out_dir, "--no-rationale")
+    assert code == EXIT_FATAL
+    assert out.strip().splitlines() == [
+        f"{image}: ERROR {image}: the checkpoint gave non-finite class probabilities (NaN or inf); "
+        "its weights are likely broken"
+        for image in images
+    ]
+    assert not list(out_dir.rglob("*.png"))
+
+
+def test_an_unreadable_csv_row_is_named_by_its_line_with_the_rows_lost(checkpoint, sample_data, tmp_path, capsys):
+    """A quoted field spans lines; a field over csv's size limit stops the file there: named, rest counted."""
+    image = sorted((sample_data / "images" / "isic2020").glob("*.jpg"))[0]
+    table = tmp_path / "cases.csv"
+    huge = "x" * 200_000  # over csv.field_size_limit() (128 KiB)
+    table.write_text(
+        "image,age,site\n"
+        f'{image},40,"back,\nleft side"\n'  # lines 2-3
+        f'{image},50,"{huge}\nmore"\n'  # lines 4-5: unreadable
+        f"{image},60,arm\n{image},70,leg\n"  # lines 6-7: lost with it
+    )
+    code = prediction.main(
+        [str(a) for a in ("--model", checkpoint, table, "--json", "--out", tmp_path / "o", "--no-rationale")]
+    )
+    results = json.loads(capsys.readouterr().out)
+    assert code == EXIT_PARTIAL
+    assert [r.get("source") for r in results] == [f"{table} line 2", f"{table} line 4"]
+    assert results[1]["error"] == (
+        f"{table} line 4: unreadable CSV (field larger than field limit (131072)); "
+        "not read: this row and the 2 after it"
+    )
