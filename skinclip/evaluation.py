@@ -9,8 +9,8 @@ Brier, NLL, bootstrap 95% CIs, before/after temperature scaling), ``reliability.
 ``confusion_matrix.png``, ``subgroups.csv``/``.md`` (by sex, age band, site and other metadata columns, with
 the largest gap flagged), and for ISIC-2019 classes the challenge submission CSV. ``--rationales N`` also
 generates the written rationale of the split's first N rows and scores whether each names the class head's
-top class (``skinclip.agreement``): ``rationale_agreement`` in metrics.json/.md, each row in ``rationales.csv``;
-off by default, as generation costs far more than classification. A binary dataset
+top class (``skinclip.agreement``): ``rationale_agreement`` (rate) and ``_counts`` in metrics.json/.md, each
+row in ``rationales.csv``; off by default, as generation costs far more than classification. A binary dataset
 (e.g. ISIC 2024) evaluated with a multi-class model is scored out of distribution through the malignant
 score (sum of the malignant classes' probabilities), with the ISIC 2024 partial AUC above 80% TPR.
 
@@ -238,9 +238,10 @@ def evaluate(
         }
 
     if rationales > 0:
-        report["rationale_agreement"] = rationale_agreement(
+        agreement = rationale_agreement(
             model, processor, split, rationales, out_dir, batch_size, max_new_tokens, progress
         )
+        report.update(agreement_metrics(agreement))
     # Strict JSON: an undefined metric is null (json.dumps wrote a bare NaN, which parsers reject).
     atomic_write_text(out_dir / "metrics.json", sm.to_strict_json(report))
     atomic_write_text(out_dir / "metrics.md", _markdown(report, class_names))
@@ -264,6 +265,13 @@ def require_finite(values: np.ndarray, what: str, split_name: str, checkpoint: s
             "nothing was written"
         )
     return values
+
+
+def agreement_metrics(agreement: dict) -> dict:
+    """The metrics entries of a `rationale_agreement` result, the same in train.py's test_metrics.json and
+    evaluate's metrics.json: ``rationale_agreement`` the rate (None when it could not be measured),
+    ``rationale_agreement_counts`` everything (counts, generation settings, or why it is unavailable)."""
+    return {"rationale_agreement": agreement.get("rate"), "rationale_agreement_counts": agreement}
 
 
 def rationale_agreement(
@@ -394,7 +402,7 @@ def _markdown(report: dict, class_names: list[str]) -> str:
                 f"\nConformal ({c['method']}, target {c['target_coverage']:.0%}): empirical coverage "
                 f"{c['coverage']:.3f}, mean set size {c['mean_set_size']:.2f}"
             )
-    agreement = report.get("rationale_agreement")
+    agreement = report.get("rationale_agreement_counts")
     if agreement:
         conditioning = f"rationale_conditioning: {agreement['conditioning']}"
         if "unavailable" in agreement:

@@ -465,7 +465,7 @@ def _train_and_write(trainer, model, processor, dataset, config, counts, model_a
 def add_rationale_agreement(model, processor, split_dataset, training_args, split_metrics: dict, output_dir) -> None:
     """``final_rationale_rows``: generate the first N test rows' rationales (``rationales.csv``) and add how many
     name the class head's top class to the test metrics (``rationale_agreement``: the rate; ``_counts``: all)."""
-    from skinclip.evaluation import rationale_agreement
+    from skinclip.evaluation import agreement_metrics, rationale_agreement
 
     result = rationale_agreement(
         model,
@@ -476,8 +476,7 @@ def add_rationale_agreement(model, processor, split_dataset, training_args, spli
         batch_size=training_args.per_device_eval_batch_size,
         progress=not training_args.disable_tqdm,
     )
-    split_metrics["rationale_agreement"] = result.get("rate")
-    split_metrics["rationale_agreement_counts"] = result
+    split_metrics.update(agreement_metrics(result))
 
 
 def run_summary(output_dir: Path, metrics: dict[str, dict], data_args: DataArguments) -> str:

@@ -389,8 +389,10 @@ def test_rationales_option_reports_agreement_with_the_top_class(checkpoint_and_d
     assert table["top_class"].tolist() == [names[i] for i in top]
     agree = sum(named == names[i] for named, i in zip(table["rationale_names"], top))
     expected = {"rows": 6, "agree": agree, "disagree": 5 - agree, "none": 1, "ambiguous": 0, "rate": agree / 6}
-    saved = json.loads((out / "metrics.json").read_text())["rationale_agreement"]
-    assert saved == report["rationale_agreement"] == {**expected, "max_new_tokens": 2, "conditioning": "none"}
+    saved = json.loads((out / "metrics.json").read_text())
+    counts = {**expected, "max_new_tokens": 2, "conditioning": "none"}
+    assert saved["rationale_agreement_counts"] == report["rationale_agreement_counts"] == counts
+    assert saved["rationale_agreement"] == report["rationale_agreement"] == agree / 6  # the rate, as train.py's
     assert "Rationale agreement with the top class (6 rows" in (out / "metrics.md").read_text()
     with pytest.raises(SystemExit) as refused:  # a usage error of argparse (validation.cli_number), exit 2
         evaluation.main([*argv, "--rationales", "-1"])
