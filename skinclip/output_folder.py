@@ -282,20 +282,12 @@ def remove_owned(folder: str | Path, owned: Iterable[str]) -> list[str]:
 
     A folder still holding anything (a user's file put into it) is kept.
     """
-    folder = Path(folder)
-    deleted, parents = [], set()
+    folder, owned = Path(folder), list(owned)
+    deleted = []
     for relative in owned:
-        path = folder / relative
-        path.unlink()
+        (folder / relative).unlink()
         deleted.append(relative)
-        parent = path.parent
-        while parent != folder:
-            parents.add(parent)
-            parent = parent.parent
-    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):  # not empty: it holds something the project did not write
-            parent.rmdir()
-            deleted.append(parent.relative_to(folder).as_posix() + "/")
+    deleted += [removed.relative_to(folder).as_posix() + "/" for removed in _prune_empty_folders(folder, owned)]
     manifest = read_manifest(folder)
     for relative in owned:
         manifest.pop(relative, None)
@@ -357,9 +349,9 @@ class PreviousRun:
         shutil.rmtree(self.aside)
 
 
-def _prune_empty_folders(root: Path, files: Iterable[str]) -> None:
-    """Remove the folders above these files (relative to ``root``) that are now empty, deepest first."""
-    parents = set()
+def _prune_empty_folders(root: Path, files: Iterable[str]) -> list[Path]:
+    """Remove the folders above these files (relative to ``root``) that are now empty, deepest first; the removed."""
+    parents, removed = set(), []
     for relative in files:
         parent = (root / relative).parent
         while parent != root:
@@ -368,6 +360,8 @@ def _prune_empty_folders(root: Path, files: Iterable[str]) -> None:
     for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
         with contextlib.suppress(OSError):  # not empty: it holds something the project did not write
             parent.rmdir()
+            removed.append(parent)
+    return removed
 
 
 def _move_files(source: Path, target: Path, files: Iterable[str]) -> None:
