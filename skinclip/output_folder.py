@@ -283,16 +283,20 @@ def remove_owned(folder: str | Path, owned: Iterable[str]) -> list[str]:
     A folder still holding anything (a user's file put into it) is kept.
     """
     folder, owned = Path(folder), list(owned)
-    deleted = []
-    for relative in owned:
-        (folder / relative).unlink()
-        deleted.append(relative)
-    deleted += [removed.relative_to(folder).as_posix() + "/" for removed in _prune_empty_folders(folder, owned)]
+    deleted = _delete_files(folder, owned)
     manifest = read_manifest(folder)
     for relative in owned:
         manifest.pop(relative, None)
     _write_manifest(folder, manifest)
     return deleted
+
+
+def _delete_files(folder: Path, files: list[str]) -> list[str]:
+    """Delete these files (relative to ``folder``), then each folder they leave empty; returns what was deleted
+    (folders with a trailing ``/``)."""
+    for relative in files:
+        (folder / relative).unlink()
+    return files + [removed.relative_to(folder).as_posix() + "/" for removed in _prune_empty_folders(folder, files)]
 
 
 def _write_manifest(folder: Path, files: dict[str, list[int]]) -> None:
@@ -340,11 +344,8 @@ class PreviousRun:
             logger.warning("the run did not finish: %s holds the previous run's files again", self.folder.path)
 
     def _give_back(self) -> None:
-        written = self.folder.written_since_start()
-        for relative in written:
-            (self.folder.path / relative).unlink()
-        _prune_empty_folders(self.folder.path, written)
-        self.folder.forget_removed(written)
+        # No manifest write here (remove_owned's): the disk may still be full; record() on exit lists what is there.
+        self.folder.forget_removed(_delete_files(self.folder.path, self.folder.written_since_start()))
         _move_files(self.aside, self.folder.path, self.files)
         shutil.rmtree(self.aside)
 
