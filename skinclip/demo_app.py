@@ -340,7 +340,7 @@ def build_app(
     calibration: dict | None = None,
     max_new_tokens: int = 64,
     folder: PrivateFolder | None = None,
-    unclaimed_upload_seconds: float = 600,
+    unclaimed_upload_seconds: float = UNCLAIMED_UPLOAD_SECONDS,
 ):
     """A Gradio Blocks app whose `/diagnose` endpoint returns (probabilities, prediction set, rationale, heatmap).
 
