@@ -1446,8 +1446,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     The vocabulary-wide logits (rationale tokens × 152k) are the step's largest tensors: F.cross_entropy keeps
     the logits and their log-softmax for backward, then fills and writes a gradient of the same size. Here the
-    tokens go through in chunks of rows: one chunk-sized buffer is reused, turned into ``softmax - onehot`` in
-    place and multiplied back by the head at once; only the `(tokens, hidden)` gradient is kept.
+    tokens go through in chunks of rows: one chunk-sized buffer is reused, turned into the softmax's exponentials
+    in place and multiplied back by the head at once (``softmax @ W - W[target]``); only the `(tokens, hidden)`
+    gradient is kept.
 
     Why chunks (measured, benchmarks/RESULTS.md "The demo on a 2-core AVX2 CPU"): at the demo's shapes (768 tokens,
     hidden 64, 152,064 words) one whole-logits buffer is 467 MB, which the kernel zero-fills afresh on every call
@@ -1476,8 +1477,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = probs.sum(dim=-1, keepdim=True)
             loss += (peak.squeeze(1) + total.squeeze(1).log() - target_logits).sum()
             if grad is not None:
-                probs.div_(total)[torch.arange(len(chunk_targets), device=targets.device), chunk_targets] -= 1
-                grad[rows] = probs.to(weight.dtype) @ weight
+                # softmax @ W - W[target]: the softmax's division is applied to the (rows, hidden) product instead
+                # of the (rows, vocabulary) exponentials, one pass over the chunk fewer (~2% of the demo's time).
+                unnormalised = (probs.to(weight.dtype) @ weight).float()
+                grad[rows] = (unnormalised / total - weight[chunk_targets].float()).to(grad.dtype)
         ctx.save_for_backward(grad)
         ctx.count = tokens
         return loss / tokens

@@ -388,6 +388,38 @@ def compute_classification_metrics(eval_prediction) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_COMPLETE_MARKER = "checkpoint_complete.json"
+class SavedProcessorFiles:
+    """A processor's saved files, serialised on its first save and written again from memory on the next ones.
+
+    Trainer saves its processing class into every checkpoint, and Qwen's tokenizer serialises an 11 MB
+    tokenizer.json each time: 41 saves took 4 s of the demo's 64 s (AVX2-capped, benchmarks/RESULTS.md). Nothing
+    changes the processor during a run, so the bytes of its first save (~12 MB, held in memory) serve every later
+    checkpoint. A different processor object is serialised afresh.
+    """
+
+    def __init__(self):
+        self._processor = None
+        self._files: dict[str, bytes] = {}
+
+    def write(self, processor, output_dir: str | os.PathLike) -> None:
+        import tempfile
+        from pathlib import Path
+
+        if processor is not self._processor:
+            with tempfile.TemporaryDirectory(prefix="skinclip-processor-") as staging:
+                processor.save_pretrained(staging)
+                self._files = {
+                    path.relative_to(staging).as_posix(): path.read_bytes()
+                    for path in sorted(Path(staging).rglob("*"))
+                    if path.is_file()
+                }
+            self._processor = processor
+        for relative, data in self._files.items():
+            target = Path(output_dir, relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+
 TRAINING_ARGS_JSON = "training_args.json"  # the run's arguments, in place of Trainer's pickled training_args.bin
 
 
@@ -661,6 +693,7 @@ class CFATrainer(Trainer):
     def __init__(self, *args, class_counts: Sequence[int] | None = None, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
+        self._processor_files = SavedProcessorFiles()
         args = self.args
         # forward(**kwargs) only rejects unknown names; it takes no loss kwargs (the LM count is ours, below).
         self.model_accepts_loss_kwargs = False
@@ -770,9 +803,15 @@ class CFATrainer(Trainer):
         # tokens redacted (TrainingArguments.to_json_string), where the pickle held a hub_token in clear.
         from transformers.trainer import TRAINING_ARGS_NAME
 
-        super()._save(output_dir, state_dict)
+        processing_class, self.processing_class = self.processing_class, None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.processing_class = processing_class
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
+            if processing_class is not None:
+                self._processor_files.write(processing_class, output_dir)
             pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
             if os.path.isfile(pickled):
                 os.remove(pickled)

@@ -229,6 +229,25 @@ def test_fused_lm_loss_in_chunks_matches_cross_entropy(chunk_rows):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_lm_loss_in_bfloat16_follows_float32():
+    """The accelerator's path (bf16 hidden states and head): the same loss and gradient as float32 within bf16's
+    precision, the gradient in the hidden states' dtype."""
+    from modeling_skinclip import _LinearCrossEntropy
+
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(3001, 16, generator=generator)
+    hidden = torch.randn(50, 16, generator=generator)
+    targets = torch.randint(0, 3001, (50,), generator=generator)
+    hidden32 = hidden.clone().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(hidden32 @ weight.T, targets)
+    (expected_grad,) = torch.autograd.grad(expected, hidden32)
+    hidden16 = hidden.bfloat16().requires_grad_(True)
+    loss = _LinearCrossEntropy.apply(hidden16, weight.bfloat16(), targets, 7)
+    (grad,) = torch.autograd.grad(loss, hidden16)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad.float(), expected_grad, rtol=5e-2, atol=5e-4)
+
 def test_cfa_trainer_sets_the_speed_switches_from_its_arguments(model_and_batch, tmp_path):
     from trainer_cfa import CFATrainer
 

@@ -286,6 +286,42 @@ def test_evaluation_and_prediction_use_the_eval_data_collator(tmp_path, make_con
     assert plain.get_eval_dataloader(rows).collate_fn is training  # no eval collator: the training one
 
 
+
+def test_checkpoints_get_the_processor_files_of_one_serialisation(tmp_path, make_config, monkeypatch):
+    """Every save writes the same files, byte for byte, as processor.save_pretrained, serialising the processor
+    only once; another processor object is serialised afresh."""
+    config = make_config(class_names=tuple(COLOURS))
+    processor = SkinClipVLProcessor.from_pretrained(None, config=config)
+    processor.save_pretrained(tmp_path / "direct")
+    args = CFATrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    trainer = CFATrainer(
+        model=SkinClipVLModel(config, device="cpu"),
+        args=args,
+        train_dataset=_colour_dataset(2, seed=0),
+        data_collator=SkinClipVLCollator(processor),
+        processing_class=processor,
+        class_counts=[2, 2, 2],
+    )
+    calls = []
+    original = SkinClipVLProcessor.save_pretrained
+    monkeypatch.setattr(
+        SkinClipVLProcessor, "save_pretrained", lambda self, *a, **k: calls.append(self) or original(self, *a, **k)
+    )
+
+    def processor_files(folder):
+        direct = sorted(p.relative_to(tmp_path / "direct") for p in (tmp_path / "direct").rglob("*") if p.is_file())
+        return {name: (folder / name).read_bytes() for name in direct}
+
+    expected = processor_files(tmp_path / "direct")
+    assert any(name.name == "tokenizer.json" for name in expected)
+    for folder in ("first", "second"):
+        trainer.save_model(str(tmp_path / folder))
+        assert processor_files(tmp_path / folder) == expected
+    assert calls == [processor]
+    trainer.processing_class = SkinClipVLProcessor.from_pretrained(None, config=config)
+    trainer.save_model(str(tmp_path / "third"))
+    assert calls == [processor, trainer.processing_class]
+
 # ---- gradient accumulation and the frozen alignment modules ---------------------------------------------
 
 
