@@ -388,6 +388,8 @@ def compute_classification_metrics(eval_prediction) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_COMPLETE_MARKER = "checkpoint_complete.json"
+
+
 class SavedProcessorFiles:
     """A processor's saved files, serialised on its first save and written again from memory on the next ones.
 

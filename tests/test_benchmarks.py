@@ -248,6 +248,7 @@ def test_fused_lm_loss_in_bfloat16_follows_float32():
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grad.float(), expected_grad, rtol=5e-2, atol=5e-4)
 
+
 def test_cfa_trainer_sets_the_speed_switches_from_its_arguments(model_and_batch, tmp_path):
     from trainer_cfa import CFATrainer
 

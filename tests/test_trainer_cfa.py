@@ -286,7 +286,6 @@ def test_evaluation_and_prediction_use_the_eval_data_collator(tmp_path, make_con
     assert plain.get_eval_dataloader(rows).collate_fn is training  # no eval collator: the training one
 
 
-
 def test_checkpoints_get_the_processor_files_of_one_serialisation(tmp_path, make_config, monkeypatch):
     """Every save writes the same files, byte for byte, as processor.save_pretrained, serialising the processor
     only once; another processor object is serialised afresh."""
@@ -321,6 +320,7 @@ def test_checkpoints_get_the_processor_files_of_one_serialisation(tmp_path, make
     trainer.processing_class = SkinClipVLProcessor.from_pretrained(None, config=config)
     trainer.save_model(str(tmp_path / "third"))
     assert calls == [processor, trainer.processing_class]
+
 
 # ---- gradient accumulation and the frozen alignment modules ---------------------------------------------
 
