@@ -4,8 +4,9 @@
     python demo_app.py --model outputs/demo --share         # a public gradio.live link: only if you mean it
 
 The app binds to 127.0.0.1 and opens no public share link unless ``--share`` is given: a skin image and a
-patient's metadata are health data. What is kept: nothing. Gradio's uploads go to a private temporary folder
-the app owns (``GRADIO_TEMP_DIR``); each upload is read into memory and deleted before its result is returned,
+patient's metadata are health data. What is kept on disk: nothing. Gradio's uploads go to a private temporary folder
+the app owns (``GRADIO_TEMP_DIR``); each upload is read into memory and deleted before its result is returned
+(the page's last image stays in its session's memory, so that "Diagnose" runs again with other metadata),
 the heatmap is sent back inline (a PNG data URL) and never written, and the folder is deleted when the app
 closes or exits. A bad upload gets a message that names the problem, never a server path.
 
@@ -396,10 +397,14 @@ def build_app(
                 conformal_set = gr.Textbox(label="Prediction set", elem_id="prediction-set")
                 rationale = gr.Textbox(label="Rationale", lines=4, elem_id="rationale")
                 heatmap = InlineImage(label="Focal attention", elem_id="heatmap")
+        # The page's last diagnosed image, in this session's memory only (never on disk, never served): "Diagnose"
+        # again with other metadata finds its upload deleted when the first request ended. Gone when the page
+        # closes or reloads, or after the unclaimed-upload time.
+        last_image = gr.State(None, time_to_live=unclaimed_upload_seconds)
         button.click(
             diagnose,
-            [image, age, sex, site, with_rationale],
-            [probabilities, conformal_set, rationale, heatmap],
+            [image, age, sex, site, with_rationale, last_image],
+            [probabilities, conformal_set, rationale, heatmap, last_image],
             api_name="diagnose",
         )
     app.private_folder = folder
@@ -425,14 +430,22 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
     class_names = model.config.class_names
     reader = RationaleReader.for_classes(class_names)  # None: no converter writes reports for these classes
 
-    def diagnose(image_path, age, sex, site, with_rationale):
+    def diagnose(image_path, age, sex, site, with_rationale, last_image=None):
+        """The four outputs, then the new ``last_image``: (server path, image) of this diagnosis.
+
+        ``last_image`` (the page's `gr.State`) is the previous diagnosis's: when it names the same upload, its image
+        serves, as the upload itself was deleted when that request ended.
+        """
         try:
             if not image_path:
                 raise gr.Error("Upload a dermoscopic image first.")
-            try:
-                image = load_image(Path(image_path), name=UPLOAD_NAME)
-            finally:
-                folder.discard(image_path)  # in memory now: the upload itself is not kept
+            if last_image is not None and last_image[0] == image_path:
+                image = last_image[1]
+            else:
+                try:
+                    image = load_image(Path(image_path), name=UPLOAD_NAME)
+                finally:
+                    folder.discard(image_path)  # in memory now: the upload itself is not kept
             case = Case(Path(UPLOAD_NAME), *_checked_metadata(gr, age, sex, site))
             prediction, _ = predict_batch(
                 model, processor, [image], [metadata_sentence(case)], max_new_tokens if with_rationale else 0
@@ -447,7 +460,8 @@ def _diagnose_function(gr, model, processor, calibration: dict, max_new_tokens: 
                 rationale = f"{rationale}\n\n{note}" if note else rationale
             picture = heatmap_overlay(image, prediction.attention_map[0].float().cpu().numpy())
             conformal = prediction_set(probs, calibration, class_names) or "(checkpoint not calibrated)"
-            return {name: float(p) for name, p in zip(class_names, probs)}, conformal, rationale, picture
+            probabilities = {name: float(p) for name, p in zip(class_names, probs)}
+            return probabilities, conformal, rationale, picture, (image_path, image)
         except gr.Error:
             raise
         except UserError as error:

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -243,7 +244,7 @@ def test_a_rationale_naming_another_class_gets_a_note(make_config, sample_data, 
         monkeypatch.setattr(SkinClipVLProcessor, "decode", lambda self, ids, text=report: [text])
         upload = tmp_path / f"upload-{named}.jpg"
         upload.write_bytes(image.read_bytes())
-        probabilities, _, rationale, _ = diagnose(str(upload), None, "unknown", "", True)
+        probabilities, _, rationale, _, _ = diagnose(str(upload), None, "unknown", "", True)
         top = max(probabilities, key=probabilities.get)
         note = f"Note: the rationale names {named} but the classifier's top class is {top}"
         assert rationale == (class_report(named) if named == top else f"{class_report(named)}\n\n{note}")
@@ -382,4 +383,34 @@ def test_an_upload_over_the_limit_or_cut_off_leaves_nothing(upload_app, tmp_path
     deadline = time.monotonic() + 20
     while _files_under(app.private_folder.path) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert _files_under(app.private_folder.path) == []
+
+
+def _diagnosis(api: str, body: dict) -> tuple[str, dict]:
+    """POST /call/diagnose; the stream's last event and its data (the outputs, or the error)."""
+    import httpx
+
+    response = httpx.post(f"{api}/call/diagnose", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    stream = httpx.get(f"{api}/call/diagnose/{response.json()['event_id']}", timeout=120).text
+    events = [line for line in stream.splitlines() if line.startswith(("event:", "data:"))]
+    return events[-2], json.loads(events[-1][len("data:") :])
+
+
+@pytest.mark.slow  # a Gradio server
+def test_diagnose_again_on_the_same_upload_with_other_metadata(upload_app, sample_data):
+    """The page sends the same upload's path when "Diagnose" is clicked again (new metadata, no new upload): its
+    session remembers the image, in memory, although the upload itself was deleted after the first request.
+    Another session naming that path gets nothing of it."""
+    app, api = upload_app()
+    upload = _upload(api, sorted((sample_data / "images" / "isic2019").glob("*.jpg"))[0])
+    page = "a1b2c3d4e5"
+    first = _diagnosis(api, {"data": [_file_data(upload), None, "unknown", "", False], "session_hash": page})
+    assert first[0] == "event: complete" and first[1][4] is None  # the state's image never leaves the server
+    assert not _fetchable(api, upload) and _files_under(app.private_folder.path) == []
+    again = _diagnosis(api, {"data": [_file_data(upload), 70, "male", "back", False], "session_hash": page})
+    assert again[0] == "event: complete", again
+    assert again[1][3]["url"] == first[1][3]["url"]  # the same image's heatmap
+    other = _diagnosis(api, {"data": [_file_data(upload), 70, "male", "back", False], "session_hash": "f6g7h8i9j0"})
+    assert other == ("event: error", {**other[1], "error": "the uploaded image: no such file"}), other
     assert _files_under(app.private_folder.path) == []
