@@ -388,7 +388,7 @@ def build_app(
                 age = gr.Number(label="Age (years, optional)", value=None, elem_id="age")
                 sex = gr.Dropdown(SEX_CHOICES, value="unknown", label="Sex", elem_id="sex")
                 site = gr.Textbox(label="Anatomical site (optional)", placeholder="posterior torso", elem_id="site")
-                with_rationale = gr.Checkbox(value=True, label="Generate a rationale")
+                with_rationale = gr.Checkbox(value=True, label="Generate a rationale", elem_id="with-rationale")
                 button = gr.Button("Diagnose", variant="primary", elem_id="diagnose")
             with gr.Column():
                 probabilities = gr.Label(

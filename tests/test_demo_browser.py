@@ -177,6 +177,19 @@ def test_browser_upload_with_metadata_shows_diagnosis_rationale_and_heatmap(demo
     difference = np.abs(np.asarray(page_heatmap, dtype=np.int16) - np.asarray(heatmap, dtype=np.int16))
     assert difference.mean() < 1.0  # the same overlay, up to rounding of the attention in another process
 
+    # "Diagnose" again on the same upload without a rationale: the upload was deleted after the first request,
+    # the page's session still has the image.
+    driver.find_element(By.CSS_SELECTOR, "#with-rationale input[type=checkbox]").click()
+    driver.find_element(By.ID, "diagnose").click()
+    WebDriverWait(driver, TIMEOUT_S).until(
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")
+            or d.find_element(By.CSS_SELECTOR, "#rationale textarea").get_attribute("value") == ""
+        )
+    )
+    assert not driver.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")
+    assert driver.find_element(By.ID, "diagnosis").text.split("\n")[1] == max(probs, key=probs.get)
+
 
 def test_browser_bad_upload_shows_its_message_on_the_page(demo_page, tmp_path):
     from selenium.webdriver.common.by import By
