@@ -45,8 +45,14 @@ def vision_features_key(vision_config) -> str:
     )
 
 
-def add_vision_features(dataset, model, processor, batch_size: int = 32, image_column: str = "image"):
-    """A copy of `dataset` with `vision_features` (fp16, `(num_tokens, vision_hidden)` per row) and their key."""
+def add_vision_features(
+    dataset, model, processor, batch_size: int = 32, image_column: str = "image", cache_file_name: str | None = None
+):
+    """A copy of `dataset` with `vision_features` (fp16, `(num_tokens, vision_hidden)` per row) and their key.
+
+    ``cache_file_name``: where `datasets.Dataset.map` writes the result (default: a ``cache-*.arrow`` file in the
+    dataset's own folder, as large as the features).
+    """
     from datasets import Array2D, Value
 
     key = vision_features_key(model.config.vision_config)
@@ -73,6 +79,7 @@ def add_vision_features(dataset, model, processor, batch_size: int = 32, image_c
         batch_size=batch_size,
         features=features,
         new_fingerprint=fingerprint,
+        cache_file_name=cache_file_name,
         desc=f"vision features ({key})",
     )
 
@@ -97,17 +104,24 @@ def with_stored_vision_features(dataset_dict, splits, dataset_path, model, proce
     for split in splits:
         folder = stored_features_folder(dataset_path, key, split, row_ids_of(dataset_dict[split]))
         if not (folder / "state.json").is_file():
-            computed = add_vision_features(dataset_dict[split], model, processor)
             folder.parent.mkdir(parents=True, exist_ok=True)
+            # map's own cache goes here, not into the user's dataset folder (where it would stay, as large as the
+            # store: 12 GiB for ISIC 2019's training split), and is deleted once the store is written.
+            map_cache = Path(tempfile.mkdtemp(prefix=f".{folder.name}-map-", dir=folder.parent))
             staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
             os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would outlive the rename
             try:
+                computed = add_vision_features(
+                    dataset_dict[split], model, processor, cache_file_name=str(map_cache / "features.arrow")
+                )
                 computed.save_to_disk(str(staging))
+                del computed  # it maps the cache file
                 if not (folder / "state.json").is_file():  # another run may have finished the same store first
                     shutil.rmtree(folder, ignore_errors=True)
                     os.replace(staging, folder)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(map_cache, ignore_errors=True)
         stored = load_from_disk(str(folder))
         if set(stored.unique(KEY_COLUMN)) != {key} or len(stored) != len(dataset_dict[split]):
             raise ValueError(

@@ -9,6 +9,7 @@ import torch
 
 from skinclip.baselines import ood, timm_finetune, zero_shot_clip
 from skinclip.baselines.zero_shot_clip import class_texts
+from skinclip.labels import OOD_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,12 @@ def demo_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("baseline-data")
     build_demo_dataset(num_per_class=12, image_size=32, seed=0, output_dir=str(root / "demo"))
-    ood.binary_dataset_from(root / "demo", root / "ood", ("MEL", "BCC", "SCC"), splits=("validation", "test"))
+    before = sorted(path.relative_to(root) for path in (root / "demo").rglob("*"))
+    binary = ood.binary_dataset_from(root / "demo", root / "ood", ("MEL", "BCC", "SCC"), ("validation", "test"))
+    # Nothing left in the source dataset's folder (map's cache went to a temporary folder) or beside the result.
+    assert sorted(path.relative_to(root) for path in (root / "demo").rglob("*")) == before
+    assert sorted(path.name for path in root.iterdir()) == ["demo", "ood"]
+    assert list(binary) == ["validation", "test"] and binary["test"].features["label"].names == list(OOD_CLASSES)
     return root
 
 

@@ -293,6 +293,10 @@ def test_cached_clip_features_train_and_match_the_image_path(tmp_path):
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The features are stored beside the dataset, once: datasets' map cache is not left inside the dataset's folder.
+    assert not list((tmp_path / "data").rglob("cache-*.arrow")), list((tmp_path / "data").rglob("cache-*.arrow"))
+    stores = (tmp_path / "data-vision-features").glob("*/*")
+    assert sorted(path.name.split("-")[0] for path in stores) == ["test", "train", "validation"]
     model = SkinClipVLModel.from_pretrained(out, device="cpu")
     processor = SkinClipVLProcessor.from_pretrained(out)
     test = load_from_disk(str(tmp_path / "data"))["test"]

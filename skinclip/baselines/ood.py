@@ -111,27 +111,34 @@ def evaluate_skinclip_checkpoint(
 def binary_dataset_from(
     source_path: str | Path, output_dir: str | Path, malignant_classes: Sequence[str], splits: Sequence[str] = ("test",)
 ):
-    """A benign/malignant DatasetDict from a multi-class one (the --tiny stand-in for ISIC 2024)."""
+    """A benign/malignant DatasetDict from a multi-class one (the --tiny stand-in for ISIC 2024), saved in
+    ``output_dir``. Nothing is written into ``source_path`` (map's cache of each split, images included, goes to a
+    temporary folder beside ``output_dir`` that is deleted)."""
+    import tempfile
+
     from datasets import ClassLabel, DatasetDict, load_from_disk
 
     source = load_from_disk(str(source_path))
-    result = {}
-    for split in splits:
-        part = source[split]
-        names = part.features["label"].names
-        malignant_ids = {names.index(name) for name in malignant_classes if name in names}
-        if not malignant_ids:
-            raise ValueError(f"none of {list(malignant_classes)} is a class of {source_path} ({names})")
-        features = part.features.copy()
-        features["label"] = ClassLabel(names=list(OOD_CLASSES))
-        result[split] = part.map(
-            lambda row, malignant_ids=malignant_ids: {"label": int(row["label"] in malignant_ids)},
-            features=features,
-            desc="binary OOD labels",
-        )
-    binary = DatasetDict(result)
-    binary.save_to_disk(str(output_dir))
-    return binary
+    Path(output_dir).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".binary-labels-", dir=Path(output_dir).parent) as map_cache:
+        result = {}
+        for split in splits:
+            part = source[split]
+            names = part.features["label"].names
+            malignant_ids = {names.index(name) for name in malignant_classes if name in names}
+            if not malignant_ids:
+                raise ValueError(f"none of {list(malignant_classes)} is a class of {source_path} ({names})")
+            features = part.features.copy()
+            features["label"] = ClassLabel(names=list(OOD_CLASSES))
+            result[split] = part.map(
+                lambda row, malignant_ids=malignant_ids: {"label": int(row["label"] in malignant_ids)},
+                features=features,
+                cache_file_name=str(Path(map_cache) / f"{split}.arrow"),
+                desc="binary OOD labels",
+            )
+        DatasetDict(result).save_to_disk(str(output_dir))
+        del result  # it maps the cache files
+    return load_from_disk(str(output_dir))
 
 
 def main(argv: list[str] | None = None) -> dict:
