@@ -17,6 +17,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -591,7 +592,9 @@ def isic2019_submission_frame(image_ids: Sequence[str], probs, class_names: Sequ
 
 
 def write_isic2019_submission(path, image_ids, probs, class_names) -> None:
-    isic2019_submission_frame(image_ids, probs, class_names).to_csv(path, index=False)
+    from skinclip.output_folder import atomic_write_text  # whole or not at all: a torn submission CSV still parses
+
+    atomic_write_text(path, isic2019_submission_frame(image_ids, probs, class_names).to_csv(index=False))
 
 
 def malignant_score(probs, class_names: Sequence[str], malignant: Sequence[str] = MALIGNANT_CLASSES) -> np.ndarray:
@@ -794,8 +797,19 @@ def plot_reliability_diagram(labels, probs, path, n_bins: int = 15) -> None:
     )
     axis.legend(loc="upper left")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    _save_figure(figure, path)
     plt.close(figure)
+
+
+def _save_figure(figure, path) -> None:
+    """Write a figure whole or not at all (rendered in memory, then an atomic write); the format from the suffix."""
+    import io
+
+    from skinclip.output_folder import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_confusion_matrix(labels, probs, class_names: Sequence[str], path, normalize: bool = True) -> None:
@@ -826,7 +840,7 @@ def plot_confusion_matrix(labels, probs, class_names: Sequence[str], path, norma
             )
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    _save_figure(figure, path)
     plt.close(figure)
 
 

@@ -213,10 +213,10 @@ def evaluate(
         groups = subgroup_values(split, len(labels))
         if groups:
             table = sm.subgroup_table(labels, probs, groups, class_names)
-            table.to_csv(out_dir / "subgroups.csv", index=False)
+            atomic_write_text(out_dir / "subgroups.csv", table.to_csv(index=False))
             report["subgroup_largest_gaps"] = _largest_gaps(table)
-            (out_dir / "subgroups.md").write_text(
-                table.to_markdown(index=False) if _has_tabulate() else table.to_string()
+            atomic_write_text(
+                out_dir / "subgroups.md", table.to_markdown(index=False) if _has_tabulate() else table.to_string()
             )
         if predictor is not None:
             report["conformal"] = {
@@ -326,7 +326,7 @@ def rationale_agreement(
             "rationale": texts,
         }
     )
-    frame.to_csv(out_dir / "rationales.csv", index=False)
+    atomic_write_text(out_dir / "rationales.csv", frame.to_csv(index=False))
     return {**result, **settings}
 
 
