@@ -277,20 +277,6 @@ def owned_and_foreign(folder: str | Path) -> tuple[list[str], list[str]]:
     return owned, sorted(foreign)
 
 
-def remove_owned(folder: str | Path, owned: Iterable[str]) -> list[str]:
-    """Delete the listed files, then each folder they leave empty (deepest first); returns what was deleted.
-
-    A folder still holding anything (a user's file put into it) is kept.
-    """
-    folder, owned = Path(folder), list(owned)
-    deleted = _delete_files(folder, owned)
-    manifest = read_manifest(folder)
-    for relative in owned:
-        manifest.pop(relative, None)
-    _write_manifest(folder, manifest)
-    return deleted
-
-
 def _delete_files(folder: Path, files: list[str]) -> list[str]:
     """Delete these files (relative to ``folder``), then each folder they leave empty; returns what was deleted
     (folders with a trailing ``/``)."""
@@ -344,7 +330,7 @@ class PreviousRun:
             logger.warning("the run did not finish: %s holds the previous run's files again", self.folder.path)
 
     def _give_back(self) -> None:
-        # No manifest write here (remove_owned's): the disk may still be full; record() on exit lists what is there.
+        # No manifest write here: the disk may still be full; record() on exit lists what is there.
         self.folder.forget_removed(_delete_files(self.folder.path, self.folder.written_since_start()))
         _move_files(self.aside, self.folder.path, self.files)
         shutil.rmtree(self.aside)
