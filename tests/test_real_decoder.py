@@ -160,7 +160,9 @@ def trained(converted_decoder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_conditioned(converted_decoder, tmp_path_factory):
     root = tmp_path_factory.mktemp("real-decoder-class")
-    return _train_demo(converted_decoder, root, "--rationale_conditioning=class")
+    # Half the demo's 12 epochs: what is tested is that the rationale follows the class it is conditioned on (the
+    # head's, at inference), which holds from there (8 of 8 agree at 6 epochs, 46 s on an idle 2-core machine).
+    return _train_demo(converted_decoder, root, "--rationale_conditioning=class", "--num_train_epochs=6")
 
 
 @pytest.mark.slow
@@ -271,5 +273,6 @@ def test_class_conditioned_rationales_name_the_head_class(trained_conditioned):
     agreement = report["rationale_agreement_counts"]
     print(f"\nclass-conditioned rationales: {agreement}")
     assert agreement["rows"] == 8 and agreement["conditioning"] == "class"
-    # Not yet measured on this machine (README): one row of slack for a report the decoder has not fully learned.
+    # 8 of 8 agreed at 6 epochs on 2026-12-03 (evaluate_skinclip.py --rationales 8); one row of slack for a report
+    # the decoder has not fully learned.
     assert agreement["agree"] >= 7, (trained_conditioned / "eval" / "rationales.csv").read_text()
