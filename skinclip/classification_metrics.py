@@ -13,6 +13,7 @@ metric that is undefined (fewer than two classes for AUROC) is nan, never an exc
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from skinclip.labels import ISIC2019_SUBMISSION_COLUMNS, MALIGNANT_CLASSES, OOD_CLASSES
+from skinclip.output_folder import atomic_write_bytes, atomic_write_text
 
 SUBGROUP_COLUMNS = ("attribute", "group", "n", "balanced_accuracy", "auroc_macro", "ece")
 UNKNOWN_GROUP = "unknown"
@@ -592,8 +594,7 @@ def isic2019_submission_frame(image_ids: Sequence[str], probs, class_names: Sequ
 
 
 def write_isic2019_submission(path, image_ids, probs, class_names) -> None:
-    from skinclip.output_folder import atomic_write_text  # whole or not at all: a torn submission CSV still parses
-
+    # Whole or not at all: a torn submission CSV still parses.
     atomic_write_text(path, isic2019_submission_frame(image_ids, probs, class_names).to_csv(index=False))
 
 
@@ -803,10 +804,6 @@ def plot_reliability_diagram(labels, probs, path, n_bins: int = 15) -> None:
 
 def _save_figure(figure, path) -> None:
     """Write a figure whole or not at all (rendered in memory, then an atomic write); the format from the suffix."""
-    import io
-
-    from skinclip.output_folder import atomic_write_bytes
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     atomic_write_bytes(path, buffer.getvalue())

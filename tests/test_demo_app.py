@@ -303,15 +303,22 @@ def _fetchable(api: str, server_path: str) -> bool:
     return httpx.get(f"{api}/file={server_path}", timeout=60).status_code == 200
 
 
-def _call_diagnose(api: str, body: dict) -> str:
-    """POST /call/diagnose, then read its event stream to the end; the HTTP status, or the stream's last event."""
+def _diagnosis(api: str, body: dict) -> tuple[str, object]:
+    """POST /call/diagnose, then read its event stream to the end: its last event and that event's data (the
+    outputs, or the error); ``("rejected <HTTP status>", None)`` where the POST itself is refused."""
     import httpx
 
     response = httpx.post(f"{api}/call/diagnose", json=body, timeout=60)
     if response.status_code != 200:
-        return f"rejected {response.status_code}"
+        return f"rejected {response.status_code}", None
     stream = httpx.get(f"{api}/call/diagnose/{response.json()['event_id']}", timeout=120).text
-    return [line for line in stream.splitlines() if line.startswith("event:")][-1]
+    events = [line for line in stream.splitlines() if line.startswith(("event:", "data:"))]
+    return events[-2], json.loads(events[-1][len("data:") :])
+
+
+def _call_diagnose(api: str, body: dict) -> str:
+    """The HTTP status of a refused POST /call/diagnose, or the last event of its stream."""
+    return _diagnosis(api, body)[0]
 
 
 def _file_data(server_path: str) -> dict:
@@ -384,17 +391,6 @@ def test_an_upload_over_the_limit_or_cut_off_leaves_nothing(upload_app, tmp_path
     while _files_under(app.private_folder.path) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _files_under(app.private_folder.path) == []
-
-
-def _diagnosis(api: str, body: dict) -> tuple[str, dict]:
-    """POST /call/diagnose; the stream's last event and its data (the outputs, or the error)."""
-    import httpx
-
-    response = httpx.post(f"{api}/call/diagnose", json=body, timeout=60)
-    assert response.status_code == 200, response.text
-    stream = httpx.get(f"{api}/call/diagnose/{response.json()['event_id']}", timeout=120).text
-    events = [line for line in stream.splitlines() if line.startswith(("event:", "data:"))]
-    return events[-2], json.loads(events[-1][len("data:") :])
 
 
 @pytest.mark.slow  # a Gradio server
